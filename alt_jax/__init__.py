@@ -1,0 +1,4 @@
+"""alt_jax: joint layout and loop tuning for conv and matmul inside JAX.
+
+Entry points: optimize (decorator / wrapper), Plan (what explain returns).
+"""

@@ -1,0 +1,57 @@
+"""Fills kernel templates with validated values: the only way values reach generated source.
+
+Entry points: render(template_text, values), load_template(name), Int/Ident checks.
+Template placeholders are written @NAME@; every placeholder must be given and every value
+must be an int (within its declared range), a bool, or an identifier from a fixed set.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z0-9_]*)@")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TEMPLATE_DIR = pathlib.Path(__file__).parent
+
+
+class RenderError(ValueError):
+    """A value that may not go into generated source."""
+
+
+def load_template(name: str) -> str:
+    """Text of a template file next to this module (e.g. "conv2d.cc")."""
+    return (_TEMPLATE_DIR / name).read_text()
+
+
+def _source_text(key: str, value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if not -(2**62) <= value <= 2**62:
+            raise RenderError(f"@{key}@={value} is out of the int64 range kernels accept")
+        return str(value)
+    if isinstance(value, str) and _IDENT.match(value):
+        return value
+    raise RenderError(
+        f"@{key}@={value!r}: only ints, bools and identifiers may be rendered into source")
+
+
+def render(template: str, values: dict) -> str:
+    """Substitute @KEY@ placeholders; unknown or missing keys are errors, not silent."""
+    needed = set(_PLACEHOLDER.findall(template))
+    given = set(values)
+    if needed - given:
+        raise RenderError(f"template placeholders without a value: {sorted(needed - given)}")
+    if given - needed:
+        raise RenderError(f"values for placeholders the template lacks: {sorted(given - needed)}")
+    texts = {k: _source_text(k, v) for k, v in values.items()}
+    return _PLACEHOLDER.sub(lambda m: texts[m.group(1)], template)
+
+
+def check_int(name: str, value, lo: int, hi: int) -> int:
+    """Validate one knob or shape value before it is rendered."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RenderError(f"{name} must be an int, got {value!r}")
+    if not lo <= value <= hi:
+        raise RenderError(f"{name}={value} is outside [{lo}, {hi}]")
+    return value

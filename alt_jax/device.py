@@ -1,0 +1,78 @@
+"""What CPU this is, for kernel generation and cache/record keys.
+
+Entry points: Isa (frozen), detect_isa(), fingerprint().
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import platform
+
+
+@dataclasses.dataclass(frozen=True)
+class Isa:
+    """The vector instruction set kernels are generated for."""
+
+    name: str                 # "avx2" | "sse2" | "neon" | "scalar"
+    vector_floats: int        # fp32 lanes of one vector register: 8, 4 or 1
+    vector_registers: int     # architectural vector registers (register-tile budget)
+    compile_flags: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.vector_floats not in (1, 4, 8):
+            raise ValueError(f"Isa.vector_floats must be 1, 4 or 8, got {self.vector_floats}")
+
+
+AVX2 = Isa("avx2", 8, 16, ("-mavx2", "-mfma", "-mf16c"))
+SSE2 = Isa("sse2", 4, 16, ("-msse2",))
+NEON = Isa("neon", 4, 32, ())
+SCALAR = Isa("scalar", 1, 16, ())
+ISAS = {isa.name: isa for isa in (AVX2, SSE2, NEON, SCALAR)}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags") or line.startswith("Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def detect_isa() -> Isa:
+    """The best ISA this CPU runs; ALT_JAX_ISA=<name> forces one (e.g. scalar, for tests)."""
+    from alt_jax import config
+
+    forced = config.get("isa")
+    if forced:
+        return ISAS[forced]
+    machine = platform.machine().lower()
+    flags = _cpu_flags()
+    if machine in ("x86_64", "amd64"):
+        if {"avx2", "fma"} <= flags:
+            return AVX2
+        return SSE2
+    if machine in ("aarch64", "arm64"):
+        return NEON
+    return SCALAR
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint() -> str:
+    """Names this device for tuning records: CPU model, ISA and core count."""
+    return f"cpu:{_cpu_model()}|isa={detect_isa().name}|cores={os.cpu_count()}"

@@ -1,0 +1,137 @@
+// The pybind11 module alt_jax._core: the FFI handler capsule, kernel loading, and running
+// or timing a kernel on host buffers outside XLA (tests and tuning).
+// Entry points: ffi_handler(), load(lib, sym), run(...), time(...), abi_version().
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "alt_jax/kernel_abi.h"
+#include "kernel_registry.h"
+#include "parallel.h"
+#include "thread_pool.h"
+#include "xla/ffi/api/c_api.h"
+
+namespace py = pybind11;
+
+extern "C" XLA_FFI_Error* AltJaxKernel(XLA_FFI_CallFrame* call_frame);
+
+namespace alt_jax {
+
+double MeasureFmaPeak(int num_threads, double seconds);
+
+ThreadPool* ThreadPool::ForThreads(int num_threads) {
+  static std::mutex mu;
+  static auto* pools = new std::map<int, std::unique_ptr<ThreadPool>>();
+  std::lock_guard<std::mutex> lock(mu);
+  auto& pool = (*pools)[num_threads];
+  if (!pool) pool = std::make_unique<ThreadPool>(std::max(0, num_threads - 1));
+  return pool.get();
+}
+
+namespace {
+
+void OwnPoolParallelFor(const alt_runtime* rt, int64_t n, int64_t grain, alt_task_fn fn,
+                        void* arg) {
+  auto* pool = static_cast<ThreadPool*>(rt->impl);
+  ParallelFor(rt->num_threads, n, grain, fn, arg,
+              [pool](auto&& task) { pool->Schedule(std::move(task)); });
+}
+
+alt_kernel_fn Lookup(const std::string& lib, const std::string& sym) {
+  std::string error;
+  alt_kernel_fn fn = KernelRegistry::Instance().Get(lib, sym, &error);
+  if (fn == nullptr) throw std::runtime_error(error);
+  return fn;
+}
+
+struct HostCall {
+  std::vector<py::buffer_info> infos;  // keep the buffers alive and pinned
+  std::vector<const void*> inputs;
+  std::vector<void*> outputs;
+  alt_runtime rt{};
+};
+
+void Prepare(HostCall& call, const std::vector<py::buffer>& inputs,
+             const std::vector<py::buffer>& outputs, int num_threads) {
+  for (const auto& b : inputs) {
+    call.infos.push_back(b.request());
+    call.inputs.push_back(call.infos.back().ptr);
+  }
+  for (const auto& b : outputs) {
+    call.infos.push_back(b.request(/*writable=*/true));
+    call.outputs.push_back(call.infos.back().ptr);
+  }
+  num_threads = std::max(1, num_threads);
+  call.rt.impl = ThreadPool::ForThreads(num_threads);
+  call.rt.num_threads = num_threads;
+  call.rt.parallel_for = &OwnPoolParallelFor;
+}
+
+int32_t Invoke(alt_kernel_fn fn, const HostCall& call) {
+  return fn(&call.rt, call.inputs.data(), call.outputs.data());
+}
+
+}  // namespace
+}  // namespace alt_jax
+
+PYBIND11_MODULE(_core, m) {
+  using namespace alt_jax;
+  m.doc() = "alt_jax native core: FFI handler, kernel loading, host-side kernel runs";
+  m.def("fma_peak", [](int num_threads, double seconds) {
+    py::gil_scoped_release release;
+    return MeasureFmaPeak(num_threads, seconds);
+  }, py::arg("num_threads") = 2, py::arg("seconds") = 1.0,
+     "Measured fp32 FMA GFLOP/s of num_threads threads (an FMA = 2 flops).");
+  m.def("abi_version", [] { return ALT_JAX_ABI_VERSION; });
+  m.def("ffi_handler", [] {
+    return py::capsule(reinterpret_cast<void*>(&AltJaxKernel));
+  }, "PyCapsule of the XLA FFI handler for target 'alt_jax_kernel'.");
+  m.def("load", [](const std::string& lib, const std::string& sym) {
+    Lookup(lib, sym);
+  }, py::arg("lib"), py::arg("sym"), "dlopen lib and resolve sym; raises on failure.");
+  m.def("run", [](const std::string& lib, const std::string& sym,
+                  const std::vector<py::buffer>& inputs, const std::vector<py::buffer>& outputs,
+                  int num_threads) {
+    alt_kernel_fn fn = Lookup(lib, sym);
+    HostCall call;
+    Prepare(call, inputs, outputs, num_threads);
+    int32_t status;
+    {
+      py::gil_scoped_release release;
+      status = Invoke(fn, call);
+    }
+    if (status != 0) throw std::runtime_error("alt_jax: kernel " + sym + " returned status " +
+                                              std::to_string(status));
+  }, py::arg("lib"), py::arg("sym"), py::arg("inputs"), py::arg("outputs"),
+     py::arg("num_threads") = 2);
+  m.def("time", [](const std::string& lib, const std::string& sym,
+                   const std::vector<py::buffer>& inputs, const std::vector<py::buffer>& outputs,
+                   int num_threads, int number, int repeat) {
+    alt_kernel_fn fn = Lookup(lib, sym);
+    HostCall call;
+    Prepare(call, inputs, outputs, num_threads);
+    std::vector<double> seconds;
+    {
+      py::gil_scoped_release release;
+      if (Invoke(fn, call) != 0) number = 0;  // warm-up; failure reported below
+      for (int r = 0; r < repeat && number > 0; ++r) {
+        auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < number; ++i) Invoke(fn, call);
+        auto t1 = std::chrono::steady_clock::now();
+        seconds.push_back(std::chrono::duration<double>(t1 - t0).count() / number);
+      }
+    }
+    if (number == 0) throw std::runtime_error("alt_jax: kernel " + sym + " failed");
+    return seconds;
+  }, py::arg("lib"), py::arg("sym"), py::arg("inputs"), py::arg("outputs"),
+     py::arg("num_threads") = 2, py::arg("number") = 10, py::arg("repeat") = 5,
+     "Seconds per call for each of `repeat` rounds of `number` calls (after one warm-up).");
+}
