@@ -1,4 +1,9 @@
 """alt_jax: joint layout and loop tuning for conv and matmul inside JAX.
 
-Entry points: optimize (decorator / wrapper), Plan (what explain returns).
+Entry points: optimize (decorator / wrapper), Optimized, FallbackWarning.
 """
+from alt_jax.api import Optimized, optimize
+from alt_jax.planner import FallbackWarning
+
+__all__ = ["optimize", "Optimized", "FallbackWarning"]
+__version__ = "0.1.0"

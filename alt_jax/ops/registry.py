@@ -1,0 +1,22 @@
+"""Which operator families may rewrite which primitive, in the order they are tried.
+
+Entry point: families_for(primitive). A more specialised family comes first (depthwise
+before the general conv) and may decline with Unsupported so the next one is tried.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+from jax import lax
+
+_FAMILY_MODULES = {
+    lax.conv_general_dilated_p: ("alt_jax.ops.depthwise", "alt_jax.ops.conv2d"),
+    lax.dot_general_p: ("alt_jax.ops.matmul",),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def families_for(primitive) -> tuple:
+    """The OpFamily objects (each module's FAMILY) for primitive; () if none."""
+    return tuple(importlib.import_module(m).FAMILY for m in _FAMILY_MODULES.get(primitive, ()))

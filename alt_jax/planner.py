@@ -1,0 +1,222 @@
+"""Decides, for every conv/matmul equation of a traced program, a kernel or XLA, and why.
+
+Entry points: PlanOptions, make_plan(jaxpr, options) -> Plan, Plan (str() is the explain
+table), OpDecision, FallbackWarning, DEFAULT_MIN_FLOPS.
+Knobs come from tuning records when one matches this device, else the family's heuristic;
+both pass the family's validate(). Kernels are built in parallel; a build failure sends the
+op to XLA with one FallbackWarning.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import os
+import warnings
+from typing import Any, Callable, Optional
+
+import jax
+
+from alt_jax import device, jaxpr_pass, runtime
+from alt_jax.ops import registry
+from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.records import RecordStore
+
+# Ops under this many flops stay in XLA: below it the custom call's fixed cost (FFI call,
+# waking the second thread, packing) outweighs any kernel gain.
+# Measured with benchmarks/min_flops.py on the 2-core EPYC (2026-11-25): see planner note.
+DEFAULT_MIN_FLOPS = 200_000
+
+FALLBACK_MODES = ("warn", "silent", "error")
+
+
+class FallbackWarning(UserWarning):
+    """An op alt_jax meant to take over runs in XLA instead; the message says why."""
+
+
+class FallbackError(RuntimeError):
+    """fallback="error": an op could not be put on a kernel."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    cache: runtime.KernelCache
+    records: Optional[RecordStore] = None
+    fallback: str = "warn"
+    min_flops: int = DEFAULT_MIN_FLOPS
+    isa: device.Isa = dataclasses.field(default_factory=device.detect_isa)
+    # primitive -> families tried in order; None means alt_jax.ops.registry (tests inject)
+    families: Optional[dict] = None
+
+    def families_for(self, primitive) -> tuple:
+        if self.families is None:
+            return registry.families_for(primitive)
+        return tuple(self.families.get(primitive, ()))
+
+    def __post_init__(self):
+        if self.fallback not in FALLBACK_MODES:
+            raise ValueError(f"fallback={self.fallback!r}: choose one of {FALLBACK_MODES}")
+        if self.min_flops < 0:
+            raise ValueError(f"min_flops={self.min_flops} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDecision:
+    where: str                   # position in the program, e.g. "jit(block)/eqn 3"
+    primitive: str
+    signature: str               # operand and result types, e.g. "f32[1,3,8,8], f32[4,3,3,3] -> f32[1,4,6,6]"
+    family: Optional[str] = None
+    spec: Any = None
+    knobs: Any = None
+    knobs_from: str = ""         # "records" | "heuristic"
+    kernel: Optional[runtime.Kernel] = None
+    flops: int = 0
+    reason: str = ""             # why it stays in XLA (empty when on a kernel)
+
+    @property
+    def on_kernel(self) -> bool:
+        return self.kernel is not None
+
+
+@dataclasses.dataclass
+class Plan:
+    decisions: list
+    replacements: dict  # id(eqn) -> jaxpr_pass.Replacement
+
+    @property
+    def rewritten(self) -> list:
+        return [d for d in self.decisions if d.on_kernel]
+
+    @property
+    def left_to_xla(self) -> list:
+        return [d for d in self.decisions if not d.on_kernel]
+
+    def __str__(self) -> str:
+        lines = [f"alt_jax plan: {len(self.rewritten)} op(s) on generated kernels, "
+                 f"{len(self.left_to_xla)} left to XLA"]
+        for d in self.decisions:
+            lines.append(f"  [{d.where}] {d.primitive} {d.signature}  ({d.flops / 1e6:.2f} MFLOP)")
+            if d.on_kernel:
+                lines.append(f"      kernel: {d.family} {d.kernel.symbol} knobs ({d.knobs_from}): {d.knobs}")
+                layout = getattr(d.spec, "layout_summary", None)
+                if callable(layout):
+                    lines.append(f"      layout: {layout()}")
+            else:
+                lines.append(f"      XLA: {d.reason}")
+        return "\n".join(lines)
+
+
+def _type(aval) -> str:
+    return f"{aval.dtype.name.replace('float', 'f').replace('int', 'i')}[{','.join(map(str, aval.shape))}]"
+
+
+def _signature(eqn) -> str:
+    ins = ", ".join(_type(v.aval) for v in eqn.invars)
+    outs = ", ".join(_type(v.aval) for v in eqn.outvars)
+    return f"{ins} -> {outs}"
+
+
+def _walk_with_where(jaxpr, prefix: str = ""):
+    for i, eqn in enumerate(jaxpr_pass._open(jaxpr).eqns):
+        here = f"{prefix}eqn {i}"
+        yield here, eqn
+        for sub in jaxpr_pass.subjaxprs(eqn):
+            name = eqn.params.get("name", eqn.primitive.name)
+            yield from _walk_with_where(sub, f"{prefix}{name}/")
+
+
+def make_replacement(eqn, lower: Callable) -> jaxpr_pass.Replacement:
+    """eqn's outputs from lower(operands), differentiable: the tangent is the original
+    equation's (lax) JVP, so jvp, grad and vmap keep working through the kernel call."""
+    def original(*ops):
+        return tuple(jaxpr_pass._bind(eqn, ops))
+
+    @jax.custom_jvp
+    def call(*ops):
+        return tuple(lower(ops))
+
+    @call.defjvp
+    def call_jvp(primals, tangents):
+        return call(*primals), jax.jvp(original, primals, tangents)[1]
+
+    return lambda invals: list(call(*invals))
+
+
+def _choose(eqn, where: str, options: PlanOptions):
+    """An OpDecision without a kernel yet, plus the family/source to build (or None)."""
+    base = dict(where=where, primitive=eqn.primitive.name, signature=_signature(eqn))
+    reasons = []
+    for family in options.families_for(eqn.primitive):
+        try:
+            spec = family.match(eqn)
+        except Unsupported as e:
+            reasons.append(f"{family.name}: {e}")
+            continue
+        flops = family.flops(spec)
+        if flops < options.min_flops:
+            return OpDecision(**base, family=family.name, spec=spec, flops=flops,
+                              reason=f"too small for a kernel to pay ({flops} flops < "
+                                     f"min_flops={options.min_flops})"), None
+        knobs, knobs_from = None, "heuristic"
+        if options.records is not None:
+            knobs = options.records.best_knobs(family.name, spec, device.fingerprint(),
+                                               type(family.default_knobs(spec, options.isa)))
+            knobs_from = "records"
+        try:
+            if knobs is not None:
+                family.validate(spec, knobs, options.isa)
+        except KnobError as e:
+            warnings.warn(f"alt_jax: tuning record for {eqn.primitive.name} {base['signature']} "
+                          f"is not valid here ({e}); using the heuristic")
+            knobs = None
+        if knobs is None:
+            knobs, knobs_from = family.default_knobs(spec, options.isa), "heuristic"
+            family.validate(spec, knobs, options.isa)
+        src = family.render(spec, knobs, options.isa)
+        return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
+                          knobs_from=knobs_from, flops=flops), (family, src)
+    return OpDecision(**base, reason="; ".join(reasons) or "no template"), None
+
+
+def _fall_back(decision: OpDecision, options: PlanOptions) -> None:
+    message = (f"alt_jax: {decision.primitive} {decision.signature} at [{decision.where}] "
+               f"runs in XLA: {decision.reason}")
+    if options.fallback == "error":
+        raise FallbackError(message)
+    if options.fallback == "warn":
+        warnings.warn(FallbackWarning(message), stacklevel=4)
+
+
+def make_plan(jaxpr, options: PlanOptions) -> Plan:
+    """Walks jaxpr (closed or open, nested bodies included) and builds every chosen kernel."""
+    chosen = []
+    for where, eqn in _walk_with_where(jaxpr):
+        if options.families_for(eqn.primitive):
+            chosen.append((eqn, *_choose(eqn, where, options)))
+
+    sources = {build[1].symbol: build[1] for _, _, build in chosen if build is not None}
+    built: dict = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures = {sym: pool.submit(options.cache.build, src) for sym, src in sources.items()}
+        for sym, fut in futures.items():
+            try:
+                built[sym] = fut.result()
+            except runtime.BuildError as e:
+                built[sym] = e
+
+    decisions, replacements = [], {}
+    for eqn, decision, build in chosen:
+        if build is not None:
+            family, src = build
+            result = built[src.symbol]
+            if isinstance(result, runtime.BuildError):
+                first = str(result).strip().splitlines()[0] if str(result).strip() else "?"
+                decision = dataclasses.replace(decision, reason=f"kernel build failed: {first}")
+            else:
+                decision = dataclasses.replace(decision, kernel=result)
+                lower = functools.partial(family.lower, decision.spec, result)
+                replacements[id(eqn)] = make_replacement(eqn, lower)
+        if not decision.on_kernel and not decision.reason.startswith("too small"):
+            _fall_back(decision, options)
+        decisions.append(decision)
+    return Plan(decisions, replacements)
