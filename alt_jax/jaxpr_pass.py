@@ -136,11 +136,19 @@ def _bind_tuple(eqn, *invals):
     return tuple(_bind(eqn, invals))
 
 
+def _scan_groups(params, invals):
+    """(consts, carry, xs) operands: counted by num_consts/num_carry on jax 0.10, by the
+    flat tree ft_in on jax 0.12."""
+    if "ft_in" in params:
+        return [list(g) for g in params["ft_in"].update(list(invals)).unpack()]
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    return [invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]]
+
+
 def _scan(eqn, invals, replacements):
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], \
-        invals[n_consts + n_carry:]
+    consts, init, xs = _scan_groups(p, invals)
+    n_carry = len(init)
     body = _fn(p["jaxpr"], replacements)
 
     def step(carry, x):

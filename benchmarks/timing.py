@@ -1,0 +1,79 @@
+"""The measurement protocol for benchmarks: warm up, then time implementations
+interleaved round-robin in one process, and report medians and per-round ratios.
+
+Entry points: MeasureConfig (frozen), interleaved(fns, config) -> {name: Timing}, geomean.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable, Mapping
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureConfig:
+    warmup: int = 3            # calls per implementation before timing
+    repeat: int = 15           # rounds; each round times every implementation once
+    min_round_ms: float = 20.0 # calls per round are chosen so a round lasts at least this
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    seconds: tuple             # per-call seconds, one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def low(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def high(self) -> float:
+        return max(self.seconds)
+
+
+def _call(fn: Callable, args) -> None:
+    jax.block_until_ready(fn(*args))
+
+
+def _calls_per_round(fn, args, min_round_ms: float) -> int:
+    t0 = time.perf_counter()
+    _call(fn, args)
+    one = max(time.perf_counter() - t0, 1e-6)
+    return max(1, int(math.ceil(min_round_ms / 1e3 / one)))
+
+
+def interleaved(fns: Mapping[str, Callable], args, config: MeasureConfig = MeasureConfig()
+                ) -> dict:
+    """Times each fn(*args) round-robin; the host's noise hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(config.warmup):
+            _call(fn, args)
+    number = {name: _calls_per_round(fn, args, config.min_round_ms) for name, fn in fns.items()}
+    samples = {name: [] for name in fns}
+    for r in range(config.repeat):
+        order = list(fns.items())
+        if r % 2:
+            order.reverse()  # neither goes first every time
+        for name, fn in order:
+            t0 = time.perf_counter()
+            for _ in range(number[name]):
+                _call(fn, args)
+            samples[name].append((time.perf_counter() - t0) / number[name])
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def median_ratio(base: Timing, other: Timing) -> float:
+    """Median over rounds of base/other: > 1 means other is faster."""
+    return statistics.median(b / o for b, o in zip(base.seconds, other.seconds))
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
