@@ -1,0 +1,337 @@
+"""Depthwise 2-D convolution (feature_group_count == input channels) as generated kernels.
+
+Entry points: FAMILY (a DepthwiseFamily), DepthwiseSpec, DepthwiseKnobs.
+Template: alt_jax/codegen/depthwise.cc (vectorised over channels, see its header).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import numpy as np
+
+from alt_jax import device as device_mod
+from alt_jax.codegen import render as render_mod
+from alt_jax.ops.base import KnobError, Unsupported
+
+_TEMPLATE = "depthwise.cc"
+_MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
+
+
+def _dense_strides(shape) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return tuple(reversed(strides))
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class DepthwiseSpec:
+    """One depthwise conv, canonical: sizes, window, and each operand's dimension order.
+
+    lhs_order / out_order give the array axis holding (batch, channel, row, column);
+    rhs_order the axis holding (out channel, in channel [size 1], kernel row, kernel column).
+    """
+
+    n: int
+    c: int            # input channels (= feature groups)
+    mult: int         # channel multiplier: output channel k reads input channel k // mult
+    h: int
+    w: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    stride: tuple[int, int]
+    dilation: tuple[int, int]                  # rhs_dilation
+    padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+    lhs_order: tuple[int, int, int, int]
+    rhs_order: tuple[int, int, int, int]
+    out_order: tuple[int, int, int, int]
+
+    @property
+    def k(self) -> int:
+        return self.c * self.mult
+
+    def _shape(self, order, logical) -> tuple[int, ...]:
+        shape = [0] * 4
+        for size, axis in zip(logical, order):
+            shape[axis] = size
+        return tuple(shape)
+
+    @property
+    def lhs_shape(self):
+        return self._shape(self.lhs_order, (self.n, self.c, self.h, self.w))
+
+    @property
+    def rhs_shape(self):
+        return self._shape(self.rhs_order, (self.k, 1, self.kh, self.kw))
+
+    @property
+    def out_shape(self):
+        return self._shape(self.out_order, (self.n, self.k, self.oh, self.ow))
+
+    def _logical_strides(self, order, shape):
+        dense = _dense_strides(shape)
+        return tuple(dense[axis] for axis in order)
+
+    @property
+    def lhs_strides(self):
+        """Element strides of (n, c, h, w) in the dense lhs."""
+        return self._logical_strides(self.lhs_order, self.lhs_shape)
+
+    @property
+    def rhs_strides(self):
+        """Element strides of (k, 1, kh, kw) in the dense rhs."""
+        return self._logical_strides(self.rhs_order, self.rhs_shape)
+
+    @property
+    def out_strides(self):
+        """Element strides of (n, k, oh, ow) in the dense output."""
+        return self._logical_strides(self.out_order, self.out_shape)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class DepthwiseKnobs:
+    """How the kernel loops; every combination validate() accepts is correct.
+
+    c_block: channels per vector block (multiple of the ISA's vector width).
+    ow_tile: output columns per register tile (ow_tile * c_block/VW accumulators).
+    oh_rows: output rows per parallel task.
+    pack:    copy each task's input rows into a zero-padded channel-blocked slot first
+             (required unless channels are unit-stride, multiplier 1 and c_block divides K).
+    c_inner: one task covers all channel blocks of its rows (else tasks split channels too).
+    """
+
+    c_block: int
+    ow_tile: int
+    oh_rows: int
+    pack: bool
+    c_inner: bool
+
+
+class DepthwiseFamily:
+    name = "depthwise"
+
+    @property
+    def primitive(self):
+        import jax
+
+        return jax.lax.conv_general_dilated_p
+
+    # ---- matching ----
+    def match(self, eqn) -> DepthwiseSpec:
+        import jax
+
+        if eqn.primitive is not jax.lax.conv_general_dilated_p:
+            raise Unsupported(f"primitive {eqn.primitive} is not conv_general_dilated")
+        p = eqn.params
+        lhs, rhs = (v.aval for v in eqn.invars)
+        out = eqn.outvars[0].aval
+        for what, aval in (("lhs", lhs), ("rhs", rhs), ("result", out)):
+            if np.dtype(aval.dtype) != np.float32:
+                raise Unsupported(f"{what} dtype {aval.dtype}: only float32 is supported")
+        pet = p.get("preferred_element_type")
+        if pet is not None and np.dtype(pet) != np.float32:
+            raise Unsupported(f"preferred_element_type={pet}: only float32 is supported")
+        if len(lhs.shape) != 4:
+            raise Unsupported(
+                f"{len(lhs.shape) - 2} spatial dims (lhs shape {lhs.shape}): only 2-D convs")
+        dn = p["dimension_numbers"]
+        lhs_order, rhs_order, out_order = (tuple(int(a) for a in s)
+                                           for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+        n, c, h, w = (int(lhs.shape[a]) for a in lhs_order)
+        k, ci, kh, kw = (int(rhs.shape[a]) for a in rhs_order)
+        _, ko, oh, ow = (int(out.shape[a]) for a in out_order)
+        groups = int(p["feature_group_count"])
+        if int(p["batch_group_count"]) != 1:
+            raise Unsupported(f"batch_group_count={p['batch_group_count']}: only 1 is supported")
+        if groups != c or ci != 1:
+            raise Unsupported(f"feature_group_count={groups} with {c} input channels: "
+                              "not depthwise, the conv2d family handles it")
+        if tuple(p["lhs_dilation"]) != (1, 1):
+            raise Unsupported(f"lhs_dilation={tuple(p['lhs_dilation'])}: transposed "
+                              "convolutions are left to XLA")
+        sizes = dict(n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, oh=oh, ow=ow)
+        zero = [name for name, v in sizes.items() if v == 0]
+        if zero:
+            raise Unsupported(f"zero-size dims {zero}: nothing to compute")
+        if k % c:
+            raise Unsupported(f"{k} output channels is not a multiple of {c} groups")
+        stride = tuple(int(s) for s in p["window_strides"])
+        dilation = tuple(int(d) for d in p["rhs_dilation"])
+        padding = tuple((int(lo), int(hi)) for lo, hi in p["padding"])
+        if min(stride) < 1 or min(dilation) < 1:
+            raise Unsupported(f"window_strides={stride}, rhs_dilation={dilation}: must be >= 1")
+        if min(min(pp) for pp in padding) < 0:
+            raise Unsupported(f"padding={padding}: negative padding (cropping) is left to XLA")
+        spec = DepthwiseSpec(n=n, c=c, mult=k // c, h=h, w=w, kh=kh, kw=kw, oh=oh, ow=ow,
+                             stride=stride, dilation=dilation, padding=padding,
+                             lhs_order=lhs_order, rhs_order=rhs_order, out_order=out_order)
+        for i, (size, ksize, o) in enumerate(((h, kh, oh), (w, kw, ow))):
+            lo, hi = padding[i]
+            expect = (size + lo + hi - (ksize - 1) * dilation[i] - 1) // stride[i] + 1
+            if expect != o:  # lax's shape rule; a mismatch means we misread the params
+                raise Unsupported(f"output size {o} along spatial dim {i} disagrees with the "
+                                  f"window arithmetic ({expect})")
+        if spec.out_shape != tuple(out.shape):
+            raise Unsupported(f"result shape {out.shape} is not {spec.out_shape}")
+        return spec
+
+    def flops(self, spec: DepthwiseSpec) -> int:
+        return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw
+
+    # ---- knobs ----
+    def default_knobs(self, spec: DepthwiseSpec, isa: device_mod.Isa) -> DepthwiseKnobs:
+        # Measured with /tmp/dw/sweep.py (time_numpy, 2 threads, EPYC Zen3, MobileNetV2 NHWC
+        # layers): the best of ~100 variants was c_block 16 x ow_tile 4 or 6 on 6 of 10
+        # layers and within 10% on the rest (C32@112: 0.079 ms; C144@56 s1: 0.094 ms;
+        # C576@14 s1: 0.027 ms); oh_rows only needs to give the 8 pool chunks enough tasks.
+        # Reading channels-last input in place beat packing on every layer. For packed
+        # (NCHW) input /tmp/dw/nchw.py found c_block 8 x ow_tile 8 (the width the 8x8
+        # transposed store needs), 8 rows per task best: C32@112 0.17 ms (0.43 ms for the
+        # in-place layer's choice of 16 x 4, which stores column by column).
+        vw = isa.vector_floats
+        if spec.lhs_strides[1] == 1 and spec.mult == 1 and spec.k % vw == 0:
+            c_block = 2 * vw if spec.k % (2 * vw) == 0 else vw
+            ow_tile = 8 if c_block == vw else 4
+            oh_rows = round(spec.n * spec.oh / 16)
+            pack, c_inner = False, True
+        else:
+            c_block, ow_tile, oh_rows, pack, c_inner = vw, 8, 8, True, False
+        ow_tile = min(ow_tile, self._max_tile(c_block // vw, isa))
+        # a tile wider than the in-place interior would fall back to single columns
+        (_, _), (pl, pr) = spec.padding
+        interior = spec.ow if pack else spec.ow - 2 * -(-max(pl, pr) // spec.stride[1])
+        ow_tile = max(1, min(ow_tile, spec.ow, interior))
+        oh_rows = max(1, min(8, spec.oh, oh_rows))
+        knobs = DepthwiseKnobs(c_block=c_block, ow_tile=ow_tile, oh_rows=oh_rows,
+                               pack=pack, c_inner=c_inner)
+        self.validate(spec, knobs, isa)
+        return knobs
+
+    @staticmethod
+    def _max_tile(vectors: int, isa: device_mod.Isa) -> int:
+        # accumulators (ow_tile * vectors) plus one register per weight vector; the input
+        # comes in as the FMA's memory operand
+        return (isa.vector_registers - vectors) // vectors
+
+    def workspace_bytes(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs) -> int:
+        cb = knobs.c_block
+        nblk = -(-spec.k // cb)
+        wpack = -(-(nblk * spec.kh * spec.kw * cb) // 16) * 16
+        if not knobs.pack:
+            return 4 * wpack
+        blk_per_task = nblk if knobs.c_inner else 1
+        tasks = spec.n * (nblk // blk_per_task) * -(-spec.oh // knobs.oh_rows)
+        rows_in = (knobs.oh_rows - 1) * spec.stride[0] + (spec.kh - 1) * spec.dilation[0] + 1
+        wp = (spec.ow - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
+        return 4 * (wpack + tasks * blk_per_task * rows_in * wp * cb)
+
+    def validate(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, isa: device_mod.Isa) -> None:
+        vw = isa.vector_floats
+        cb = knobs.c_block
+        for name in ("c_block", "ow_tile", "oh_rows"):
+            v = getattr(knobs, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise KnobError(f"{name}={v!r} must be an int")
+        for name in ("pack", "c_inner"):
+            if not isinstance(getattr(knobs, name), bool):
+                raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+        if cb < vw or cb % vw or cb > 4 * vw:
+            raise KnobError(f"c_block={cb} must be a multiple of {isa.name}'s vector width {vw}, "
+                            f"from {vw} to {4 * vw}")
+        k_rounded = -(-spec.k // vw) * vw
+        if cb > k_rounded:
+            raise KnobError(f"c_block={cb} exceeds the {spec.k} output channels rounded up "
+                            f"to a vector ({k_rounded})")
+        vectors = cb // vw
+        limit = self._max_tile(vectors, isa)
+        if not 1 <= knobs.ow_tile <= limit:
+            need = knobs.ow_tile * vectors + vectors
+            raise KnobError(f"ow_tile={knobs.ow_tile} x c_block={cb} needs {need} vector "
+                            f"registers, {isa.name} has {isa.vector_registers} "
+                            f"(ow_tile must be 1..{limit})")
+        if knobs.ow_tile > spec.ow:
+            raise KnobError(f"ow_tile={knobs.ow_tile} exceeds the output width {spec.ow}")
+        if not 1 <= knobs.oh_rows <= spec.oh:
+            raise KnobError(f"oh_rows={knobs.oh_rows} must be 1..{spec.oh} (the output height)")
+        if not knobs.pack:
+            if spec.lhs_strides[1] != 1:
+                raise KnobError("pack=False needs unit-stride input channels (channels-last "
+                                f"lhs); this lhs has channel stride {spec.lhs_strides[1]}")
+            if spec.mult != 1:
+                raise KnobError(f"pack=False needs channel multiplier 1, got {spec.mult}")
+            if spec.k % cb:
+                raise KnobError(f"pack=False needs c_block={cb} to divide the {spec.k} channels")
+        ws = self.workspace_bytes(spec, knobs)
+        if ws > _MAX_WORKSPACE:
+            raise KnobError(f"workspace of {ws} bytes exceeds the {_MAX_WORKSPACE} byte limit "
+                            f"(oh_rows={knobs.oh_rows}, pack={knobs.pack})")
+
+    # ---- code generation ----
+    def render(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, isa: device_mod.Isa):
+        from alt_jax import runtime
+
+        self.validate(spec, knobs, isa)
+        (pt, _), (pl, _) = spec.padding
+        sh, sw = spec.stride
+        dh, dw = spec.dilation
+        # output columns whose window lies inside the unpadded input (the in-place fast path;
+        # the kernel clips kernel rows at run time, so border rows need no such range)
+        def interior(lo_pad, size, ksize, stride, dil, osize):
+            lo = min(osize, -(-lo_pad // stride))
+            hi = (size - 1 + lo_pad - (ksize - 1) * dil) // stride + 1
+            return lo, max(lo, min(osize, hi))
+
+        ow_lo, ow_hi = interior(pl, spec.w, spec.kw, sw, dw, spec.ow)
+        ls, rs, os_ = spec.lhs_strides, spec.rhs_strides, spec.out_strides
+        ws = self.workspace_bytes(spec, knobs)
+        big = 2**40
+        values = {
+            "VEC": isa.vector_floats,
+            "N": spec.n, "C": spec.c, "MULT": spec.mult, "H": spec.h, "W": spec.w,
+            "KH": spec.kh, "KW": spec.kw, "OH": spec.oh, "OW": spec.ow,
+            "SH": sh, "SW": sw, "DH": dh, "DW": dw, "PT": pt, "PL": pl,
+            "LS_N": ls[0], "LS_C": ls[1], "LS_H": ls[2], "LS_W": ls[3],
+            "RS_K": rs[0], "RS_KH": rs[2], "RS_KW": rs[3],
+            "OS_N": os_[0], "OS_K": os_[1], "OS_H": os_[2], "OS_W": os_[3],
+            "OW_LO": ow_lo, "OW_HI": ow_hi,
+            "C_BLOCK": knobs.c_block, "OW_TILE": knobs.ow_tile, "OH_ROWS": knobs.oh_rows,
+            "PACK": knobs.pack, "C_INNER": knobs.c_inner,
+            # copy pixel by pixel when channels are closer in memory than columns
+            "PACK_CHANNELS_INNER": ls[1] < ls[3],
+            "TRANSPOSE_PACK": knobs.pack and isa.vector_floats == 8 and ls[3] == 1,
+            "TRANSPOSE_STORE": isa.vector_floats == 8 and os_[3] == 1 and os_[1] != 1,
+            "WS_BYTES": ws,
+        }
+        for key, v in values.items():
+            if not isinstance(v, bool):
+                render_mod.check_int(key, v, 0, big)
+        digest = hashlib.sha256(repr((spec, knobs, isa.name)).encode()).hexdigest()[:16]
+        symbol = f"alt_depthwise_{digest}"
+        values["SYMBOL"] = symbol
+        code = render_mod.render(render_mod.load_template(_TEMPLATE), values)
+        return runtime.KernelSource(symbol=symbol, code=code, workspace_bytes=ws)
+
+    def lower(self, spec: DepthwiseSpec, kernel, operands):
+        import jax
+
+        from alt_jax import runtime
+
+        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+        return runtime.ffi_call(kernel, operands, [out])
+
+    # ---- reference (tests, tuner checks) ----
+    def reference(self, spec: DepthwiseSpec, lhs, rhs):
+        """lax's result for spec on arrays in the spec's layouts."""
+        import jax
+
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, spec.stride, spec.padding, rhs_dilation=spec.dilation,
+            dimension_numbers=jax.lax.ConvDimensionNumbers(
+                spec.lhs_order, spec.rhs_order, spec.out_order),
+            feature_group_count=spec.c)
+
+
+FAMILY = DepthwiseFamily()
