@@ -34,6 +34,13 @@ typedef struct alt_runtime {
 typedef int32_t (*alt_kernel_fn)(const alt_runtime* rt, const void* const* inputs,
                                  void* const* outputs);
 
+// Kernels are compiled with -fvisibility=hidden; the entry point is declared with this.
+#ifdef __cplusplus
+#define ALT_EXPORT extern "C" __attribute__((visibility("default")))
+#else
+#define ALT_EXPORT __attribute__((visibility("default")))
+#endif
+
 #ifdef __cplusplus
 }  // extern "C"
 
