@@ -1,0 +1,450 @@
+// Direct 2-D convolution (any dimension numbers, strides, padding, rhs dilation, groups), fp32.
+// Entry point: the exported kernel @SYMBOL@ (kernel_abi.h); rendered by alt_jax/ops/conv2d.py.
+//
+// Shape of the computation (NeoCPU / oneDNN-style direct convolution):
+//   1. pack, in parallel into the workspace, the input as N, G, C/ic_block, Hp, Wp, ic_block
+//      with the padding materialised as zeros (skipped when the operand can be read in
+//      place), and the weights as G, K/oc_block, C/ic_block, KH, KW, ic_block, oc_block
+//      panels with zero-padded channels (ahead of the compute, fused into each oc-block work
+//      item, or skipped for HWIO-like weights read in place). Python picks; strides come
+//      rendered, so the microkernel reads packed and original operands alike.
+//   2. a register tile of OW_TILE output positions x OC_VECS vectors of output channels
+//      keeps its accumulators in registers over the whole reduction (C/G x KH x KW): input
+//      values are broadcast from memory, weights loaded as vectors, FMAs fully unrolled over
+//      ic_block. Positions run row-major over OH x OW, so tiles wrap across output rows
+//      (every wrap point is its own instantiation with constant offsets).
+//   3. the tile is written straight into the equation's output layout: vector stores when
+//      the output channels are contiguous, an in-register 8x8 transpose and vector stores
+//      for 8 x 8 tiles into NCHW-like outputs, otherwise a transposing store via the stack.
+// Parallel work items are chunks of tiles of one (n, group, oc block); OC_OUTER picks whether
+// chunks (weight panel reuse) or oc blocks (input reuse) vary fastest.
+#include <stddef.h>
+#include <stdint.h>
+
+#include "alt_jax/kernel_abi.h"
+#include "alt_jax/simd.h"
+
+// predictive commoning would carry broadcasts between kw iterations (column j at kw+1 is
+// column j+1 at kw) in stack slots: it spills the register tile, so it is off.
+#pragma GCC optimize("no-predictive-commoning")
+
+namespace {
+
+constexpr int VW = @VW@;
+typedef altv<VW>::type V;
+
+// ---- the problem (rendered from the Spec) ----
+constexpr int64_t N = @N@, G = @G@, CG = @CG@, KG = @KG@;
+constexpr int64_t H = @H@, IW = @IW@, OH = @OH@, OW = @OW@;
+constexpr int64_t KH = @KH@, KW = @KW@, SH = @SH@, SW = @SW@, DH = @DH@, DW = @DW@;
+constexpr int64_t PT = @PT@, PL = @PL@;
+// element strides of the operands' logical dims in their original dense layouts
+constexpr int64_t LHS_N = @LHS_N@, LHS_C = @LHS_C@, LHS_H = @LHS_H@, LHS_W = @LHS_W@;
+constexpr int64_t RHS_O = @RHS_O@, RHS_I = @RHS_I@, RHS_H = @RHS_H@, RHS_W = @RHS_W@;
+constexpr int64_t OUT_N = @OUT_N@, OUT_K = @OUT_K@, OUT_H = @OUT_H@, OUT_W = @OUT_W@;
+
+// ---- the knobs ----
+constexpr int ICB = @IC_BLOCK@;        // input channels per reduction block (unrolled)
+constexpr int OCV = @OC_VECS@;         // vectors of output channels in the register tile
+constexpr int OCB = OCV * VW;          // output channels per tile
+constexpr int OWT = @OW_TILE@;         // output positions in the register tile
+constexpr bool PACK_IN = @PACK_INPUT@;
+// weights: read in place (HWIO-like), packed ahead in parallel, or packed per oc block by
+// the item that then uses them (fused)
+constexpr int W_INPLACE = 0, W_AHEAD = 1, W_FUSED = 2;
+constexpr int WEIGHTS = @WEIGHTS@;
+constexpr int64_t CHUNK_TILES = @CHUNK_TILES@;  // register tiles per parallel item
+constexpr bool OC_OUTER = @OC_OUTER@;
+constexpr int64_t IC_CHUNK = @IC_CHUNK@;  // ic blocks per reduction pass (>= CGB: one pass)
+
+// ---- derived sizes (computed in Python, checked here) ----
+constexpr int64_t CGB = @CGB@, KGB = @KGB@, HP = @HP@, WP = @WP@;
+constexpr int64_t WS_IN = @WS_IN@, WS_W = @WS_W@;  // float offsets into the workspace
+// how the microkernel walks the input and weights (packed copy or original operand)
+constexpr int64_t I_C = @I_C@, I_W = @I_W@, I_H = @I_H@, I_CB = @I_CB@, I_G = @I_G@,
+                  I_N = @I_N@;
+constexpr int64_t W_IC = @W_IC@, W_KW = @W_KW@, W_KH = @W_KH@, W_CB = @W_CB@, W_KB = @W_KB@,
+                  W_G = @W_G@;
+
+static_assert(CGB * ICB >= CG && (CGB - 1) * ICB < CG, "CGB must be ceil(CG / ICB)");
+static_assert(KGB * OCB >= KG && (KGB - 1) * OCB < KG, "KGB must be ceil(KG / OCB)");
+static_assert(WEIGHTS >= W_INPLACE && WEIGHTS <= W_FUSED, "weights mode");
+static_assert(CHUNK_TILES >= 1, "chunk_tiles >= 1");
+static_assert(IC_CHUNK >= 1, "ic_chunk >= 1");
+static_assert(OWT >= 1 && OWT * OCV + OCV + 1 <= 32, "register tile out of range");
+static_assert(HP >= (OH - 1) * SH + (KH - 1) * DH + 1, "packed rows must cover every window");
+static_assert(WP >= (OW - 1) * SW + (KW - 1) * DW + 1, "packed cols must cover every window");
+// reading in place needs every window inside the operand and whole channel/oc blocks
+static_assert(PACK_IN || (PT == 0 && PL == 0 && CG % ICB == 0), "in-place input invalid");
+static_assert(WEIGHTS != W_INPLACE || (RHS_O == 1 && KG % OCB == 0 && CG % ICB == 0),
+              "in-place weights");
+
+// In-register transpose of an 8 x 8 block (rows = a[i][0]), three shuffle rounds.
+// (W is a template parameter so that narrower ISAs never instantiate the 8-lane shuffles.)
+template <int W>
+struct shuffle_mask {
+  typedef int32_t type __attribute__((vector_size(4 * W)));
+};
+template <int W, typename A>
+ALT_INLINE void transpose8(A& a) {
+  if constexpr (W == 8) {
+    typedef typename shuffle_mask<W>::type M;
+    typename altv<W>::type t[8], u[8];
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = __builtin_shuffle(a[i][0], a[i + 1][0], M{0, 8, 1, 9, 4, 12, 5, 13});
+      t[i + 1] = __builtin_shuffle(a[i][0], a[i + 1][0], M{2, 10, 3, 11, 6, 14, 7, 15});
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = __builtin_shuffle(t[i], t[i + 2], M{0, 1, 8, 9, 4, 5, 12, 13});
+      u[i + 1] = __builtin_shuffle(t[i], t[i + 2], M{2, 3, 10, 11, 6, 7, 14, 15});
+      u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], M{0, 1, 8, 9, 4, 5, 12, 13});
+      u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], M{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      a[i][0] = __builtin_shuffle(u[i], u[i + 4], M{0, 1, 2, 3, 8, 9, 10, 11});
+      a[i + 4][0] = __builtin_shuffle(u[i], u[i + 4], M{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+  }
+}
+
+// One reduction pass over ic blocks [cb0, cb1): the first starts from zero, the others
+// from `part`; all but the last park their sums in `part` instead of writing the output.
+struct Pass {
+  int64_t cb0, cb1;
+  float* part;
+};
+
+// Broadcast of a float loaded from memory. simd.h's vbroadcast computes {0..} + x, which the
+// compiler may not fold (0 + -0 is +0), so it emits a scalar add before every broadcast and
+// runs out of registers; x - 0 == x for every x, so this folds to one vbroadcastss.
+ALT_INLINE V bcast(const float* p) { return *p - V{}; }
+
+constexpr int64_t P = OH * OW;                 // output positions per (n, g)
+constexpr int64_t NT = (P + OWT - 1) / OWT;    // register tiles per (n, g, oc block)
+constexpr int REM = static_cast<int>(P % OWT);  // positions in the last tile (0 = full)
+// moving from the end of one output row to the start of the next, in input and output
+constexpr int64_t WRAP_IN = SH * I_H - OW * (SW * I_W);
+constexpr int64_t WRAP_OUT = OUT_H - OW * OUT_W;
+constexpr bool FLAT = WRAP_IN == 0 && WRAP_OUT == 0;
+// T8: output positions contiguous per channel (NCHW-like) and 8 positions x 8 channels per
+// tile: the tile transposes in registers and stores one vector per channel instead of
+// scattering scalars (7x7/2 3->64@224 NCHW, 1 core: 2.9 ms vs 3.05-3.2 ms).
+constexpr bool CHANNEL_RUNS = OUT_K != 1 && OUT_W == 1 && OUT_H == OW;
+constexpr bool T8 = CHANNEL_RUNS && VW == 8 && OCV == 1 && OWT == 8;
+// With reduction passes, at most SUB_TILES tiles keep partial sums in one 64 KiB stack buffer.
+constexpr bool PASSES = IC_CHUNK < CGB;
+constexpr int64_t BUF_FLOATS = 16384;
+constexpr int64_t SUB_TILES = !PASSES ? CHUNK_TILES
+                              : (CHUNK_TILES < BUF_FLOATS / (OWT * OCB)
+                                     ? CHUNK_TILES : BUF_FLOATS / (OWT * OCB));
+static_assert(SUB_TILES >= 1 && (!PASSES || SUB_TILES * OWT * OCB <= BUF_FLOATS),
+              "stack buffer");
+
+// One register tile: NW consecutive output positions (row-major over OH x OW, so a tile may
+// wrap onto the next row and small images waste no remainder columns) x OCB output channels,
+// reduced over all of CG x KH x KW; accumulators stay in registers. `in` and `out` point at
+// the tile's first position. Positions j < S are in the first row, the rest in the next one,
+// so every offset is a compile-time constant (address displacements, no index registers);
+// RT = true instead reads offsets from ioff/ooff (tiles spanning more than two rows).
+template <int NW, int S, bool RT>
+ALT_INLINE void tile(const float* ALT_RESTRICT in, const float* ALT_RESTRICT w,
+                     float* ALT_RESTRICT out, int64_t kvalid, Pass ps,
+                     const int64_t* rt_ioff, const int64_t* rt_ooff) {
+  auto ioff = [&](int j) -> int64_t {
+    if constexpr (RT) return rt_ioff[j];
+    return j * (SW * I_W) + (j >= S ? WRAP_IN : 0);
+  };
+  auto ooff = [&](int j) -> int64_t {
+    if constexpr (RT) return rt_ooff[j];
+    return j * OUT_W + (j >= S ? WRAP_OUT : 0);
+  };
+  V acc[NW][OCV];
+#pragma GCC unroll 32
+  for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < OCV; ++v)
+      acc[j][v] = ps.cb0 == 0 ? vzero<VW>() : vload<VW>(ps.part + j * OCB + v * VW);
+
+  for (int64_t cb = ps.cb0; cb < ps.cb1; ++cb) {
+    for (int64_t kh = 0; kh < KH; ++kh) {
+      const float* ir = in + cb * I_CB + kh * (DH * I_H);
+      const float* wr = w + cb * W_CB + kh * W_KH;
+      for (int64_t kw = 0; kw < KW; ++kw) {
+        const float* ip = ir + kw * (DW * I_W);
+        const float* wp = wr + kw * W_KW;
+#pragma GCC unroll 64
+        for (int ic = 0; ic < ICB; ++ic) {
+          V wv[OCV];
+#pragma GCC unroll 8
+          for (int v = 0; v < OCV; ++v) wv[v] = vload<VW>(wp + ic * W_IC + v * VW);
+#pragma GCC unroll 32
+          for (int j = 0; j < NW; ++j) {
+            const V b = bcast(ip + ioff(j) + ic * I_C);
+#pragma GCC unroll 8
+            for (int v = 0; v < OCV; ++v) acc[j][v] = vfma<VW>(b, wv[v], acc[j][v]);
+          }
+        }
+      }
+    }
+  }
+
+  if (ps.cb1 != CGB) {
+    // not the last reduction pass: park the partial sums
+#pragma GCC unroll 32
+    for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+      for (int v = 0; v < OCV; ++v) vstore<VW>(ps.part + j * OCB + v * VW, acc[j][v]);
+    return;
+  }
+  if constexpr (T8 && NW == 8) {
+    if (kvalid == OCB) {
+      // 8 positions x 8 channels: transpose in registers, then one vector store per
+      // channel (positions are contiguous per channel in the output)
+      transpose8<VW>(acc);
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k) vstore<VW>(out + k * OUT_K, acc[k][0]);
+      return;
+    }
+  }
+  if (OUT_K == 1 && kvalid == OCB) {
+    // channels innermost in the output: straight vector stores
+#pragma GCC unroll 32
+    for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+      for (int v = 0; v < OCV; ++v) vstore<VW>(out + ooff(j) + v * VW, acc[j][v]);
+  } else {
+    // any other output layout, or a partial oc block: transpose through the stack
+    float t[NW][OCB];
+#pragma GCC unroll 32
+    for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+      for (int v = 0; v < OCV; ++v) vstore<VW>(&t[j][v * VW], acc[j][v]);
+    for (int64_t k = 0; k < kvalid; ++k)
+#pragma GCC unroll 32
+      for (int j = 0; j < NW; ++j) out[k * OUT_K + ooff(j)] = t[j][k];
+  }
+}
+
+// Does some full tile of NW positions start s = OW - S columns before a row end? Only those
+// splits are instantiated (compile time); tile starts repeat with a period of at most OW.
+// The remainder tile (NW = REM < OWT) ends at the last position, so it wraps only when it
+// spans more than two rows, which the NW > OW path covers.
+constexpr bool split_occurs(int nw, int split) {
+  if (nw != OWT) return false;
+  for (int64_t t = 0; t < OW && t * nw < P; ++t)
+    if (OW - (t * nw) % OW == split) return true;
+  return false;
+}
+
+// A wrapping tile whose first row holds s positions (0 < s < NW): one instantiation per s.
+template <int NW, int S = 1>
+ALT_INLINE void tile_split(int64_t s, const float* in, const float* w, float* out,
+                           int64_t kvalid, Pass ps) {
+  if constexpr (S < NW) {
+    if constexpr (split_occurs(NW, S)) {
+      if (s == S) return tile<NW, S, false>(in, w, out, kvalid, ps, nullptr, nullptr);
+    }
+    tile_split<NW, S + 1>(s, in, w, out, kvalid, ps);
+  }
+}
+
+// The tile of NW positions starting at position p0 of one (n, g, oc block).
+template <int NW>
+ALT_INLINE void tile_at(const float* in, const float* w, float* out, int64_t p0,
+                        int64_t kvalid, Pass ps) {
+  const int64_t oh = p0 / OW, ow = p0 % OW;
+  const float* ti = in + oh * (SH * I_H) + ow * (SW * I_W);
+  float* to = out + oh * OUT_H + ow * OUT_W;
+  if constexpr (FLAT) {
+    // rows follow each other without a gap (e.g. 1x1 stride 1, no padding): no wrap case
+    tile<NW, NW, false>(ti, w, to, kvalid, ps, nullptr, nullptr);
+  } else if constexpr (NW > OW) {
+    // the tile spans three or more output rows (narrow images): offsets from registers
+    int64_t io[NW], oo[NW];
+    for (int j = 0; j < NW; ++j) {
+      const int64_t r = (ow + j) / OW, c = (ow + j) % OW;
+      io[j] = r * (SH * I_H) + (c - ow) * (SW * I_W);
+      oo[j] = r * OUT_H + (c - ow) * OUT_W;
+    }
+    tile<NW, NW, true>(ti, w, to, kvalid, ps, io, oo);
+  } else if (OW % NW == 0 || ow + NW <= OW) {
+    tile<NW, NW, false>(ti, w, to, kvalid, ps, nullptr, nullptr);
+  } else {
+    tile_split<NW>(OW - ow, ti, w, to, kvalid, ps);
+  }
+}
+
+// Tiles [s0, s1) (s1 - s0 <= SUB_TILES) of one (n, g, oc block); the last tile of the
+// image is instantiated for exactly the leftover positions (no scalar path). With IC_CHUNK <
+// CGB the reduction runs in passes of IC_CHUNK ic blocks over these tiles, so the pass's
+// slice of the weight panel stays in L1 while the tiles stream by; tile t parks its partial
+// sums at part + (t - s0) * OWT * OCB between passes.
+ALT_INLINE void sub_tiles(const float* in, const float* w, float* out, int64_t s0, int64_t s1,
+                          int64_t kvalid, float* part) {
+  constexpr int64_t FULL = P / OWT;
+  const int64_t sf = s1 < FULL ? s1 : FULL;
+  auto part_of = [&](int64_t t) { return PASSES ? part + (t - s0) * OWT * OCB : nullptr; };
+  for (int64_t cb0 = 0; cb0 < CGB; cb0 += IC_CHUNK) {
+    const int64_t cb1 = cb0 + IC_CHUNK < CGB ? cb0 + IC_CHUNK : CGB;
+    for (int64_t t = s0; t < sf; ++t)
+      tile_at<OWT>(in, w, out, t * OWT, kvalid, Pass{cb0, cb1, part_of(t)});
+    if constexpr (REM > 0) {
+      if (s1 > FULL) tile_at<REM>(in, w, out, FULL * OWT, kvalid, Pass{cb0, cb1, part_of(FULL)});
+    }
+  }
+}
+
+// Tiles [t0, t1) of one (n, g, oc block), SUB_TILES at a time. Not inlined: alt_parallel_for
+// calls its lambda both directly and through the pool thunk, and two inlined copies would
+// double the compile time.
+__attribute__((noinline)) void tiles(const float* in, const float* w, float* out, int64_t t0,
+                                     int64_t t1, int64_t kvalid) {
+  alignas(64) float part[PASSES ? SUB_TILES * OWT * OCB : 1];
+  for (int64_t s0 = t0; s0 < t1; s0 += SUB_TILES)
+    sub_tiles(in, w, out, s0, s0 + SUB_TILES < t1 ? s0 + SUB_TILES : t1, kvalid, part);
+}
+
+// Packed input row (n, g, cb, hp): Wp x ICB with zeros for padding and missing channels.
+void pack_input_row(const float* ALT_RESTRICT src, float* ALT_RESTRICT ws, int64_t item) {
+  const int64_t hp = item % HP;
+  const int64_t cb = (item / HP) % CGB;
+  const int64_t ng = item / (HP * CGB);  // n * G + g
+  const int64_t n = ng / G, g = ng % G;
+  float* dst = ws + WS_IN + (ng * CGB + cb) * (HP * WP * ICB) + hp * (WP * ICB);
+  const int64_t h = hp - PT;
+  const int64_t c0 = g * CG + cb * ICB;
+  const int64_t nc = (CG - cb * ICB) < ICB ? (CG - cb * ICB) : ICB;
+  if (h < 0 || h >= H) {
+    for (int64_t i = 0; i < WP * ICB; ++i) dst[i] = 0.0f;
+    return;
+  }
+  const float* s = src + n * LHS_N + c0 * LHS_C + h * LHS_H;
+  // columns [0, PL) and [PL + IW, WP) are padding
+  const int64_t wbeg = PL, wend = (PL + IW) < WP ? (PL + IW) : WP;
+  for (int64_t i = 0; i < wbeg * ICB; ++i) dst[i] = 0.0f;
+  for (int64_t i = wend * ICB; i < WP * ICB; ++i) dst[i] = 0.0f;
+  if (LHS_W < LHS_C) {
+    // width is the faster source dim (NCHW-like): contiguous reads along w per channel
+    for (int64_t ic = 0; ic < ICB; ++ic) {
+      if (ic < nc) {
+        const float* sc = s + ic * LHS_C;
+        for (int64_t wp = wbeg; wp < wend; ++wp) dst[wp * ICB + ic] = sc[(wp - PL) * LHS_W];
+      } else {
+        for (int64_t wp = wbeg; wp < wend; ++wp) dst[wp * ICB + ic] = 0.0f;
+      }
+    }
+  } else {
+    // channels are the faster source dim (NHWC-like)
+    for (int64_t wp = wbeg; wp < wend; ++wp) {
+      const float* sw = s + (wp - PL) * LHS_W;
+      for (int64_t ic = 0; ic < ICB; ++ic) dst[wp * ICB + ic] = ic < nc ? sw[ic * LHS_C] : 0.0f;
+    }
+  }
+}
+
+// Packed weight panel (g, kb, cb): KH x KW x ICB x OCB, zero-padded channels.
+void pack_weight_panel(const float* ALT_RESTRICT src, float* ALT_RESTRICT ws, int64_t item) {
+  const int64_t cb = item % CGB;
+  const int64_t kb = (item / CGB) % KGB;
+  const int64_t g = item / (CGB * KGB);
+  float* dst = ws + WS_W + g * W_G + kb * W_KB + cb * W_CB;
+  const int64_t o0 = g * KG + kb * OCB, i0 = cb * ICB;
+  const int64_t no = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
+  const int64_t ni = (CG - cb * ICB) < ICB ? (CG - cb * ICB) : ICB;
+  if (no < OCB || ni < ICB) {
+    for (int64_t i = 0; i < KH * KW * ICB * OCB; ++i) dst[i] = 0.0f;
+  }
+  const float* s = src + o0 * RHS_O + i0 * RHS_I;
+  if (RHS_O == 1) {
+    // oc contiguous in the source (HWIO-like): copy oc runs
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw)
+        for (int64_t ic = 0; ic < ni; ++ic) {
+          const float* si = s + kh * RHS_H + kw * RHS_W + ic * RHS_I;
+          float* d = dst + kh * W_KH + kw * W_KW + ic * W_IC;
+          if (no == OCB) {
+#pragma GCC unroll 8
+            for (int v = 0; v < OCV; ++v) vstore<VW>(d + v * VW, vload<VW>(si + v * VW));
+          } else {
+            for (int64_t oc = 0; oc < no; ++oc) d[oc] = si[oc];
+          }
+        }
+  } else {
+    // oc is a slow source dim (OIHW-like): read each output channel's filter in order
+    for (int64_t oc = 0; oc < no; ++oc)
+      for (int64_t ic = 0; ic < ni; ++ic)
+        for (int64_t kh = 0; kh < KH; ++kh)
+          for (int64_t kw = 0; kw < KW; ++kw)
+            dst[kh * W_KH + kw * W_KW + ic * W_IC + oc] =
+                s[oc * RHS_O + ic * RHS_I + kh * RHS_H + kw * RHS_W];
+  }
+}
+
+}  // namespace
+
+// runtime.py compiles with -fvisibility=hidden: the entry point must be exported explicitly
+extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
+    const alt_runtime* rt, const void* const* inputs, void* const* outputs) {
+  const float* lhs = static_cast<const float*>(inputs[0]);
+  const float* rhs = static_cast<const float*>(inputs[1]);
+  float* out = static_cast<float*>(outputs[0]);
+  float* ws = (PACK_IN || WEIGHTS != W_INPLACE) ? static_cast<float*>(outputs[1]) : nullptr;
+
+  // 1. packing ahead: input rows and (WEIGHTS == W_AHEAD) weight panels in one parallel loop
+  constexpr int64_t IN_ITEMS = PACK_IN ? N * G * CGB * HP : 0;
+  constexpr int64_t W_ITEMS = WEIGHTS == W_AHEAD ? G * KGB * CGB : 0;
+  if constexpr (IN_ITEMS + W_ITEMS > 0) {
+    alt_parallel_for(rt, IN_ITEMS + W_ITEMS, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        if (i < IN_ITEMS)
+          pack_input_row(lhs, ws, i);
+        else
+          pack_weight_panel(rhs, ws, i - IN_ITEMS);
+      }
+    });
+  }
+  const float* in = PACK_IN ? ws + WS_IN : lhs;
+  const float* wt = WEIGHTS == W_INPLACE ? rhs : ws + WS_W;
+
+  // 2. compute
+  if constexpr (WEIGHTS == W_FUSED) {
+    // one item = one (g, oc block) over every image and position: it packs its own weight
+    // panels first, so they are hot in this core's L2 when the tiles read them and the
+    // packing is spread over the cores without a barrier
+    alt_parallel_for(rt, G * KGB, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t g = i / KGB, kb = i % KGB;
+        for (int64_t cb = 0; cb < CGB; ++cb) pack_weight_panel(rhs, ws, i * CGB + cb);
+        const int64_t kvalid = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
+        for (int64_t n = 0; n < N; ++n)
+          tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB,
+                out + n * OUT_N + (g * KG + kb * OCB) * OUT_K, 0, NT, kvalid);
+      }
+    });
+  } else {
+    // one item = a chunk of CHUNK_TILES register tiles of one (n, g, oc block)
+    constexpr int64_t PCH = (NT + CHUNK_TILES - 1) / CHUNK_TILES;
+    alt_parallel_for(rt, N * G * KGB * PCH, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        int64_t pc, kb;
+        if (OC_OUTER) {  // chunks fastest: consecutive items share a weight panel
+          pc = i % PCH;
+          kb = (i / PCH) % KGB;
+        } else {  // oc blocks fastest: consecutive items share input rows
+          kb = i % KGB;
+          pc = (i / KGB) % PCH;
+        }
+        const int64_t ng = i / (PCH * KGB);
+        const int64_t n = ng / G, g = ng % G;
+        const int64_t kvalid = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
+        const int64_t t0 = pc * CHUNK_TILES, t1 = t0 + CHUNK_TILES < NT ? t0 + CHUNK_TILES : NT;
+        tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB,
+              out + n * OUT_N + (g * KG + kb * OCB) * OUT_K, t0, t1, kvalid);
+      }
+    });
+  }
+  return 0;
+}

@@ -1,0 +1,385 @@
+"""General 2-D convolution family: any dimension numbers, strides, padding, rhs dilation, groups.
+
+Entry points: FAMILY (Conv2dFamily: match/flops/default_knobs/validate/render/lower),
+Conv2dSpec, Conv2dKnobs. The kernel is the direct-convolution template codegen/conv2d.cc.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from alt_jax import device
+from alt_jax.codegen import render as R
+from alt_jax.ops.base import KnobError, Unsupported
+
+_TEMPLATE = "conv2d.cc"
+_WEIGHT_MODES = {"inplace": 0, "ahead": 1, "fused": 2}  # the template's W_* constants
+_MAX_UNROLLED_FMAS = 512  # ic_block x ow_tile x oc_vecs per tile body: compile time
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv2dSpec:
+    """One convolution, canonical: logical sizes plus where each logical dim lives.
+
+    lhs_spec / rhs_spec / out_spec are jax's ConvDimensionNumbers tuples: the positions in the
+    operand's shape of (N, C, H, W), (O, I, KH, KW) and (N, K, OH, OW).
+    """
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+    groups: int
+    lhs_spec: tuple[int, int, int, int]
+    rhs_spec: tuple[int, int, int, int]
+    out_spec: tuple[int, int, int, int]
+
+    @property
+    def cg(self) -> int:
+        return self.c // self.groups
+
+    @property
+    def kg(self) -> int:
+        return self.k // self.groups
+
+    def _physical(self, spec, logical):
+        shape = [0] * 4
+        for dim, size in zip(spec, logical):
+            shape[dim] = size
+        return tuple(shape)
+
+    @property
+    def lhs_shape(self):
+        return self._physical(self.lhs_spec, (self.n, self.c, self.h, self.w))
+
+    @property
+    def rhs_shape(self):
+        return self._physical(self.rhs_spec, (self.k, self.cg, self.kh, self.kw))
+
+    @property
+    def out_shape(self):
+        return self._physical(self.out_spec, (self.n, self.k, self.oh, self.ow))
+
+    @staticmethod
+    def _strides(spec, shape):
+        row_major = [int(np.prod(shape[d + 1:])) for d in range(4)]
+        return tuple(row_major[d] for d in spec)
+
+    @property
+    def lhs_strides(self):
+        """Element strides of (N, C, H, W) in the dense lhs."""
+        return self._strides(self.lhs_spec, self.lhs_shape)
+
+    @property
+    def rhs_strides(self):
+        """Element strides of (O, I, KH, KW) in the dense rhs."""
+        return self._strides(self.rhs_spec, self.rhs_shape)
+
+    @property
+    def out_strides(self):
+        """Element strides of (N, K, OH, OW) in the dense output."""
+        return self._strides(self.out_spec, self.out_shape)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Conv2dKnobs:
+    """How the direct convolution loops; every combination validate() accepts is correct.
+
+    ic_block: input channels per reduction block (the packed layout's inner dim, unrolled).
+    oc_vecs: vectors of output channels in the register tile (oc_block = oc_vecs x lanes).
+    ow_tile: output positions in the register tile (consecutive in row-major OH x OW order,
+      so a tile may wrap onto the next output row).
+    chunk_tiles: register tiles per parallel work item (weights != "fused").
+    ic_chunk: ic blocks per reduction pass over an item's tiles (cache blocking: that slice
+      of the weight panel stays in L1 while the tiles go by; partial sums wait in a stack
+      buffer between passes). The number of ic blocks means one pass, no partial sums.
+    pack_input: copy the input to a padded blocked layout (else read it in place; needs zero
+      padding and whole ic blocks).
+    weights: "ahead" = pack (oc block, ic block) panels in a parallel pass before computing;
+      "fused" = each (group, oc block) work item packs its own panels and then computes every
+      position with them (hot in L2; needs chunk_tiles to cover all tiles); "inplace" = read
+      the rhs directly (needs oc contiguous, e.g. HWIO, and whole blocks).
+    oc_outer: parallel items ordered with position chunks fastest (a weight panel is reused
+      by consecutive items) rather than oc blocks fastest (input rows reused).
+    """
+
+    ic_block: int
+    oc_vecs: int
+    ow_tile: int
+    chunk_tiles: int
+    ic_chunk: int
+    pack_input: bool = True
+    weights: str = "ahead"
+    oc_outer: bool = True
+
+
+def _conv_params(eqn):
+    p = eqn.params
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    return p, lhs, rhs, out
+
+
+class Conv2dFamily:
+    name = "conv2d"
+
+    @property
+    def primitive(self):
+        import jax
+
+        return jax.lax.conv_general_dilated_p
+
+    # ---- matching ----
+    def match(self, eqn) -> Conv2dSpec:
+        if eqn.primitive is not self.primitive:
+            raise Unsupported(f"primitive {eqn.primitive} is not conv_general_dilated")
+        p, lhs, rhs, out = _conv_params(eqn)
+        if len(lhs.shape) != 4:
+            raise Unsupported(f"{len(lhs.shape) - 2}-D convolution: only 2 spatial dims")
+        for name, aval in (("lhs", lhs), ("rhs", rhs), ("output", out)):
+            if np.dtype(aval.dtype) != np.float32:
+                raise Unsupported(f"{name} dtype {aval.dtype}: only float32 is generated")
+            if 0 in aval.shape:
+                raise Unsupported(f"{name} shape {aval.shape} has a zero-size dim")
+        pet = p.get("preferred_element_type")
+        if pet is not None and np.dtype(pet) != np.float32:
+            raise Unsupported(f"preferred_element_type={pet}: only float32 is generated")
+        if tuple(p["lhs_dilation"]) != (1, 1):
+            raise Unsupported(f"lhs_dilation={tuple(p['lhs_dilation'])}: transposed "
+                              "convolutions are left to XLA")
+        if p["batch_group_count"] != 1:
+            raise Unsupported(f"batch_group_count={p['batch_group_count']}: only 1 is supported")
+        pads = tuple((int(lo), int(hi)) for lo, hi in p["padding"])
+        if any(v < 0 for pair in pads for v in pair):
+            raise Unsupported(f"padding={pads}: negative padding is left to XLA")
+        dn = p["dimension_numbers"]
+        ls, rs, os_ = (tuple(int(d) for d in s) for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+        groups = int(p["feature_group_count"])
+        n, c, h, w = (int(lhs.shape[d]) for d in ls)
+        k, ci, kh, kw = (int(rhs.shape[d]) for d in rs)
+        on, ok, oh, ow = (int(out.shape[d]) for d in os_)
+        if c % groups or k % groups or ci != c // groups:
+            raise Unsupported(f"feature_group_count={groups} does not divide C={c} / K={k}")
+        spec = Conv2dSpec(
+            n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, oh=oh, ow=ow,
+            stride=tuple(int(s) for s in p["window_strides"]), padding=pads,
+            dilation=tuple(int(d) for d in p["rhs_dilation"]), groups=groups,
+            lhs_spec=ls, rhs_spec=rs, out_spec=os_)
+        (sh, sw), (dh, dw) = spec.stride, spec.dilation
+        exp_oh = (h + sum(pads[0]) - (kh - 1) * dh - 1) // sh + 1
+        exp_ow = (w + sum(pads[1]) - (kw - 1) * dw - 1) // sw + 1
+        if (on, ok, oh, ow) != (n, k, exp_oh, exp_ow):
+            raise Unsupported(f"output shape {out.shape} does not match the conv's params")
+        return spec
+
+    def flops(self, spec: Conv2dSpec) -> int:
+        return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw
+
+    # ---- knobs ----
+    def default_knobs(self, spec: Conv2dSpec, isa: device.Isa) -> Conv2dKnobs:
+        """A heuristic measured on the 2-core EPYC (Zen3) dev VM, 2026-11-25, with run_numpy
+        timings (/tmp/cw/cmp.py: variants interleaved, 1 and 2 threads; other jobs shared the
+        cores, so the 1-thread numbers were the steady ones). This choice runs the 3x3 ResNet
+        layers at 90-97 GFLOP/s on one core, ~180 on two when both are free (128@28 NHWC
+        1.26 ms; 8 ic x 6 positions x 16 oc tiles, 15 of 16 ymm registers), the 1x1
+        256->64@56 NHWC at 1.10 ms on one core with ic_block=32 (1.24 ms with 16).
+        """
+        vw = isa.vector_floats
+        window = spec.kh * spec.kw
+        # a 1x1 has no kh/kw loops to amortise the cb loop over: unroll more channels
+        if window == 1 and spec.cg % 32 == 0:
+            ic_block = 32
+        else:
+            ic_block = min(spec.cg, 8 if window > 1 else 16)
+        # oc vectors: the fewest padded output channels, preferring 2 (6-position tiles)
+        oc_vecs = min((v for v in (2, 3, 1) if (v - 1) * vw < spec.kg),
+                      key=lambda v: (-(-spec.kg // (v * vw))) * v * vw)
+        budget = isa.vector_registers - oc_vecs - 1
+        positions = spec.oh * spec.ow
+        ow_tile = max(1, min(budget // oc_vecs, positions, 32,
+                             _MAX_UNROLLED_FMAS // (ic_block * oc_vecs)))
+        # Output positions contiguous per channel (NCHW): an 8 x 8 tile stores through an
+        # in-register transpose. It computes ~15% slower than 6 x 16 (1 core: 64@56 2.96 vs
+        # 2.53 ms), so it pays only when the scattered stores weigh, i.e. short reductions
+        # (7x7/2 3->64@224 NCHW, 147 FMAs per output, 1 core: 2.87-2.99 vs 3.05-3.21 ms in
+        # two runs; the NHWC output of the same conv takes 2.42 ms, so its store pattern, not
+        # the transposition, is what remains).
+        _, ok, oh_stride, ow_stride = spec.out_strides
+        channel_runs = ok != 1 and ow_stride == 1 and oh_stride == spec.ow
+        if (channel_runs and vw == 8 and spec.cg * window < 256 and positions >= 8
+                and spec.kg >= 8):
+            oc_vecs, ow_tile = 1, 8
+        n_tiles = -(-positions // ow_tile)
+        kgb = -(-spec.kg // (oc_vecs * vw))
+        # Weights: packing ahead costs a pass over the rhs and a barrier; fused packing keeps
+        # each panel in the packing core's L2 but parallelises only over (group, oc block),
+        # so use it when there are enough oc blocks and the weights are big (>= 1 MiB: the
+        # 256@14 and 512@7 layers, ~3-5% faster there).
+        weight_bytes = 4 * spec.k * spec.cg * window
+        fused = spec.groups * kgb >= 8 and weight_bytes >= (1 << 20)
+        # about 64 items in the pool (dynamic chunks balance 2 cores), >= 2 tiles per item
+        chunk = n_tiles if fused else max(2, -(-n_tiles * spec.n * spec.groups * kgb // 64))
+        chunk = min(chunk, n_tiles)
+        # One reduction pass while an oc block's weight panel sits comfortably in L2: split
+        # passes (16 KiB slices, L1) measured no faster there (128@28 NHWC, 1 core: 2.48 ms
+        # one pass vs 2.63 ms in passes); past 128 KiB (512@7: 295 KiB) they win ~3%.
+        cgb = -(-spec.cg // ic_block)
+        slice_bytes = 4 * ic_block * window * oc_vecs * vw
+        ic_chunk = cgb
+        if cgb * slice_bytes > (128 << 10):
+            ic_chunk = max(1, min(cgb, (16 << 10) // slice_bytes))
+        pad_free = spec.padding == ((0, 0), (0, 0))
+        # Unpadded input is read where it is when channels are innermost (NHWC), or for a 1x1
+        # over rows (NCHW: a tile's positions share a cache line per channel; 1x1 256->64@56
+        # NCHW, 1 core: 1.31 ms in place vs 1.48 ms packing).
+        read_in_place = spec.lhs_strides[1] == 1 or (window == 1 and spec.lhs_strides[3] == 1)
+        knobs = Conv2dKnobs(
+            ic_block=ic_block, oc_vecs=oc_vecs, ow_tile=ow_tile,
+            chunk_tiles=chunk, ic_chunk=ic_chunk,
+            pack_input=not (pad_free and spec.cg % ic_block == 0 and read_in_place),
+            weights="fused" if fused else "ahead",
+            oc_outer=True)
+        self.validate(spec, knobs, isa)
+        return knobs
+
+    def validate(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa) -> None:
+        vw = isa.vector_floats
+        for name in ("ic_block", "oc_vecs", "ow_tile", "chunk_tiles", "ic_chunk"):
+            v = getattr(knobs, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise KnobError(f"{name}={v!r} must be an int")
+        for name in ("pack_input", "oc_outer"):
+            if not isinstance(getattr(knobs, name), bool):
+                raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+        if knobs.weights not in _WEIGHT_MODES:
+            raise KnobError(f"weights={knobs.weights!r} must be one of {sorted(_WEIGHT_MODES)}")
+        if not 1 <= knobs.ic_block <= min(64, spec.cg):
+            raise KnobError(f"ic_block={knobs.ic_block} must be in [1, {min(64, spec.cg)}] "
+                            f"(channels per group {spec.cg}, limit 64)")
+        if not 1 <= knobs.oc_vecs <= 8:
+            raise KnobError(f"oc_vecs={knobs.oc_vecs} must be in [1, 8]")
+        if (knobs.oc_vecs - 1) * vw >= spec.kg:
+            raise KnobError(f"oc_vecs={knobs.oc_vecs} x {vw} lanes leaves a whole vector "
+                            f"empty for {spec.kg} output channels per group")
+        positions = spec.oh * spec.ow
+        if not 1 <= knobs.ow_tile <= min(32, positions):
+            raise KnobError(f"ow_tile={knobs.ow_tile} must be in [1, {min(32, positions)}] "
+                            f"({positions} output positions, limit 32)")
+        regs = knobs.ow_tile * knobs.oc_vecs + knobs.oc_vecs + 1
+        if regs > isa.vector_registers:
+            raise KnobError(f"ow_tile={knobs.ow_tile} x oc_vecs={knobs.oc_vecs} needs {regs} "
+                            f"vector registers, {isa.name} has {isa.vector_registers}")
+        fmas = knobs.ic_block * knobs.ow_tile * knobs.oc_vecs
+        if fmas > _MAX_UNROLLED_FMAS:
+            raise KnobError(f"ic_block={knobs.ic_block} x ow_tile={knobs.ow_tile} x oc_vecs="
+                            f"{knobs.oc_vecs} unrolls {fmas} FMAs, limit {_MAX_UNROLLED_FMAS}")
+        n_tiles = -(-positions // knobs.ow_tile)
+        if not 1 <= knobs.chunk_tiles <= n_tiles:
+            raise KnobError(f"chunk_tiles={knobs.chunk_tiles} must be in [1, {n_tiles}] "
+                            f"(register tiles per image and oc block)")
+        if knobs.weights == "fused" and knobs.chunk_tiles != n_tiles:
+            raise KnobError(f"weights='fused' computes all {n_tiles} tiles of an oc block in "
+                            f"one item: chunk_tiles={knobs.chunk_tiles} must be {n_tiles}")
+        cgb = -(-spec.cg // knobs.ic_block)
+        if not 1 <= knobs.ic_chunk <= cgb:
+            raise KnobError(f"ic_chunk={knobs.ic_chunk} must be in [1, {cgb}] (ic blocks of "
+                            f"{knobs.ic_block} in {spec.cg} channels per group)")
+        whole_ic = spec.cg % knobs.ic_block == 0
+        if not knobs.pack_input:
+            if spec.padding != ((0, 0), (0, 0)):
+                raise KnobError(f"pack_input=False needs zero padding, spec has {spec.padding}")
+            if not whole_ic:
+                raise KnobError(f"pack_input=False needs ic_block={knobs.ic_block} to divide "
+                                f"{spec.cg} channels per group")
+        if knobs.weights == "inplace":
+            if spec.rhs_strides[0] != 1:
+                raise KnobError("weights='inplace' needs output channels contiguous in the "
+                                f"rhs (rhs_spec={spec.rhs_spec}, e.g. HWIO)")
+            if spec.kg % (knobs.oc_vecs * vw) or not whole_ic:
+                raise KnobError(f"weights='inplace' needs oc_block={knobs.oc_vecs * vw} to "
+                                f"divide {spec.kg} and ic_block={knobs.ic_block} to divide "
+                                f"{spec.cg} channels per group")
+
+    # ---- code generation ----
+    def _values(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa):
+        """Template values plus the workspace size (bytes)."""
+        vw = isa.vector_floats
+        icb, ocb = knobs.ic_block, knobs.oc_vecs * vw
+        cgb, kgb = -(-spec.cg // icb), -(-spec.kg // ocb)
+        (sh, sw), (dh, dw) = spec.stride, spec.dilation
+        hp = (spec.oh - 1) * sh + (spec.kh - 1) * dh + 1
+        wp = (spec.ow - 1) * sw + (spec.kw - 1) * dw + 1
+        ln, lc, lh, lw = spec.lhs_strides
+        ro, ri, rh, rw = spec.rhs_strides
+        on, ok, oh, ow = spec.out_strides
+        g = spec.groups
+        if knobs.pack_input:
+            i_c, i_w, i_h = 1, icb, wp * icb
+            i_cb = hp * wp * icb
+            i_g = cgb * i_cb
+            i_n = g * i_g
+            in_floats = spec.n * i_n
+        else:
+            i_c, i_w, i_h, i_cb, i_g, i_n = lc, lw, lh, icb * lc, spec.cg * lc, ln
+            in_floats = 0
+        if knobs.weights != "inplace":
+            w_ic, w_kw = ocb, icb * ocb
+            w_kh = spec.kw * w_kw
+            w_cb = spec.kh * w_kh
+            w_kb = cgb * w_cb
+            w_g = kgb * w_kb
+            w_floats = g * w_g
+        else:
+            w_ic, w_kw, w_kh, w_cb, w_kb, w_g = ri, rw, rh, icb * ri, ocb, spec.kg
+            w_floats = 0
+        ws_in = 0
+        ws_w = -(-in_floats // 16) * 16  # 64-byte aligned start of the weight panels
+        ws_bytes = 4 * (ws_w + w_floats) if (in_floats or w_floats) else 0
+        values = dict(
+            VW=vw, N=spec.n, G=g, CG=spec.cg, KG=spec.kg, H=spec.h, IW=spec.w,
+            OH=spec.oh, OW=spec.ow, KH=spec.kh, KW=spec.kw, SH=sh, SW=sw, DH=dh, DW=dw,
+            PT=spec.padding[0][0], PL=spec.padding[1][0],
+            LHS_N=ln, LHS_C=lc, LHS_H=lh, LHS_W=lw, RHS_O=ro, RHS_I=ri, RHS_H=rh, RHS_W=rw,
+            OUT_N=on, OUT_K=ok, OUT_H=oh, OUT_W=ow,
+            IC_BLOCK=icb, OC_VECS=knobs.oc_vecs, OW_TILE=knobs.ow_tile,
+            CHUNK_TILES=knobs.chunk_tiles, IC_CHUNK=knobs.ic_chunk, PACK_INPUT=knobs.pack_input,
+            WEIGHTS=_WEIGHT_MODES[knobs.weights], OC_OUTER=knobs.oc_outer,
+            CGB=cgb, KGB=kgb, HP=hp, WP=wp, WS_IN=ws_in, WS_W=ws_w,
+            I_C=i_c, I_W=i_w, I_H=i_h, I_CB=i_cb, I_G=i_g, I_N=i_n,
+            W_IC=w_ic, W_KW=w_kw, W_KH=w_kh, W_CB=w_cb, W_KB=w_kb, W_G=w_g)
+        for key, v in values.items():
+            if not isinstance(v, bool):
+                R.check_int(key, v, 0, 2**40)
+        return values, ws_bytes
+
+    def render(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa):
+        from alt_jax import runtime
+
+        self.validate(spec, knobs, isa)
+        values, ws_bytes = self._values(spec, knobs, isa)
+        digest = hashlib.sha256(repr((spec, knobs, isa.name)).encode()).hexdigest()[:16]
+        values["SYMBOL"] = f"alt_conv2d_{digest}"
+        code = R.render(R.load_template(_TEMPLATE), values)
+        return runtime.KernelSource(symbol=values["SYMBOL"], code=code, workspace_bytes=ws_bytes)
+
+    def lower(self, spec: Conv2dSpec, kernel, operands: Sequence) -> Sequence:
+        import jax
+
+        from alt_jax import runtime
+
+        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+        return runtime.ffi_call(kernel, list(operands), [out])
+
+
+FAMILY = Conv2dFamily()

@@ -1,0 +1,305 @@
+"""Numerics of the conv2d family (alt_jax/ops/conv2d.py + codegen/conv2d.cc) against lax.
+
+Entry points: pytest tests/test_conv2d_kernel.py [-m slow]. Kernels are built into a per-session
+temp cache (in parallel, so the file stays fast) and run through runtime.run_numpy; two cases
+go through runtime.ffi_call inside jax.jit.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from alt_jax import device, runtime
+from alt_jax.ops import conv2d
+from alt_jax.ops.base import KnobError, Unsupported
+
+FAMILY = conv2d.FAMILY
+ISA = device.detect_isa()
+NCHW = ("NCHW", "OIHW", "NCHW")
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dn: tuple
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    kh: int
+    kw: int
+    stride: tuple = (1, 1)
+    pad: tuple = ((0, 0), (0, 0))
+    dil: tuple = (1, 1)
+    groups: int = 1
+
+    def fn(self):
+        return lambda x, w: lax.conv_general_dilated(
+            x, w, self.stride, self.pad, rhs_dilation=self.dil, dimension_numbers=self.dn,
+            feature_group_count=self.groups)
+
+    def operands(self, seed=0):
+        rng = np.random.default_rng(seed)
+        lhs = dict(N=self.n, C=self.c, H=self.h, W=self.w)
+        rhs = dict(O=self.k, I=self.c // self.groups, H=self.kh, W=self.kw)
+        x = rng.standard_normal([lhs[d] for d in self.dn[0]]).astype(np.float32)
+        w = rng.standard_normal([rhs[d] for d in self.dn[1]]).astype(np.float32)
+        return x, w
+
+    def eqn(self):
+        x, w = self.operands()
+        return jax.make_jaxpr(self.fn())(x, w).jaxpr.eqns[0]
+
+
+GRID = [
+    Case(NCHW, 1, 3, 13, 17, 7, 3, 3, pad=((1, 1), (1, 1))),
+    Case(NHWC, 2, 13, 9, 11, 17, 5, 7, stride=(2, 1), pad=((2, 3), (0, 4))),
+    Case(("NHWC", "OIHW", "NCHW"), 1, 7, 8, 8, 13, 1, 1, stride=(2, 2)),
+    Case(("NCHW", "HWIO", "NHWC"), 2, 5, 7, 6, 9, 3, 2, pad=((1, 2), (2, 1))),
+    Case(("HNWC", "IWOH", "WCNH"), 1, 6, 9, 7, 10, 2, 3, stride=(1, 2), pad=((1, 0), (0, 2))),
+    Case(NCHW, 1, 4, 5, 6, 8, 3, 3, pad=((4, 2), (3, 5))),                      # pad > kernel
+    Case(NHWC, 1, 8, 12, 12, 16, 3, 3, pad=((2, 2), (2, 2)), dil=(2, 2)),
+    Case(NCHW, 1, 5, 15, 14, 9, 3, 2, stride=(2, 3), pad=((1, 0), (2, 1)), dil=(2, 3)),
+    Case(NCHW, 1, 8, 10, 10, 12, 3, 3, groups=2),
+    Case(NHWC, 2, 16, 7, 9, 32, 3, 3, pad=((1, 1), (1, 1)), groups=4),
+    Case(NHWC, 1, 13, 9, 9, 13, 3, 3, pad=((1, 1), (1, 1)), groups=13),       # depthwise
+    Case(NCHW, 1, 7, 6, 6, 14, 3, 3, pad=((1, 1), (1, 1)), groups=7),         # multiplier 2
+    Case(NHWC, 1, 3, 1, 17, 8, 1, 3, pad=((0, 0), (1, 1))),                   # H = 1
+    Case(NCHW, 2, 17, 13, 1, 7, 3, 1, pad=((1, 1), (0, 0))),                  # W = 1
+    Case(NCHW, 1, 1, 9, 9, 1, 3, 3),                                          # 1 channel
+    Case(NHWC, 1, 17, 6, 7, 33, 3, 3, stride=(2, 2)),
+    Case(NHWC, 1, 16, 7, 7, 24, 1, 1),                                        # in-place input
+    Case(NCHW, 1, 8, 3, 3, 16, 3, 3),                                         # 1x1 output
+    Case(NCHW, 1, 64, 6, 6, 64, 3, 3, pad=((1, 1), (1, 1))),                  # many ic blocks
+]
+
+# (ic_block, oc_vecs, ow_tile, chunk_tiles or None = all tiles, ic_chunk or None = all ic
+#  blocks, pack_input, weights, oc_outer)
+KNOB_TABLE = [
+    (1, 1, 1, 1, None, True, "ahead", True),
+    (4, 2, 6, None, 1, True, "fused", True),
+    (8, 1, 14, 2, None, True, "ahead", False),
+    (3, 3, 4, 3, 2, True, "ahead", True),
+    (16, 2, 5, 1, None, False, "inplace", False),
+    (8, 2, 3, None, None, False, "fused", True),
+    (2, 2, 6, 4, 3, True, "inplace", True),
+    (4, 2, 6, 5, 3, True, "ahead", False),
+    (8, 1, 8, 3, None, True, "ahead", True),      # NCHW output: 8x8 register transpose
+    (4, 1, 8, None, 1, True, "fused", False),
+]
+KNOB_SHAPES = [
+    Case(NHWC, 1, 16, 8, 9, 16, 3, 3),
+    Case(NHWC, 2, 16, 10, 9, 16, 3, 3, stride=(2, 1), dil=(1, 2)),
+    Case(NCHW, 1, 16, 7, 11, 24, 3, 3, pad=((1, 0), (0, 1)), groups=1),
+    Case(("NHWC", "OIHW", "NCHW"), 2, 8, 9, 10, 20, 3, 3, pad=((1, 1), (1, 1))),
+]
+
+
+def _knobs(case, row):
+    icb, ocv, owt, chunk, ic_chunk, pack_in, weights, oc_outer = row
+    spec = FAMILY.match(case.eqn())
+    n_tiles = -(-(spec.oh * spec.ow) // owt)
+    cgb = -(-spec.cg // icb)
+    return conv2d.Conv2dKnobs(icb, ocv, owt, n_tiles if chunk is None else chunk,
+                              cgb if ic_chunk is None else ic_chunk, pack_in, weights, oc_outer)
+
+
+def _knob_jobs():
+    """(case, knobs) pairs of the knob table that are legal for the shape."""
+    jobs = []
+    for case in KNOB_SHAPES:
+        spec = FAMILY.match(case.eqn())
+        for row in KNOB_TABLE:
+            knobs = _knobs(case, row)
+            try:
+                FAMILY.validate(spec, knobs, ISA)
+            except KnobError:
+                continue
+            jobs.append((case, knobs))
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return runtime.KernelCache(tmp_path_factory.mktemp("conv2d_kernels"))
+
+
+@pytest.fixture(scope="session")
+def built(cache):
+    """Every kernel this file runs, compiled two at a time (g++ runs outside the GIL)."""
+    jobs = [(c, None) for c in GRID] + _knob_jobs()
+
+    def build(job):
+        case, knobs = job
+        spec = FAMILY.match(case.eqn())
+        knobs = knobs or FAMILY.default_knobs(spec, ISA)
+        return job, (spec, cache.build(FAMILY.render(spec, knobs, ISA)))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(build, jobs))
+
+
+def _relerr(a, ref):
+    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
+
+
+def _check(case, spec, kernel):
+    x, w = case.operands()
+    ref = np.asarray(jax.jit(case.fn())(x, w))
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, w], [out])
+    assert out.shape == ref.shape
+    err = _relerr(out, ref)
+    assert err <= 1e-4, f"{case} rel err {err}"
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: f"{c.dn[0]}-{c.dn[1]}-{c.c}x{c.k}-"
+                         f"k{c.kh}{c.kw}-s{c.stride}-g{c.groups}")
+def test_default_knobs_match_lax(case, built):
+    spec, kernel = built[(case, None)]
+    _check(case, spec, kernel)
+
+
+@pytest.mark.parametrize("job", _knob_jobs(), ids=lambda j: f"{j[0].dn[0]}-{j[1]}")
+def test_knob_table_matches_lax(job, built):
+    case, knobs = job
+    spec, kernel = built[job]
+    _check(case, spec, kernel)
+
+
+def test_knob_table_covers_every_mode():
+    knobs = [k for _, k in _knob_jobs()]
+    assert len(knobs) >= 20
+    assert {k.weights for k in knobs} == {"ahead", "fused", "inplace"}
+    assert {k.pack_input for k in knobs} == {True, False}
+    assert {k.oc_outer for k in knobs} == {True, False}
+    assert any(k.ic_chunk < -(-c.c // k.ic_block) for c, k in _knob_jobs())
+
+
+@pytest.mark.parametrize("dn", [NCHW, NHWC], ids=lambda d: d[0])
+def test_ffi_call_inside_jit(dn, cache):
+    case = Case(dn, 1, 12, 10, 9, 20, 3, 3, stride=(1, 2), pad=((1, 1), (2, 0)))
+    spec = FAMILY.match(case.eqn())
+    kernel = cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, ISA), ISA))
+    x, w = case.operands(seed=3)
+    ours = jax.jit(lambda a, b: FAMILY.lower(spec, kernel, [a, b])[0])(x, w)
+    ref = jax.jit(case.fn())(x, w)
+    assert ours.shape == ref.shape
+    assert _relerr(np.asarray(ours), np.asarray(ref)) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,case", [
+    ("3x3-64@56", Case(NCHW, 1, 64, 56, 56, 64, 3, 3, pad=((1, 1), (1, 1)))),
+    ("3x3-512@7", Case(NHWC, 1, 512, 7, 7, 512, 3, 3, pad=((1, 1), (1, 1)))),
+    ("1x1-256@56", Case(NHWC, 1, 256, 56, 56, 64, 1, 1)),
+    ("7x7s2", Case(NCHW, 1, 3, 224, 224, 64, 7, 7, stride=(2, 2), pad=((3, 3), (3, 3)))),
+])
+def test_benchmark_shapes(name, case, cache):
+    spec = FAMILY.match(case.eqn())
+    kernel = cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, ISA), ISA))
+    _check(case, spec, kernel)
+
+
+# ---- what match() must leave to XLA ----
+
+def _eqn(f, *args):
+    return jax.make_jaxpr(f)(*args).jaxpr.eqns[-1]
+
+
+def _x(*shape, dtype=jnp.float32):
+    return jnp.zeros(shape, dtype)
+
+
+@pytest.mark.parametrize("f,args,needle", [
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                           lhs_dilation=(2, 1)),
+     (_x(1, 3, 8, 8), _x(4, 3, 3, 3)), "lhs_dilation"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID", batch_group_count=2),
+     (_x(2, 4, 8, 8), _x(4, 4, 3, 3)), "batch_group_count"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID"),
+     (_x(1, 3, 8, 8, dtype=jnp.bfloat16), _x(4, 3, 3, 3, dtype=jnp.bfloat16)), "dtype"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID",
+                                           preferred_element_type=jnp.bfloat16),
+     (_x(1, 3, 8, 8, dtype=jnp.bfloat16), _x(4, 3, 3, 3, dtype=jnp.bfloat16)), "dtype"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((-1, 0), (0, 0))),
+     (_x(1, 3, 8, 8), _x(4, 3, 3, 3)), "padding"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID"),
+     (_x(0, 3, 8, 8), _x(4, 3, 3, 3)), "zero-size"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1,), "VALID"),
+     (_x(1, 3, 8), _x(4, 3, 3)), "1-D"),
+    (lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "VALID"),
+     (_x(1, 3, 4, 4, 4), _x(4, 3, 2, 2, 2)), "3-D"),
+    (lambda x, w: lax.dot_general(x, w, (((1,), (0,)), ((), ()))),
+     (_x(3, 4), _x(4, 5)), "conv_general_dilated"),
+])
+def test_match_rejects(f, args, needle):
+    with pytest.raises(Unsupported, match=needle):
+        FAMILY.match(_eqn(f, *args))
+
+
+def test_match_is_canonical_and_hashable():
+    a = FAMILY.match(Case(NCHW, 1, 8, 9, 9, 16, 3, 3).eqn())
+    b = FAMILY.match(Case(NHWC, 1, 8, 9, 9, 16, 3, 3).eqn())
+    assert (a.n, a.c, a.h, a.w, a.k, a.oh, a.ow) == (b.n, b.c, b.h, b.w, b.k, b.oh, b.ow)
+    assert a.lhs_strides == (648, 81, 9, 1) and b.lhs_strides == (648, 1, 72, 8)
+    assert b.rhs_strides == (1, 16, 384, 128)
+    assert len({a, b, FAMILY.match(Case(NCHW, 1, 8, 9, 9, 16, 3, 3).eqn())}) == 2
+    assert FAMILY.flops(a) == 2 * 16 * 7 * 7 * 8 * 9
+
+
+# ---- what validate() must refuse ----
+
+@pytest.mark.parametrize("case,changes,needle", [
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(ow_tile=7, oc_vecs=2), "vector registers"),
+    (Case(NCHW, 1, 4, 9, 9, 16, 3, 3), dict(ic_block=8), "ic_block=8"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3, pad=((1, 1), (1, 1))), dict(pack_input=False),
+     "zero padding"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(weights="inplace"), "contiguous"),
+    (Case(NHWC, 1, 16, 9, 9, 12, 3, 3), dict(weights="inplace", oc_vecs=1), "divide"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(weights="fused", chunk_tiles=1), "chunk_tiles"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(weights="bogus"), "weights"),
+    (Case(NCHW, 1, 16, 9, 9, 4, 3, 3), dict(oc_vecs=2), "oc_vecs=2"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(chunk_tiles=0), "chunk_tiles=0"),
+    (Case(NCHW, 1, 16, 3, 3, 16, 1, 1), dict(ow_tile=10, oc_vecs=1), "ow_tile=10"),
+    (Case(NCHW, 1, 64, 9, 9, 16, 3, 3), dict(ic_block=64, ow_tile=6, oc_vecs=2,
+                                             chunk_tiles=1), "unrolls"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(ic_block=True), "must be an int"),
+    (Case(NCHW, 1, 16, 9, 9, 16, 3, 3), dict(ic_block=4, ic_chunk=5), "ic_chunk=5"),
+])
+def test_validate_rejects(case, changes, needle):
+    spec = FAMILY.match(case.eqn())
+    knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), **changes)
+    with pytest.raises(KnobError, match=needle):
+        FAMILY.validate(spec, knobs, ISA)
+
+
+def test_symbols_differ_per_variant():
+    spec = FAMILY.match(Case(NCHW, 1, 16, 9, 9, 16, 3, 3).eqn())
+    k1 = FAMILY.default_knobs(spec, ISA)
+    k2 = dataclasses.replace(k1, oc_outer=not k1.oc_outer)
+    s1, s2 = FAMILY.render(spec, k1, ISA), FAMILY.render(spec, k2, ISA)
+    assert s1.symbol != s2.symbol and s1.symbol in s1.code
+
+
+def test_default_knobs_are_valid_across_isas():
+    for case in GRID:
+        spec = FAMILY.match(case.eqn())
+        for isa in (device.AVX2, device.SSE2, device.SCALAR):
+            FAMILY.validate(spec, FAMILY.default_knobs(spec, isa), isa)
+
+
+@pytest.mark.parametrize("isa", [device.SSE2, device.SCALAR], ids=lambda i: i.name)
+def test_narrow_isas_match_lax(isa, tmp_path):
+    """The same template with 4-lane and scalar vectors (the kernel_abi fallbacks)."""
+    cache = runtime.KernelCache(tmp_path, isa=isa)
+    case = Case(NHWC, 1, 6, 7, 8, 10, 3, 3, stride=(2, 1), pad=((1, 1), (0, 2)), groups=2)
+    spec = FAMILY.match(case.eqn())
+    _check(case, spec, cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, isa), isa)))
