@@ -34,13 +34,14 @@ struct ParallelJob {
   }
 };
 
-// Splits [0, n) into chunks of >= grain items, about 4 per thread for balance.
+// Splits [0, n) into chunks of >= grain items, about 8 per thread: fine enough that a
+// thread the host preempts holds back little work, coarse enough that claiming is free.
 template <typename Schedule>
 void ParallelFor(int num_threads, int64_t n, int64_t grain, alt_task_fn fn, void* arg,
                  Schedule&& schedule) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  int64_t target_chunks = std::max<int64_t>(1, int64_t{num_threads} * 4);
+  int64_t target_chunks = std::max<int64_t>(1, int64_t{num_threads} * 8);
   int64_t chunk = std::max(grain, (n + target_chunks - 1) / target_chunks);
   int64_t num_chunks = (n + chunk - 1) / chunk;
   if (num_threads <= 1 || num_chunks <= 1) {

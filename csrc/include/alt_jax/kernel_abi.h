@@ -44,16 +44,18 @@ typedef int32_t (*alt_kernel_fn)(const alt_runtime* rt, const void* const* input
 #ifdef __cplusplus
 }  // extern "C"
 
-// C++ convenience for kernels: parallel_for over a lambda.
+// C++ convenience for kernels: parallel_for over a lambda. The body is reached only through
+// one thunk, so it is compiled once whether the work runs inline or on the pool.
 template <typename F>
 inline void alt_parallel_for(const alt_runtime* rt, int64_t n, int64_t grain, F&& f) {
   if (n <= 0) return;
+  auto thunk = [](void* arg, int64_t b, int64_t e) { (*static_cast<F*>(arg))(b, e); };
+  void* arg = static_cast<void*>(&f);
   if (rt == nullptr || rt->num_threads <= 1 || n <= grain) {
-    f(int64_t{0}, n);
+    thunk(arg, 0, n);
     return;
   }
-  auto thunk = [](void* arg, int64_t b, int64_t e) { (*static_cast<F*>(arg))(b, e); };
-  rt->parallel_for(rt, n, grain, thunk, static_cast<void*>(&f));
+  rt->parallel_for(rt, n, grain, thunk, arg);
 }
 #endif
 

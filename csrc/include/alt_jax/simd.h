@@ -39,8 +39,9 @@ ALT_INLINE void vstore(float* p, typename altv<W>::type v) {
 }
 template <int W>
 ALT_INLINE typename altv<W>::type vbroadcast(float x) {
-  typename altv<W>::type v = {};  // zero-initialised, then x is added to every lane
-  return v + x;
+  // x - 0 is exactly x for every x (0 + x is not, for x = -0), so the compiler folds the
+  // subtraction away and emits a bare broadcast (vbroadcastss from memory when x is loaded).
+  return x - typename altv<W>::type{};
 }
 template <int W>
 ALT_INLINE typename altv<W>::type vzero() {
