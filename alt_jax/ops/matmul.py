@@ -1,0 +1,368 @@
+"""The matmul family: dot_general as a batched GEMM C[b] = A[b] @ B[b] on generated kernels.
+
+Entry points: FAMILY (MatmulFamily), MatmulSpec, MatmulKnobs; template codegen/matmul.cc.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Sequence
+
+import numpy as np
+
+from alt_jax.codegen import render as rn
+from alt_jax.ops.base import KnobError, Unsupported
+
+_MAX_DIM = 2**40
+_MAX_WORKSPACE = 2**31  # bytes; past this a knob choice is refused, not attempted
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulSpec:
+    """A dot_general reduced to batch x (M x K) @ (K x N), with the operands' element strides.
+
+    a_strides = (batch, m, k) and b_strides = (batch, k, n) address the arrays lower()
+    passes to the kernel: the equation's operands, or, where a group of dims cannot be
+    flattened into one stride, those operands transposed by lhs_perm / rhs_perm.
+    """
+
+    batch: int
+    m: int
+    n: int
+    k: int
+    a_strides: tuple[int, int, int]
+    b_strides: tuple[int, int, int]
+    lhs_perm: tuple[int, ...] | None
+    rhs_perm: tuple[int, ...] | None
+    out_shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class MatmulKnobs:
+    """How the GEMM loops; every combination validate() accepts computes the same result.
+
+    mr x nv: register tile (rows x vectors of isa.vector_floats columns); kc: depth of one
+    rank-kc update; mc: rows of one L2 block (and of a task when not fuse_b); nc: columns
+    of one task; pack_a / pack_b: copy the operand into register-tile panels in the
+    workspace (pack_b=False reads B in place and needs it contiguous along N); fuse_b: each
+    task packs its own kc x nc slice of B right before use (tasks then own whole column
+    blocks) instead of an up-front packing pass; par: "tiles" (tasks are batch x row block
+    x column block), "batch" (a task owns whole batch items) or "serial" (the tiles tasks,
+    all on the calling thread: for small problems); unroll: k-loop unroll;
+    dot: vectorise along k instead of n (needs A and B contiguous along K, e.g. B stored
+    [N, K]; nothing packed, kc unused): the tile is mr rows x nv columns of C.
+    """
+
+    mr: int = 6
+    nv: int = 2
+    kc: int = 256
+    mc: int = 96
+    nc: int = 256
+    pack_a: bool = True
+    pack_b: bool = True
+    fuse_b: bool = False
+    dot: bool = False
+    par: str = "tiles"
+    unroll: int = 4
+
+
+_PARS = ("tiles", "batch", "serial")
+
+
+def _is_f32(dtype) -> bool:
+    try:
+        return np.dtype(dtype) == np.float32
+    except TypeError:  # extended dtypes (PRNG keys, ...) are not numpy dtypes
+        return False
+
+
+def _row_major_strides(shape: Sequence[int]) -> list[int]:
+    strides, acc = [], 1
+    for d in reversed(shape):
+        strides.append(acc)
+        acc *= d
+    return strides[::-1]
+
+
+def _group_stride(dims: Sequence[int], shape, strides) -> int | None:
+    """One stride addressing dims (outer to inner) as a single flattened index, or None."""
+    live = [d for d in dims if shape[d] != 1]
+    if not live:
+        return 0
+    for outer, inner in zip(live, live[1:]):
+        if strides[outer] != strides[inner] * shape[inner]:
+            return None
+    return strides[live[-1]]
+
+
+def _operand_strides(shape, groups, perm_order):
+    """(strides of each group, perm or None): in place if every group flattens."""
+    strides = _row_major_strides(shape)
+    got = [_group_stride(g, shape, strides) for g in groups]
+    if all(s is not None for s in got):
+        return tuple(got), None
+    # Transposed into group order (done by XLA in lower), every group is contiguous.
+    perm = tuple(perm_order)
+    pshape = [shape[d] for d in perm]
+    pstrides = _row_major_strides(pshape)
+    where = {d: i for i, d in enumerate(perm)}
+    return tuple(_group_stride([where[d] for d in g], pshape, pstrides) for g in groups), perm
+
+
+class MatmulFamily:
+    """OpFamily for jax.lax.dot_general_p (see ops/base.py)."""
+
+    name = "matmul"
+
+    @property
+    def primitive(self):
+        import jax
+
+        return jax.lax.dot_general_p
+
+    # ---------------------------------------------------------------- match
+    def match(self, eqn) -> MatmulSpec:
+        import jax
+
+        if eqn.primitive is not jax.lax.dot_general_p:
+            raise Unsupported(f"primitive {eqn.primitive} is not dot_general")
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
+        lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+        out = eqn.outvars[0].aval
+        for what, aval in (("lhs", lhs), ("rhs", rhs), ("result", out)):
+            if not _is_f32(getattr(aval, "dtype", None)):
+                raise Unsupported(f"dot_general {what} dtype {getattr(aval, 'dtype', None)}: "
+                                  f"only float32 kernels")
+        pet = eqn.params.get("preferred_element_type")
+        if pet is not None and not _is_f32(pet):
+            raise Unsupported(f"dot_general preferred_element_type={pet}: only float32 kernels")
+        try:
+            ls, rs = tuple(int(d) for d in lhs.shape), tuple(int(d) for d in rhs.shape)
+            out_shape = tuple(int(d) for d in out.shape)
+        except TypeError as e:  # symbolic (shape-polymorphic) dims: kernels are per shape
+            raise Unsupported(f"dot_general with symbolic shapes {lhs.shape} x {rhs.shape}: "
+                              f"kernels are generated for concrete shapes") from e
+        if 0 in ls or 0 in rs:
+            raise Unsupported(f"dot_general with a zero-size dim (lhs {ls}, rhs {rs})")
+        lfree = [d for d in range(len(ls)) if d not in lc and d not in lb]
+        rfree = [d for d in range(len(rs)) if d not in rc and d not in rb]
+        size = lambda shape, dims: int(np.prod([shape[d] for d in dims], dtype=np.int64))
+        batch, m, n, k = size(ls, lb), size(ls, lfree), size(rs, rfree), size(ls, lc)
+        for name, v in (("batch", batch), ("M", m), ("N", n), ("K", k)):
+            if v > _MAX_DIM:
+                raise Unsupported(f"dot_general {name}={v} exceeds {_MAX_DIM}")
+        # The contraction sums over pairs, so the pair order is free: take the one that lets
+        # the lhs (else the rhs) address K with a single stride.
+        pairs = list(zip(lc, rc))
+        lst, rst = _row_major_strides(ls), _row_major_strides(rs)
+        orders = [sorted(pairs, key=lambda p: -lst[p[0]]), sorted(pairs, key=lambda p: -rst[p[1]])]
+        lk, rk = [p[0] for p in orders[0]], [p[1] for p in orders[0]]
+        for order in orders:
+            lk_, rk_ = [p[0] for p in order], [p[1] for p in order]
+            if (_group_stride(lk_, ls, lst) is not None
+                    and _group_stride(rk_, rs, rst) is not None):
+                lk, rk = lk_, rk_
+                break
+        (a_sb, a_sm, a_sk), lperm = _operand_strides(ls, [lb, lfree, lk], [*lb, *lfree, *lk])
+        (b_sb, b_sk, b_sn), rperm = _operand_strides(rs, [rb, rk, rfree], [*rb, *rk, *rfree])
+        return MatmulSpec(batch, m, n, k, (a_sb, a_sm, a_sk), (b_sb, b_sk, b_sn), lperm, rperm,
+                          out_shape)
+
+    def flops(self, spec: MatmulSpec) -> int:
+        return 2 * spec.batch * spec.m * spec.n * spec.k
+
+    # ---------------------------------------------------------------- knobs
+    def default_knobs(self, spec: MatmulSpec, isa) -> MatmulKnobs:
+        """The untuned choice (rules and their measurements in _default_knobs)."""
+        knobs = self._default_knobs(spec, isa)
+        # Below ~2 MFLOP waking the pool costs more than the second core gives back
+        # (64x64x64: 15 us serial vs 37 us on 2 threads, XLA 13; 96^3: a tie).
+        if self.flops(spec) < 2_000_000:
+            knobs = dataclasses.replace(knobs, par="serial")
+        return knobs
+
+    def _default_knobs(self, spec: MatmulSpec, isa) -> MatmulKnobs:
+        """Heuristic. Measured on the 2-core EPYC Zen3 (AVX2) shared with other jobs:
+        jax.jit(ffi_call) interleaved with jax.jit(lax.dot_general), medians.
+
+        B stored [N, K] and M <= 16: dot tiles along k, 2 rows x 4 columns (T16x768x3072:
+        0.88 ms vs XLA 1.20; the packed GEMM path took 1.60). M <= 8, B contiguous along N:
+        nothing packed, tiles of 1..4 rows x up to 48 columns over kc=8 rows of B (more rows
+        at a 4 KiB-multiple stride share one L1 set: 1x768x3072 single thread 0.22 ms at
+        kc=8, 0.44 ms at kc=16; 2 threads 0.13 ms vs XLA 0.19). Otherwise 6x16 tiles,
+        kc=256, A read in place when its rows are contiguous (12x128x64x128: 0.29 ms vs
+        0.34 ms packed, one thread), B packed by each column task into its own L2-sized
+        slice (128x768x3072: 7.8 ms vs 8.4 ms packed up front, one thread; a small slice
+        also spares the page faults a fresh whole-B workspace costs every call).
+        128x768x768: 0.96 ms vs XLA 0.97; 512x1024x1024: 6.15 ms vs 6.27.
+        """
+        w, regs = isa.vector_floats, isa.vector_registers
+        a_sb, a_sm, a_sk = spec.a_strides
+        b_contig_n = spec.b_strides[2] == 1 or spec.n == 1
+        k_contig = spec.k == 1 or (a_sk == 1 and spec.b_strides[1] == 1)
+        row_tiles = -(-spec.m // 4)
+        if spec.m <= 16 and not b_contig_n and k_contig:
+            # B stored [N, K], few rows: dot-product tiles along k, B streamed once from
+            # memory and reused from L1 by every row tile.
+            mr = min(spec.m, 2)
+            nv = max(1, min(8 if mr == 1 else 4, (regs - 1 - mr) // mr))
+            nc = nv * max(1, -(-spec.n // (-(-8 // spec.batch) * nv)))
+            return MatmulKnobs(mr=mr, nv=nv, kc=1, mc=mr * -(-spec.m // mr), nc=nc,
+                               pack_a=False, pack_b=False, fuse_b=False, dot=True,
+                               par="tiles", unroll=2)
+        if spec.m <= 8 and b_contig_n:
+            mr = -(-spec.m // row_tiles)  # 1..4 rows per tile, tiles as even as possible
+            nv = max(1, min(6, (regs - 1) // (mr + 1)))
+            nr = nv * w
+            # About 4 column tasks in all (dynamic balance on 2 threads).
+            nc = nr * max(1, -(-spec.n // (-(-4 // spec.batch) * nr)))
+            return MatmulKnobs(mr=mr, nv=nv, kc=min(8, spec.k), mc=mr * row_tiles, nc=nc,
+                               pack_a=False, pack_b=False, fuse_b=False, par="tiles",
+                               unroll=4)
+        mr, nv = (6, 2) if regs >= 16 and w > 1 else (4, 2) if w > 1 else (4, 3)
+        nr = nv * w
+        kc = min(256, spec.k)
+        pack_a = not (a_sk == 1 or spec.k == 1)
+        # Column blocks: B slice kc x nc within half of L2, and about 8 tasks (batch items
+        # count) so that dynamic chunks balance 2 threads even when another job takes a core.
+        splits = -(-8 // spec.batch)
+        nc = nr * max(1, min(256 // nr, -(-spec.n // (splits * nr))))
+        col_tasks = spec.batch * -(-spec.n // nc)
+        if col_tasks >= 4:
+            mc = mr * max(1, min(22, -(-spec.m // mr)))
+            return MatmulKnobs(mr=mr, nv=nv, kc=kc, mc=mc, nc=nc, pack_a=pack_a, pack_b=True,
+                               fuse_b=True, par="tiles", unroll=4)
+        # Few columns: split rows too, B packed once up front and shared.
+        row_blocks = max(1, -(-4 // col_tasks))
+        mc = mr * max(1, min(22, -(-spec.m // (row_blocks * mr))))
+        return MatmulKnobs(mr=mr, nv=nv, kc=kc, mc=mc, nc=nc, pack_a=pack_a, pack_b=True,
+                           fuse_b=False, par="tiles", unroll=4)
+
+    def validate(self, spec: MatmulSpec, knobs: MatmulKnobs, isa) -> None:
+        if not isinstance(knobs, MatmulKnobs):
+            raise KnobError(f"knobs must be MatmulKnobs, got {type(knobs).__name__}")
+        for name, lo, hi in (("mr", 1, 16), ("nv", 1, 16), ("kc", 1, 1 << 16),
+                             ("mc", 1, 1 << 20), ("nc", 1, 1 << 20), ("unroll", 1, 16)):
+            v = getattr(knobs, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise KnobError(f"{name}={v!r} must be an int in [{lo}, {hi}]")
+        for name in ("pack_a", "pack_b", "fuse_b", "dot"):
+            if not isinstance(getattr(knobs, name), bool):
+                raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+        if knobs.fuse_b and not knobs.pack_b:
+            raise KnobError("fuse_b=True packs B inside the tasks; it needs pack_b=True")
+        if knobs.par not in _PARS:
+            raise KnobError(f"par={knobs.par!r}: choose one of {_PARS}")
+        if knobs.dot:
+            self._validate_dot(spec, knobs, isa)
+        else:
+            self._validate_gemm(spec, knobs, isa)
+        ws = self._workspace_bytes(spec, knobs, isa)
+        if ws > _MAX_WORKSPACE:
+            raise KnobError(f"workspace of {ws} bytes exceeds {_MAX_WORKSPACE}; pack fewer "
+                            f"operands (pack_a=False; pack_b=False if B is contiguous along N)")
+
+    @staticmethod
+    def _validate_gemm(spec, knobs, isa) -> None:
+        need = knobs.mr * knobs.nv + knobs.nv + 1
+        if need > isa.vector_registers:
+            raise KnobError(
+                f"mr={knobs.mr} x nv={knobs.nv} needs {need} vector registers "
+                f"({knobs.mr * knobs.nv} accumulators + {knobs.nv} B vectors + 1 broadcast), "
+                f"{isa.name} has {isa.vector_registers}")
+        if knobs.mc % knobs.mr:
+            raise KnobError(f"mc={knobs.mc} must be a multiple of mr={knobs.mr}")
+        nr = knobs.nv * isa.vector_floats
+        if knobs.nc % nr:
+            raise KnobError(f"nc={knobs.nc} must be a multiple of nr=nv*{isa.vector_floats}={nr}")
+        if not knobs.pack_b and spec.b_strides[2] != 1 and spec.n != 1:
+            raise KnobError(
+                f"pack_b=False reads B in place and needs it contiguous along N; its N stride "
+                f"is {spec.b_strides[2]} (B is stored [N, K]): use pack_b=True")
+
+    @staticmethod
+    def _validate_dot(spec, knobs, isa) -> None:
+        need = knobs.mr * knobs.nv + knobs.mr + 1
+        if need > isa.vector_registers:
+            raise KnobError(
+                f"dot tile mr={knobs.mr} x nv={knobs.nv} needs {need} vector registers "
+                f"({knobs.mr * knobs.nv} accumulators + {knobs.mr} A vectors + 1 B vector), "
+                f"{isa.name} has {isa.vector_registers}")
+        if knobs.pack_a or knobs.pack_b or knobs.fuse_b:
+            raise KnobError("dot=True reads A and B in place: set pack_a=pack_b=fuse_b=False")
+        if spec.k > 1 and (spec.a_strides[2] != 1 or spec.b_strides[1] != 1):
+            raise KnobError(
+                f"dot=True needs A and B contiguous along K; their K strides are "
+                f"{spec.a_strides[2]} and {spec.b_strides[1]}: use dot=False")
+        if knobs.mc % knobs.mr:
+            raise KnobError(f"mc={knobs.mc} must be a multiple of mr={knobs.mr}")
+        if knobs.nc % knobs.nv:
+            raise KnobError(f"nc={knobs.nc} must be a multiple of nv={knobs.nv} with dot=True")
+
+    @staticmethod
+    def _workspace_bytes(spec, knobs, isa) -> int:
+        """Mirrors WS_FLOATS in matmul.cc (a static_assert there checks the two agree)."""
+        cdiv = lambda a, b: -(-a // b)
+        nr = knobs.nv * isa.vector_floats
+        fuse = knobs.pack_b and knobs.fuse_b
+        a_panels = cdiv(spec.m, knobs.mr) * knobs.mr * spec.k if knobs.pack_a else 0
+        b_panels = cdiv(spec.n, nr) * nr * spec.k if knobs.pack_b and not fuse else 0
+        floats = spec.batch * (a_panels + b_panels)
+        if fuse:
+            ntasks = (spec.batch if knobs.par == "batch" else
+                      spec.batch * cdiv(spec.n, knobs.nc))
+            task_cols = cdiv(spec.n, nr) * nr if knobs.par == "batch" else knobs.nc
+            slots = 1 if knobs.par == "serial" else min(ntasks, 16)
+            floats += slots * min(knobs.kc, spec.k) * task_cols
+        return 4 * floats
+
+    # ---------------------------------------------------------------- codegen
+    def render(self, spec: MatmulSpec, knobs: MatmulKnobs, isa):
+        from alt_jax import runtime
+
+        self.validate(spec, knobs, isa)
+        # Length-1 axes have no layout: canonical strides, so B may be read in place and
+        # k counts as contiguous.
+        a_sb, a_sm, a_sk = spec.a_strides
+        b_sb, b_sk, b_sn = spec.b_strides
+        if spec.n == 1:
+            b_sn = 1
+        if spec.k == 1:
+            a_sk = b_sk = 1
+        kc = spec.k if knobs.dot else min(knobs.kc, spec.k)
+        values = {
+            "W": isa.vector_floats,
+            "BATCH": spec.batch, "M": spec.m, "N": spec.n, "K": spec.k,
+            "A_SB": a_sb, "A_SM": a_sm, "A_SK": a_sk, "B_SB": b_sb, "B_SK": b_sk, "B_SN": b_sn,
+            "MR": knobs.mr, "NV": knobs.nv, "KC": kc, "MC": knobs.mc,
+            "NC": knobs.nc, "PACK_A": knobs.pack_a, "PACK_B": knobs.pack_b,
+            "FUSE_B": knobs.fuse_b, "DOT": knobs.dot,
+            "PAR_BATCH": knobs.par == "batch", "SERIAL": knobs.par == "serial",
+            "UNROLL": knobs.unroll,
+            "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
+        }
+        # The symbol hashes exactly what reaches the source (with the template), so knob
+        # tuples that render the same kernel (e.g. any kc >= K) share one build.
+        template = rn.load_template("matmul.cc")
+        digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
+        symbol = f"alt_matmul_{digest[:16]}"
+        code = rn.render(template, {"SYMBOL": symbol, **values})
+        return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
+
+    def lower(self, spec: MatmulSpec, kernel, operands: Sequence) -> Sequence:
+        import jax
+        import jax.numpy as jnp
+
+        from alt_jax import runtime
+
+        lhs, rhs = operands
+        if spec.lhs_perm is not None:
+            lhs = jnp.transpose(lhs, spec.lhs_perm)
+        if spec.rhs_perm is not None:
+            rhs = jnp.transpose(rhs, spec.rhs_perm)
+        out = jax.ShapeDtypeStruct(spec.out_shape, jnp.float32)
+        return runtime.ffi_call(kernel, [lhs, rhs], [out])
+
+
+FAMILY = MatmulFamily()
