@@ -202,24 +202,19 @@ def register_ffi_target() -> None:
 
 
 def ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence) -> list:
-    """The kernel as a jax op: operands in, one value per out_aval out (workspace dropped)."""
+    """The kernel as a jax op: operands in, one value per out_aval out.
+
+    The workspace is not an XLA buffer: the handler hands the kernel its calling thread's
+    reusable arena (csrc/core/workspace.h), so large workspaces cost no page faults per call.
+    """
     import jax
-    import jax.numpy as jnp
 
     register_ffi_target()
     result_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals]
-    if kernel.workspace_bytes:
-        result_shapes.append(jax.ShapeDtypeStruct((kernel.workspace_bytes,), jnp.uint8))
     call = jax.ffi.ffi_call(FFI_TARGET, result_shapes, vmap_method="sequential")
-    outs = call(*operands, lib=kernel.lib, sym=kernel.symbol)
-    return list(outs[: len(out_avals)])
-
-
-def _host_outputs(kernel: Kernel, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    bufs = list(outputs)
-    if kernel.workspace_bytes:
-        bufs.append(np.empty(kernel.workspace_bytes, np.uint8))
-    return bufs
+    outs = call(*operands, lib=kernel.lib, sym=kernel.symbol,
+                workspace_bytes=np.int64(kernel.workspace_bytes))
+    return list(outs)
 
 
 def run_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
@@ -231,7 +226,7 @@ def run_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[np
     for out in outputs:
         if not out.flags.c_contiguous:
             raise ValueError("run_numpy: outputs must be C-contiguous numpy arrays")
-    _core.run(kernel.lib, kernel.symbol, ins, _host_outputs(kernel, outputs), num_threads)
+    _core.run(kernel.lib, kernel.symbol, ins, list(outputs), kernel.workspace_bytes, num_threads)
 
 
 def time_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
@@ -240,5 +235,5 @@ def time_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[n
     from alt_jax import _core
 
     ins = [np.ascontiguousarray(x) for x in inputs]
-    return list(_core.time(kernel.lib, kernel.symbol, ins, _host_outputs(kernel, outputs),
+    return list(_core.time(kernel.lib, kernel.symbol, ins, list(outputs), kernel.workspace_bytes,
                            num_threads, number, repeat))

@@ -7,6 +7,7 @@
 #include "alt_jax/kernel_abi.h"
 #include "kernel_registry.h"
 #include "parallel.h"
+#include "workspace.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -24,11 +25,11 @@ void XlaPoolParallelFor(const alt_runtime* rt, int64_t n, int64_t grain, alt_tas
 }
 
 ffi::Error Dispatch(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
-                    std::string_view lib, std::string_view sym) {
+                    std::string_view lib, std::string_view sym, int64_t workspace_bytes) {
   std::string error;
   alt_kernel_fn kernel = KernelRegistry::Instance().Get(lib, sym, &error);
   if (kernel == nullptr) return ffi::Error(ffi::ErrorCode::kNotFound, error);
-  if (args.size() > kMaxBuffers || rets.size() > kMaxBuffers) {
+  if (args.size() > kMaxBuffers || rets.size() + 1 > kMaxBuffers) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "alt_jax: too many buffers");
   }
   const void* inputs[kMaxBuffers];
@@ -42,6 +43,15 @@ ffi::Error Dispatch(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
     auto buf = rets.get<ffi::AnyBuffer>(i);
     if (!buf.has_value()) return buf.error();
     outputs[i] = (*buf)->untyped_data();
+  }
+  if (workspace_bytes > 0) {
+    try {
+      outputs[rets.size()] = ThreadWorkspace(static_cast<size_t>(workspace_bytes));
+    } catch (const std::bad_alloc&) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                        "alt_jax: cannot allocate a kernel workspace of " +
+                            std::to_string(workspace_bytes) + " bytes");
+    }
   }
   alt_runtime rt;
   rt.impl = &pool;
@@ -66,4 +76,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AltJaxKernel, alt_jax::Dispatch,
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<std::string_view>("lib")
-                                  .Attr<std::string_view>("sym"));
+                                  .Attr<std::string_view>("sym")
+                                  .Attr<int64_t>("workspace_bytes"));

@@ -17,6 +17,7 @@
 #include "kernel_registry.h"
 #include "parallel.h"
 #include "thread_pool.h"
+#include "workspace.h"
 #include "xla/ffi/api/c_api.h"
 
 namespace py = pybind11;
@@ -59,8 +60,9 @@ struct HostCall {
   alt_runtime rt{};
 };
 
+// The workspace comes from the calling thread's arena (workspace.h), as under XLA.
 void Prepare(HostCall& call, const std::vector<py::buffer>& inputs,
-             const std::vector<py::buffer>& outputs, int num_threads) {
+             const std::vector<py::buffer>& outputs, int num_threads, int64_t workspace_bytes) {
   for (const auto& b : inputs) {
     call.infos.push_back(b.request());
     call.inputs.push_back(call.infos.back().ptr);
@@ -69,6 +71,7 @@ void Prepare(HostCall& call, const std::vector<py::buffer>& inputs,
     call.infos.push_back(b.request(/*writable=*/true));
     call.outputs.push_back(call.infos.back().ptr);
   }
+  if (workspace_bytes > 0) call.outputs.push_back(ThreadWorkspace(workspace_bytes));
   num_threads = std::max(1, num_threads);
   call.rt.impl = ThreadPool::ForThreads(num_threads);
   call.rt.num_threads = num_threads;
@@ -99,10 +102,10 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("lib"), py::arg("sym"), "dlopen lib and resolve sym; raises on failure.");
   m.def("run", [](const std::string& lib, const std::string& sym,
                   const std::vector<py::buffer>& inputs, const std::vector<py::buffer>& outputs,
-                  int num_threads) {
+                  int64_t workspace_bytes, int num_threads) {
     alt_kernel_fn fn = Lookup(lib, sym);
     HostCall call;
-    Prepare(call, inputs, outputs, num_threads);
+    Prepare(call, inputs, outputs, num_threads, workspace_bytes);
     int32_t status;
     {
       py::gil_scoped_release release;
@@ -111,13 +114,13 @@ PYBIND11_MODULE(_core, m) {
     if (status != 0) throw std::runtime_error("alt_jax: kernel " + sym + " returned status " +
                                               std::to_string(status));
   }, py::arg("lib"), py::arg("sym"), py::arg("inputs"), py::arg("outputs"),
-     py::arg("num_threads") = 2);
+     py::arg("workspace_bytes") = 0, py::arg("num_threads") = 2);
   m.def("time", [](const std::string& lib, const std::string& sym,
                    const std::vector<py::buffer>& inputs, const std::vector<py::buffer>& outputs,
-                   int num_threads, int number, int repeat) {
+                   int64_t workspace_bytes, int num_threads, int number, int repeat) {
     alt_kernel_fn fn = Lookup(lib, sym);
     HostCall call;
-    Prepare(call, inputs, outputs, num_threads);
+    Prepare(call, inputs, outputs, num_threads, workspace_bytes);
     std::vector<double> seconds;
     {
       py::gil_scoped_release release;
@@ -132,6 +135,7 @@ PYBIND11_MODULE(_core, m) {
     if (number == 0) throw std::runtime_error("alt_jax: kernel " + sym + " failed");
     return seconds;
   }, py::arg("lib"), py::arg("sym"), py::arg("inputs"), py::arg("outputs"),
-     py::arg("num_threads") = 2, py::arg("number") = 10, py::arg("repeat") = 5,
+     py::arg("workspace_bytes") = 0, py::arg("num_threads") = 2, py::arg("number") = 10,
+     py::arg("repeat") = 5,
      "Seconds per call for each of `repeat` rounds of `number` calls (after one warm-up).");
 }
