@@ -98,17 +98,10 @@ def matmul_program(case: MatmulCase):
     return (lambda a, b: a @ b), (jnp.asarray(a), jnp.asarray(b)), 2 * case.m * case.k * case.n
 
 
-def check(name, got, want, rtol):
-    got, want = np.asarray(got), np.asarray(want)
-    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
-    if not err <= rtol:
-        raise AssertionError(f"{name}: alt_jax differs from jax.jit (rel err {err:.2e} > {rtol})")
-
-
 def run_case(name, fn, args, flops, config):
     xla = jax.jit(fn)
     ours = alt_jax.optimize(jax.jit(fn), min_flops=0)
-    check(name, ours(*args), xla(*args), FLAGS.rtol)
+    timing.check_close(name, ours(*args), xla(*args), FLAGS.rtol)
     on_kernel = len(ours.plan_for(*args).rewritten)
     t = timing.interleaved({"xla": xla, "alt_jax": ours}, args, config)
     ratio = timing.median_ratio(t["xla"], t["alt_jax"])

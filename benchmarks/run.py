@@ -13,7 +13,6 @@ from absl import app, flags
 
 import alt_jax
 from benchmarks import models, timing
-from benchmarks.ops import check
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["resnet18", "resnet50"], f"models to run: {sorted(models.MODELS)}")
@@ -42,7 +41,7 @@ def main(argv):
             plan_s = time.perf_counter() - t0
             if FLAGS.explain:
                 print(plan)
-            check(model.name, ours(*args), xla(*args), FLAGS.rtol)
+            timing.check_close(model.name, ours(*args), xla(*args), FLAGS.rtol)
             t = timing.interleaved({"xla": xla, "alt_jax": ours}, args, config)
             ratio = timing.median_ratio(t["xla"], t["alt_jax"])
             rows.append((model.name, model.flops, t, ratio, len(plan.rewritten),

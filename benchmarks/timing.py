@@ -1,7 +1,8 @@
 """The measurement protocol for benchmarks: warm up, then time implementations
 interleaved round-robin in one process, and report medians and per-round ratios.
 
-Entry points: MeasureConfig (frozen), interleaved(fns, config) -> {name: Timing}, geomean.
+Entry points: MeasureConfig (frozen), check_close, interleaved(fns, config) -> {name: Timing},
+median_ratio, geomean.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from typing import Callable, Mapping
 
 import jax
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,21 @@ class Timing:
     @property
     def high(self) -> float:
         return max(self.seconds)
+
+
+class MismatchError(AssertionError):
+    """An implementation's output differs from the reference: no time is reported for it."""
+
+
+def check_close(name: str, got, want, rtol: float) -> float:
+    """Max relative error of got vs want over all leaves; raises MismatchError above rtol."""
+    err = 0.0
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        err = max(err, float(np.abs(g - w).max(initial=0.0)) / max(1.0, float(np.abs(w).max(initial=0.0))))
+    if not err <= rtol:
+        raise MismatchError(f"{name}: output differs from the reference (rel err {err:.2e} > {rtol})")
+    return err
 
 
 def _call(fn: Callable, args) -> None:
