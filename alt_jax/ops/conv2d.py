@@ -14,6 +14,7 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
 
 _TEMPLATE = "conv2d.cc"
 _WEIGHT_MODES = {"inplace": 0, "ahead": 1, "fused": 2}  # the template's W_* constants
@@ -53,43 +54,32 @@ class Conv2dSpec:
     def kg(self) -> int:
         return self.k // self.groups
 
-    def _physical(self, spec, logical):
-        shape = [0] * 4
-        for dim, size in zip(spec, logical):
-            shape[dim] = size
-        return tuple(shape)
-
     @property
     def lhs_shape(self):
-        return self._physical(self.lhs_spec, (self.n, self.c, self.h, self.w))
+        return physical_shape(self.lhs_spec, (self.n, self.c, self.h, self.w))
 
     @property
     def rhs_shape(self):
-        return self._physical(self.rhs_spec, (self.k, self.cg, self.kh, self.kw))
+        return physical_shape(self.rhs_spec, (self.k, self.cg, self.kh, self.kw))
 
     @property
     def out_shape(self):
-        return self._physical(self.out_spec, (self.n, self.k, self.oh, self.ow))
-
-    @staticmethod
-    def _strides(spec, shape):
-        row_major = [int(np.prod(shape[d + 1:])) for d in range(4)]
-        return tuple(row_major[d] for d in spec)
+        return physical_shape(self.out_spec, (self.n, self.k, self.oh, self.ow))
 
     @property
     def lhs_strides(self):
         """Element strides of (N, C, H, W) in the dense lhs."""
-        return self._strides(self.lhs_spec, self.lhs_shape)
+        return logical_strides(self.lhs_spec, self.lhs_shape)
 
     @property
     def rhs_strides(self):
         """Element strides of (O, I, KH, KW) in the dense rhs."""
-        return self._strides(self.rhs_spec, self.rhs_shape)
+        return logical_strides(self.rhs_spec, self.rhs_shape)
 
     @property
     def out_strides(self):
         """Element strides of (N, K, OH, OW) in the dense output."""
-        return self._strides(self.out_spec, self.out_shape)
+        return logical_strides(self.out_spec, self.out_shape)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -124,13 +114,6 @@ class Conv2dKnobs:
     oc_outer: bool = True
 
 
-def _conv_params(eqn):
-    p = eqn.params
-    lhs, rhs = (v.aval for v in eqn.invars)
-    out = eqn.outvars[0].aval
-    return p, lhs, rhs, out
-
-
 class Conv2dFamily:
     name = "conv2d"
 
@@ -142,46 +125,11 @@ class Conv2dFamily:
 
     # ---- matching ----
     def match(self, eqn) -> Conv2dSpec:
-        if eqn.primitive is not self.primitive:
-            raise Unsupported(f"primitive {eqn.primitive} is not conv_general_dilated")
-        p, lhs, rhs, out = _conv_params(eqn)
-        if len(lhs.shape) != 4:
-            raise Unsupported(f"{len(lhs.shape) - 2}-D convolution: only 2 spatial dims")
-        for name, aval in (("lhs", lhs), ("rhs", rhs), ("output", out)):
-            if np.dtype(aval.dtype) != np.float32:
-                raise Unsupported(f"{name} dtype {aval.dtype}: only float32 is generated")
-            if 0 in aval.shape:
-                raise Unsupported(f"{name} shape {aval.shape} has a zero-size dim")
-        pet = p.get("preferred_element_type")
-        if pet is not None and np.dtype(pet) != np.float32:
-            raise Unsupported(f"preferred_element_type={pet}: only float32 is generated")
-        if tuple(p["lhs_dilation"]) != (1, 1):
-            raise Unsupported(f"lhs_dilation={tuple(p['lhs_dilation'])}: transposed "
-                              "convolutions are left to XLA")
-        if p["batch_group_count"] != 1:
-            raise Unsupported(f"batch_group_count={p['batch_group_count']}: only 1 is supported")
-        pads = tuple((int(lo), int(hi)) for lo, hi in p["padding"])
-        if any(v < 0 for pair in pads for v in pair):
-            raise Unsupported(f"padding={pads}: negative padding is left to XLA")
-        dn = p["dimension_numbers"]
-        ls, rs, os_ = (tuple(int(d) for d in s) for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
-        groups = int(p["feature_group_count"])
-        n, c, h, w = (int(lhs.shape[d]) for d in ls)
-        k, ci, kh, kw = (int(rhs.shape[d]) for d in rs)
-        on, ok, oh, ow = (int(out.shape[d]) for d in os_)
-        if c % groups or k % groups or ci != c // groups:
-            raise Unsupported(f"feature_group_count={groups} does not divide C={c} / K={k}")
-        spec = Conv2dSpec(
-            n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, oh=oh, ow=ow,
-            stride=tuple(int(s) for s in p["window_strides"]), padding=pads,
-            dilation=tuple(int(d) for d in p["rhs_dilation"]), groups=groups,
-            lhs_spec=ls, rhs_spec=rs, out_spec=os_)
-        (sh, sw), (dh, dw) = spec.stride, spec.dilation
-        exp_oh = (h + sum(pads[0]) - (kh - 1) * dh - 1) // sh + 1
-        exp_ow = (w + sum(pads[1]) - (kw - 1) * dw - 1) // sw + 1
-        if (on, ok, oh, ow) != (n, k, exp_oh, exp_ow):
-            raise Unsupported(f"output shape {out.shape} does not match the conv's params")
-        return spec
+        g = read_conv(eqn)
+        return Conv2dSpec(
+            n=g.n, c=g.c, h=g.h, w=g.w, k=g.k, kh=g.kh, kw=g.kw, oh=g.oh, ow=g.ow,
+            stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
+            lhs_spec=g.lhs_spec, rhs_spec=g.rhs_spec, out_spec=g.out_spec)
 
     def flops(self, spec: Conv2dSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw

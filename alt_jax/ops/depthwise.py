@@ -12,17 +12,10 @@ import numpy as np
 from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
 
 _TEMPLATE = "depthwise.cc"
 _MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
-
-
-def _dense_strides(shape) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= d
-    return tuple(reversed(strides))
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -53,42 +46,32 @@ class DepthwiseSpec:
     def k(self) -> int:
         return self.c * self.mult
 
-    def _shape(self, order, logical) -> tuple[int, ...]:
-        shape = [0] * 4
-        for size, axis in zip(logical, order):
-            shape[axis] = size
-        return tuple(shape)
-
     @property
     def lhs_shape(self):
-        return self._shape(self.lhs_order, (self.n, self.c, self.h, self.w))
+        return physical_shape(self.lhs_order, (self.n, self.c, self.h, self.w))
 
     @property
     def rhs_shape(self):
-        return self._shape(self.rhs_order, (self.k, 1, self.kh, self.kw))
+        return physical_shape(self.rhs_order, (self.k, 1, self.kh, self.kw))
 
     @property
     def out_shape(self):
-        return self._shape(self.out_order, (self.n, self.k, self.oh, self.ow))
-
-    def _logical_strides(self, order, shape):
-        dense = _dense_strides(shape)
-        return tuple(dense[axis] for axis in order)
+        return physical_shape(self.out_order, (self.n, self.k, self.oh, self.ow))
 
     @property
     def lhs_strides(self):
         """Element strides of (n, c, h, w) in the dense lhs."""
-        return self._logical_strides(self.lhs_order, self.lhs_shape)
+        return logical_strides(self.lhs_order, self.lhs_shape)
 
     @property
     def rhs_strides(self):
         """Element strides of (k, 1, kh, kw) in the dense rhs."""
-        return self._logical_strides(self.rhs_order, self.rhs_shape)
+        return logical_strides(self.rhs_order, self.rhs_shape)
 
     @property
     def out_strides(self):
         """Element strides of (n, k, oh, ow) in the dense output."""
-        return self._logical_strides(self.out_order, self.out_shape)
+        return logical_strides(self.out_order, self.out_shape)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -121,62 +104,14 @@ class DepthwiseFamily:
 
     # ---- matching ----
     def match(self, eqn) -> DepthwiseSpec:
-        import jax
-
-        if eqn.primitive is not jax.lax.conv_general_dilated_p:
-            raise Unsupported(f"primitive {eqn.primitive} is not conv_general_dilated")
-        p = eqn.params
-        lhs, rhs = (v.aval for v in eqn.invars)
-        out = eqn.outvars[0].aval
-        for what, aval in (("lhs", lhs), ("rhs", rhs), ("result", out)):
-            if np.dtype(aval.dtype) != np.float32:
-                raise Unsupported(f"{what} dtype {aval.dtype}: only float32 is supported")
-        pet = p.get("preferred_element_type")
-        if pet is not None and np.dtype(pet) != np.float32:
-            raise Unsupported(f"preferred_element_type={pet}: only float32 is supported")
-        if len(lhs.shape) != 4:
-            raise Unsupported(
-                f"{len(lhs.shape) - 2} spatial dims (lhs shape {lhs.shape}): only 2-D convs")
-        dn = p["dimension_numbers"]
-        lhs_order, rhs_order, out_order = (tuple(int(a) for a in s)
-                                           for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
-        n, c, h, w = (int(lhs.shape[a]) for a in lhs_order)
-        k, ci, kh, kw = (int(rhs.shape[a]) for a in rhs_order)
-        _, ko, oh, ow = (int(out.shape[a]) for a in out_order)
-        groups = int(p["feature_group_count"])
-        if int(p["batch_group_count"]) != 1:
-            raise Unsupported(f"batch_group_count={p['batch_group_count']}: only 1 is supported")
-        if groups != c or ci != 1:
-            raise Unsupported(f"feature_group_count={groups} with {c} input channels: "
+        g = read_conv(eqn)
+        if g.groups != g.c or g.ci != 1:
+            raise Unsupported(f"feature_group_count={g.groups} with {g.c} input channels: "
                               "not depthwise, the conv2d family handles it")
-        if tuple(p["lhs_dilation"]) != (1, 1):
-            raise Unsupported(f"lhs_dilation={tuple(p['lhs_dilation'])}: transposed "
-                              "convolutions are left to XLA")
-        sizes = dict(n=n, c=c, h=h, w=w, k=k, kh=kh, kw=kw, oh=oh, ow=ow)
-        zero = [name for name, v in sizes.items() if v == 0]
-        if zero:
-            raise Unsupported(f"zero-size dims {zero}: nothing to compute")
-        if k % c:
-            raise Unsupported(f"{k} output channels is not a multiple of {c} groups")
-        stride = tuple(int(s) for s in p["window_strides"])
-        dilation = tuple(int(d) for d in p["rhs_dilation"])
-        padding = tuple((int(lo), int(hi)) for lo, hi in p["padding"])
-        if min(stride) < 1 or min(dilation) < 1:
-            raise Unsupported(f"window_strides={stride}, rhs_dilation={dilation}: must be >= 1")
-        if min(min(pp) for pp in padding) < 0:
-            raise Unsupported(f"padding={padding}: negative padding (cropping) is left to XLA")
-        spec = DepthwiseSpec(n=n, c=c, mult=k // c, h=h, w=w, kh=kh, kw=kw, oh=oh, ow=ow,
-                             stride=stride, dilation=dilation, padding=padding,
-                             lhs_order=lhs_order, rhs_order=rhs_order, out_order=out_order)
-        for i, (size, ksize, o) in enumerate(((h, kh, oh), (w, kw, ow))):
-            lo, hi = padding[i]
-            expect = (size + lo + hi - (ksize - 1) * dilation[i] - 1) // stride[i] + 1
-            if expect != o:  # lax's shape rule; a mismatch means we misread the params
-                raise Unsupported(f"output size {o} along spatial dim {i} disagrees with the "
-                                  f"window arithmetic ({expect})")
-        if spec.out_shape != tuple(out.shape):
-            raise Unsupported(f"result shape {out.shape} is not {spec.out_shape}")
-        return spec
+        return DepthwiseSpec(n=g.n, c=g.c, mult=g.k // g.c, h=g.h, w=g.w, kh=g.kh, kw=g.kw,
+                             oh=g.oh, ow=g.ow, stride=g.stride, dilation=g.dilation,
+                             padding=g.padding, lhs_order=g.lhs_spec, rhs_order=g.rhs_spec,
+                             out_order=g.out_spec)
 
     def flops(self, spec: DepthwiseSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw

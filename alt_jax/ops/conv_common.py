@@ -1,0 +1,105 @@
+"""What the conv families share: reading a conv_general_dilated equation into canonical
+geometry, with the refusals every conv kernel makes, and placing logical dims in arrays.
+
+Entry points: ConvGeometry, read_conv(eqn), physical_shape(order, logical),
+logical_strides(order, shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from jax import lax
+
+from alt_jax.ops.base import Unsupported
+
+
+def physical_shape(order, logical) -> tuple:
+    """The array shape when logical dim i (size logical[i]) sits at axis order[i]."""
+    shape = [0] * len(order)
+    for axis, size in zip(order, logical):
+        shape[axis] = size
+    return tuple(shape)
+
+
+def logical_strides(order, shape) -> tuple:
+    """Element strides of the logical dims (at axes `order`) in a dense row-major `shape`."""
+    dense = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
+    return tuple(dense[axis] for axis in order)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """A 2-D conv as logical sizes plus jax's dimension-number positions: lhs_spec holds the
+    axes of (N, C, H, W), rhs_spec of (O, I, KH, KW), out_spec of (N, K, OH, OW)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    ci: int                      # input channels per group
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    stride: tuple
+    padding: tuple               # ((top, bottom), (left, right))
+    dilation: tuple              # rhs_dilation
+    groups: int
+    lhs_spec: tuple
+    rhs_spec: tuple
+    out_spec: tuple
+
+
+def _ints(values) -> tuple:
+    return tuple(int(v) for v in values)
+
+
+def read_conv(eqn) -> ConvGeometry:
+    """The equation's geometry, or Unsupported naming what no conv kernel here handles."""
+    if eqn.primitive is not lax.conv_general_dilated_p:
+        raise Unsupported(f"primitive {eqn.primitive} is not conv_general_dilated")
+    p = eqn.params
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    if len(lhs.shape) != 4:
+        raise Unsupported(f"{len(lhs.shape) - 2}-D convolution (lhs shape {lhs.shape}): only "
+                          "2 spatial dims are generated")
+    for name, aval in (("lhs", lhs), ("rhs", rhs), ("result", out)):
+        if np.dtype(aval.dtype) != np.float32:
+            raise Unsupported(f"{name} dtype {aval.dtype}: only float32 is generated")
+        if 0 in aval.shape:
+            raise Unsupported(f"{name} shape {aval.shape} has a zero-size dim: nothing to compute")
+    pet = p.get("preferred_element_type")
+    if pet is not None and np.dtype(pet) != np.float32:
+        raise Unsupported(f"preferred_element_type={pet}: only float32 dtype is generated")
+    if _ints(p["lhs_dilation"]) != (1, 1):
+        raise Unsupported(f"lhs_dilation={_ints(p['lhs_dilation'])}: transposed convolutions "
+                          "are left to XLA")
+    if int(p["batch_group_count"]) != 1:
+        raise Unsupported(f"batch_group_count={p['batch_group_count']}: only 1 is supported")
+    padding = tuple(_ints(pair) for pair in p["padding"])
+    if min(min(pair) for pair in padding) < 0:
+        raise Unsupported(f"padding={padding}: negative padding (cropping) is left to XLA")
+    stride, dilation = _ints(p["window_strides"]), _ints(p["rhs_dilation"])
+    if min(stride) < 1 or min(dilation) < 1:
+        raise Unsupported(f"window_strides={stride}, rhs_dilation={dilation}: must be >= 1")
+    dn = p["dimension_numbers"]
+    ls, rs, os_ = (_ints(s) for s in (dn.lhs_spec, dn.rhs_spec, dn.out_spec))
+    n, c, h, w = (int(lhs.shape[d]) for d in ls)
+    k, ci, kh, kw = (int(rhs.shape[d]) for d in rs)
+    on, ok, oh, ow = (int(out.shape[d]) for d in os_)
+    groups = int(p["feature_group_count"])
+    if c % groups or k % groups or ci != c // groups:
+        raise Unsupported(f"feature_group_count={groups} does not divide C={c} / K={k}")
+    for i, (size, ksize, o) in enumerate(((h, kh, oh), (w, kw, ow))):
+        expect = (size + sum(padding[i]) - (ksize - 1) * dilation[i] - 1) // stride[i] + 1
+        if expect != o:  # lax's shape rule: a mismatch means the params were misread
+            raise Unsupported(f"output size {o} along spatial dim {i} disagrees with the "
+                              f"window arithmetic ({expect})")
+    if (on, ok) != (n, k):
+        raise Unsupported(f"result shape {out.shape} does not match the conv's params")
+    return ConvGeometry(n=n, c=c, h=h, w=w, k=k, ci=ci, kh=kh, kw=kw, oh=oh, ow=ow,
+                        stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        lhs_spec=ls, rhs_spec=rs, out_spec=os_)
