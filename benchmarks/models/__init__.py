@@ -5,11 +5,15 @@ Entry points: MODELS (name -> builder), build(name, **kw) -> Model.
 from __future__ import annotations
 
 from benchmarks.models.common import Model
-from benchmarks.models import resnet
+from benchmarks.models import bert, mobilenet_v2, resnet
 
 MODELS = {
     "resnet18": lambda layout="nhwc", batch=1: resnet.build(18, layout, batch),
     "resnet50": lambda layout="nhwc", batch=1: resnet.build(50, layout, batch),
+    "mobilenet_v2": lambda layout="nhwc", batch=1: mobilenet_v2.build(layout, batch),
+    # BERT has only the (batch, seq, hidden) form: layout="nchw" raises ValueError.
+    "bert_layer": lambda layout="nhwc", batch=1: bert.build(1, layout, batch),
+    "bert_12": lambda layout="nhwc", batch=1: bert.build(12, layout, batch),
 }
 
 
