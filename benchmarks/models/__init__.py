@@ -5,7 +5,7 @@ Entry points: MODELS (name -> builder), build(name, **kw) -> Model.
 from __future__ import annotations
 
 from benchmarks.models.common import Model
-from benchmarks.models import bert, mobilenet_v2, resnet
+from benchmarks.models import bert, mobilenet_v2, resnet, tiny
 
 MODELS = {
     "resnet18": lambda layout="nhwc", batch=1: resnet.build(18, layout, batch),
@@ -14,6 +14,7 @@ MODELS = {
     # BERT has only the (batch, seq, hidden) form: layout="nchw" raises ValueError.
     "bert_layer": lambda layout="nhwc", batch=1: bert.build(1, layout, batch),
     "bert_12": lambda layout="nhwc", batch=1: bert.build(12, layout, batch),
+    "tiny_cnn": lambda layout="nhwc", batch=1: tiny.build(layout, batch),  # runner smoke tests
 }
 
 
