@@ -34,7 +34,10 @@ class Optimized:
                  families: Optional[dict] = None):
         self.fn = fn
         self.static_argnums = tuple(sorted(int(i) for i in static_argnums))
-        records = records if records is not None else config.get("records")
+        if records is None:
+            records = config.get("records")  # None, or the path in $ALT_JAX_RECORDS
+        elif records is False:
+            records = None                   # explicitly untuned, whatever the environment
         if min_flops is None:
             min_flops = config.get("min_flops")
         self.options = planner.PlanOptions(
@@ -108,7 +111,8 @@ def optimize(fn: Optional[Callable] = None, **options) -> Any:
     """Rewrites fn's conv_general_dilated and dot_general into generated-kernel calls.
 
     Use as @optimize, @optimize(records=..., fallback="silent"), or optimize(fn, ...).
-    Options: records (path or RecordStore of tuning records; default $ALT_JAX_RECORDS),
+    Options: records (path or RecordStore of tuning records; default $ALT_JAX_RECORDS;
+    False: heuristic knobs only),
     fallback ("warn" | "silent" | "error": what happens when an op cannot get a kernel),
     min_flops (ops below stay in XLA), cache (a runtime.KernelCache), static_argnums,
     verbose (print the plan when a signature is first planned).

@@ -1,58 +1,209 @@
-"""Whole models: jax.jit vs alt_jax side by side, interleaved in one process.
+"""The benchmark runner: whole models or op suites, jax.jit / onnxruntime / alt_jax side by
+side, interleaved in one process, outputs checked against jax.jit before anything is timed.
 
-Run: python -m benchmarks.run [--models=resnet18,resnet50] [--layouts=nhwc,nchw] [--repeat=10]
-Parameters are jit arguments (apply(params, x)); alt_jax's output is checked against
-jax.jit's before anything is timed, and a mismatch is an error, not a row.
+Run: python -m benchmarks.run --suite=models --models=resnet50,mobilenet_v2 \\
+         --peers=xla,onnxruntime [--records=FILE] [--repeat=N] [--json_out=F] [--plot_out=F.png]
+     python -m benchmarks.run --suite=ops --ops=issue2,literature,resnet50_convs
+Entry points: main (absl), run_workloads(workloads, ...) -> list of row dicts.
 """
 from __future__ import annotations
 
-import time
+import datetime
+import json
+import os
+import platform
+import sys
 
 import jax
 from absl import app, flags
 
 import alt_jax
-from benchmarks import models, timing
+from alt_jax import _core, device
+from benchmarks import models, peers, suites, timing
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("models", ["resnet18", "resnet50"], f"models to run: {sorted(models.MODELS)}")
-flags.DEFINE_list("layouts", ["nhwc", "nchw"], "program layouts: nhwc, nchw")
-flags.DEFINE_integer("batch", 1, "batch size")
-flags.DEFINE_integer("repeat", 10, "interleaved rounds per model")
-flags.DEFINE_float("min_round_ms", 100.0, "minimum duration of one timed round")
-flags.DEFINE_float("rtol", 1e-4, "max relative error vs jax.jit before timing")
-flags.DEFINE_bool("explain", False, "print alt_jax's plan for each model")
+flags.DEFINE_enum("suite", "models", ["models", "ops"], "whole models or op suites")
+flags.DEFINE_list("models", ["resnet18", "resnet50", "mobilenet_v2", "bert_layer"],
+                  f"models for --suite=models: {sorted(models.MODELS)}")
+flags.DEFINE_list("layouts", ["nhwc"], "program layouts to build each model in (nhwc, nchw); "
+                  "a model without that layout is skipped with a message")
+flags.DEFINE_list("ops", ["issue2"], f"op suites for --suite=ops: {sorted(suites.SUITES)}")
+flags.DEFINE_list("only", [], "run only workloads whose name contains one of these")
+flags.DEFINE_list("peers", ["xla", "onnxruntime"],
+                  "peers beside alt_jax: xla (jax.jit, always the reference), onnxruntime, "
+                  "xla_eigen (jax.jit with XLA's legacy Eigen path)")
+flags.DEFINE_string("records", None, "tuning records: adds an 'alt_jax tuned' column")
+flags.DEFINE_integer("batch", 1, "batch size for models")
+flags.DEFINE_integer("repeat", 10, "interleaved timing rounds per workload")
+flags.DEFINE_float("min_round_ms", 50.0, "minimum duration of one round per implementation")
+flags.DEFINE_float("rtol", 1e-4, "max relative error vs jax.jit; above it the run fails")
+flags.DEFINE_string("json_out", None, "write machine info and all rows as JSON here")
+flags.DEFINE_string("plot_out", None, "write a PNG bar chart of alt_jax's speedups here")
+
+REFERENCE = "jax.jit"
+
+
+def machine_info(peak_gflops: float, threads: int) -> dict:
+    versions = {"python": platform.python_version(), "jax": jax.__version__,
+                "alt_jax": alt_jax.__version__}
+    for mod in ("jaxlib", "numpy", "onnxruntime", "onnx"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    isa = device.detect_isa()
+    return {"cpu": device.fingerprint(), "isa": isa.name, "cores": os.cpu_count(),
+            "fma_peak_gflops": round(peak_gflops, 1), "threads": threads,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions}
+
+
+def implementations(model, wanted_peers, records, notes: list) -> dict:
+    args = (model.params, *model.inputs)
+    impls = {REFERENCE: peers.xla_peer(model.apply)}
+    if "xla_eigen" in wanted_peers:
+        impls["jax.jit (eigen)"] = peers.xla_eigen_peer(model.apply, *args)
+    if "onnxruntime" in wanted_peers:
+        try:
+            impls["onnxruntime"] = peers.onnxruntime_peer(model.apply, model.params, *model.inputs)
+        except peers.PeerUnavailable as e:
+            if str(e) not in notes:
+                notes.append(str(e))
+    impls["alt_jax"] = alt_jax.optimize(jax.jit(model.apply), records=False, fallback="silent")
+    if records:
+        impls["alt_jax tuned"] = alt_jax.optimize(jax.jit(model.apply), records=records,
+                                                  fallback="silent")
+    return impls
+
+
+def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records, peak,
+                  rtol: float, notes: list, settings: dict) -> list:
+    """Measures each (model, count); fills settings with each implementation's threads."""
+    rows = []
+    for model, count in workloads:
+        args = (model.params, *model.inputs)
+        impls = implementations(model, wanted_peers, records, notes)
+        for name, fn in impls.items():
+            settings.setdefault(name, getattr(fn, "settings", None) or
+                                {"impl": name, "threads": "XLA's intra-op pool (kernels use it)"})
+        want = impls[REFERENCE](*args)
+        for name, fn in impls.items():  # a mismatch is an error, never a row
+            timing.check_close(f"{model.name} [{name}]", fn(*args), want, rtol)
+        t = timing.interleaved(impls, args, config)
+        flops = model.flops
+        row = {"workload": model.name, "count": count, "flops": flops, "impls": {}}
+        for name, tm in t.items():
+            row["impls"][name] = {"median_ms": tm.median * 1e3, "min_ms": tm.low * 1e3,
+                                  "max_ms": tm.high * 1e3,
+                                  "gflops": flops / tm.median / 1e9,
+                                  "pct_peak": 100 * flops / tm.median / 1e9 / peak}
+        for ours in ("alt_jax", "alt_jax tuned"):
+            if ours in t:
+                row["impls"][ours]["speedup_vs"] = {
+                    peer: timing.median_ratio(t[peer], t[ours]) for peer in t
+                    if not peer.startswith("alt_jax")}
+        plan = impls["alt_jax"].plan_for(*args)
+        row["alt_jax_ops_on_kernels"] = [len(plan.rewritten), len(plan.decisions)]
+        rows.append(row)
+        print(f"  measured {model.name}", flush=True)
+    return rows
+
+
+def format_table(rows) -> str:
+    impl_names = list(dict.fromkeys(n for r in rows for n in r["impls"]))
+    peer_names = [n for n in impl_names if not n.startswith("alt_jax")]
+    head = (f"{'workload':<34} {'x':>3} {'MFLOP':>8} " + " ".join(f"{n + ' ms':>16}" for n in impl_names)
+            + f" {'GFLOP/s':>8} {'%peak':>6} " + " ".join(f"{'vs ' + p:>17}" for p in peer_names))
+    lines = [head]
+    for r in rows:
+        ours = r["impls"].get("alt_jax tuned") or r["impls"]["alt_jax"]
+        cells = " ".join(f"{r['impls'][n]['median_ms']:16.3f}" if n in r["impls"] else f"{'-':>16}"
+                         for n in impl_names)
+        ratios = " ".join(f"{ours['speedup_vs'][p]:16.2f}x" if p in ours["speedup_vs"]
+                          else f"{'-':>17}" for p in peer_names)
+        lines.append(f"{r['workload']:<34} {r['count']:>3} {r['flops'] / 1e6:8.1f} {cells} "
+                     f"{ours['gflops']:8.1f} {ours['pct_peak']:6.1f} {ratios}")
+    for p in peer_names:
+        ratios = [(r["impls"].get("alt_jax tuned") or r["impls"]["alt_jax"])["speedup_vs"].get(p)
+                  for r in rows]
+        ratios = [x for x in ratios if x]
+        if ratios:
+            lines.append(f"alt_jax vs {p}: geomean {timing.geomean(ratios):.2f}x, "
+                         f"worst {min(ratios):.2f}x over {len(ratios)} workloads")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    names = [r["workload"] for r in rows]
+    peer_names = list(dict.fromkeys(p for r in rows for p in r["impls"]["alt_jax"]["speedup_vs"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names) * max(1, len(peer_names))), 4.5))
+    width = 0.8 / max(1, len(peer_names))
+    for i, peer in enumerate(peer_names):
+        values = [r["impls"]["alt_jax"]["speedup_vs"].get(peer, 0) for r in rows]
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=f"vs {peer}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(peer_names) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("alt_jax speedup (median ratio)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return None
+
+
+def collect_workloads() -> list:
+    only = lambda name: not FLAGS.only or any(s in name for s in FLAGS.only)
+    workloads = []
+    if FLAGS.suite == "models":
+        for name in FLAGS.models:
+            for layout in FLAGS.layouts:
+                try:
+                    model = models.build(name, layout=layout, batch=FLAGS.batch)
+                except ValueError as e:
+                    print(f"skip {name} {layout}: {e}")
+                    continue
+                if only(model.name):
+                    workloads.append((model, 1))
+    else:
+        for suite in FLAGS.ops:
+            workloads += [(m, c) for m, c in suites.build_suite(suite) if only(m.name)]
+    return workloads
 
 
 def main(argv):
     del argv
+    threads = os.cpu_count() or 1
+    peak = _core.fma_peak(threads, 1.0)
+    info = machine_info(peak, threads)
     config = timing.MeasureConfig(warmup=2, repeat=FLAGS.repeat, min_round_ms=FLAGS.min_round_ms)
-    print(f"jax {jax.__version__}, batch {FLAGS.batch}; medians of {FLAGS.repeat} interleaved "
-          f"rounds; speedup = median over rounds of t_xla / t_alt_jax")
-    rows = []
-    for name in FLAGS.models:
-        for layout in FLAGS.layouts:
-            model = models.build(name, layout=layout, batch=FLAGS.batch)
-            args = (model.params, *model.inputs)
-            xla = jax.jit(model.apply)
-            ours = alt_jax.optimize(jax.jit(model.apply))
-            t0 = time.perf_counter()
-            plan = ours.plan_for(*args)
-            plan_s = time.perf_counter() - t0
-            if FLAGS.explain:
-                print(plan)
-            timing.check_close(model.name, ours(*args), xla(*args), FLAGS.rtol)
-            t = timing.interleaved({"xla": xla, "alt_jax": ours}, args, config)
-            ratio = timing.median_ratio(t["xla"], t["alt_jax"])
-            rows.append((model.name, model.flops, t, ratio, len(plan.rewritten),
-                         len(plan.decisions), plan_s))
-            print(f"  done {model.name}", flush=True)
-    print(f"\n{'model':<16} {'GFLOP':>6} {'jax.jit ms':>11} {'alt_jax ms':>11} {'GFLOP/s':>8} "
-          f"{'speedup':>8}  ops on kernels  plan+build s")
-    for name, flops, t, ratio, on, total, plan_s in rows:
-        print(f"{name:<16} {flops / 1e9:6.2f} {t['xla'].median * 1e3:11.2f} "
-              f"{t['alt_jax'].median * 1e3:11.2f} {flops / t['alt_jax'].median / 1e9:8.1f} "
-              f"{ratio:7.2f}x  {on:>3}/{total:<3}          {plan_s:6.1f}")
+    print(f"{info['cpu']}; fp32 FMA peak {peak:.0f} GFLOP/s on {threads} threads; "
+          f"jax {jax.__version__}; medians of {FLAGS.repeat} interleaved rounds; "
+          f"speedup = median over rounds of t_peer / t_alt_jax")
+    notes: list = []
+    settings: dict = {}
+    rows = run_workloads(collect_workloads(), config, FLAGS.peers, FLAGS.records, peak,
+                         FLAGS.rtol, notes, settings)
+    for note in notes:
+        print(f"note: {note}")
+    print()
+    print(format_table(rows))
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump({"machine": info, "thread_settings": settings, "notes": notes,
+                       "protocol": {"warmup": config.warmup, "repeat": config.repeat,
+                                    "min_round_ms": config.min_round_ms},
+                       "argv": sys.argv, "rows": rows}, f, indent=1)
+        print(f"wrote {FLAGS.json_out}")
+    if FLAGS.plot_out:
+        problem = plot(rows, FLAGS.plot_out) if rows else "no rows"
+        print(f"note: {problem}" if problem else f"wrote {FLAGS.plot_out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""The benchmark runner end to end on a tiny model (1 repeat), and its refusal to time an
+implementation whose output is wrong."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import models, run, suites, timing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_runner_smoke_tiny_model(tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    env = dict(os.environ, ALT_JAX_CACHE_DIR=str(tmp_path / "kernels"))
+    cmd = [sys.executable, "-m", "benchmarks.run", "--suite=models", "--models=tiny_cnn",
+           "--layouts=nhwc,nchw", "--repeat=1", "--min_round_ms=1",
+           "--peers=xla,onnxruntime", f"--json_out={out_json}", f"--plot_out={out_png}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alt_jax vs jax.jit: geomean" in proc.stdout
+    report = json.loads(out_json.read_text())
+    assert report["machine"]["fma_peak_gflops"] > 0 and report["machine"]["cores"] >= 1
+    assert {"jax", "alt_jax"} <= set(report["machine"]["versions"])
+    assert [r["workload"] for r in report["rows"]] == ["tiny_cnn-nhwc", "tiny_cnn-nchw"]
+    have_ort = importlib.util.find_spec("onnxruntime") is not None
+    for row in report["rows"]:
+        assert row["flops"] == models.build("tiny_cnn").flops
+        ours = row["impls"]["alt_jax"]
+        assert ours["median_ms"] > 0 and ours["pct_peak"] > 0
+        assert "jax.jit" in ours["speedup_vs"]
+        assert ("onnxruntime" in ours["speedup_vs"]) == have_ort
+        assert row["alt_jax_ops_on_kernels"][1] == 3
+    assert "jax.jit" in report["thread_settings"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out_png.stat().st_size > 1000
+    if not have_ort:
+        assert "onnxruntime is not installed" in proc.stdout
+
+
+def test_a_wrong_output_is_an_error_not_a_row(monkeypatch):
+    model = models.build("tiny_cnn")
+    wrong = lambda params, x: jax.jit(model.apply)(params, x) * 1.01
+    monkeypatch.setattr(run, "implementations",
+                        lambda m, *a: {"jax.jit": jax.jit(m.apply), "alt_jax": wrong})
+    with pytest.raises(timing.MismatchError, match="rel err"):
+        run.run_workloads([(model, 1)], timing.MeasureConfig(repeat=1), [], None, 100.0,
+                          1e-4, [], {})
+
+
+def test_op_suites_report_multiplicity_and_flops():
+    ops = suites.build_suite("resnet50_convs")
+    assert sum(count for _, count in ops) == 54  # 53 convs + the classifier's matmul
+    assert sum(m.flops * count for m, count in ops) == models.build("resnet50").flops
+    literature = {m.name.split()[0] for m, _ in suites.build_suite("literature")}
+    assert literature == {"C2D", "GRP", "DEP", "DIL", "GMM", "TBG"}
+    with pytest.raises(ValueError, match="choose from"):
+        suites.build_suite("nope")
