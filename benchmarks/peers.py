@@ -1,0 +1,96 @@
+"""The implementations a benchmark times side by side with alt_jax, each a callable taking the
+jax function's own arguments and carrying the thread settings it ran with.
+
+Entry points: Peer, xla_peer(fn), onnxruntime_peer(fn, params, *inputs, threads), PeerUnavailable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer cannot run here (a missing package); the runner reports it and goes on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    name: str
+    fn: Callable
+    settings: dict  # what the runner prints next to the timings: threads, options, versions
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def xla_peer(fn: Callable) -> Peer:
+    """jax.jit(fn); XLA:CPU runs intra-op work on its own pool of one thread per core."""
+    settings = {"impl": "jax.jit", "jax": jax.__version__, "intra_op_threads": os.cpu_count(),
+                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    return Peer("xla", jax.jit(fn), settings)
+
+
+def _import_onnxruntime():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise PeerUnavailable(f"onnxruntime is not installed: pip install onnx onnxruntime "
+                              f"({e})") from e
+    return onnxruntime
+
+
+def _same_params(expected, got) -> bool:
+    if got is expected:
+        return True
+    e_leaves, e_tree = jax.tree_util.tree_flatten(expected)
+    g_leaves, g_tree = jax.tree_util.tree_flatten(got)
+    return e_tree == g_tree and all(
+        np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(e_leaves, g_leaves))
+
+
+def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None) -> Peer:
+    """fn exported to ONNX (params baked in as initializers) and run by an onnxruntime
+    InferenceSession on CPU; call it as fn(params, *inputs) and get numpy outputs.
+
+    The params passed at call time must be the ones exported: the same object costs nothing,
+    another one is compared leaf by leaf and a difference is a ValueError.
+    """
+    ort = _import_onnxruntime()
+    from benchmarks import onnx_export
+
+    threads = os.cpu_count() if threads is None else int(threads)
+    conversion = onnx_export.convert(fn, params, *inputs)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(conversion.model.SerializeToString(), options,
+                                   providers=providers)
+    from onnx import helper
+    in_dtypes = [helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+                 for v in conversion.model.graph.input]
+    names = conversion.input_names
+
+    def run(call_params, *call_inputs):
+        if not _same_params(params, call_params):
+            raise ValueError("onnxruntime peer: params differ from the ones baked into the "
+                             "ONNX graph; build a new peer for new weights")
+        leaves = jax.tree_util.tree_leaves(call_inputs)
+        feed = {n: np.asarray(x, d) for n, x, d in zip(names, leaves, in_dtypes)}
+        outs = session.run(list(conversion.output_names), feed)
+        return jax.tree_util.tree_unflatten(conversion.out_tree, outs)
+
+    settings = {"impl": "onnxruntime", "onnxruntime": ort.__version__,
+                "intra_op_num_threads": threads, "inter_op_num_threads": 1,
+                "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL",
+                "providers": providers, "opset": onnx_export.OPSET,
+                "nodes": len(conversion.model.graph.node)}
+    return Peer("onnxruntime", run, settings)
