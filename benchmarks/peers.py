@@ -65,7 +65,12 @@ def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None) 
     from benchmarks import onnx_export
 
     threads = os.cpu_count() if threads is None else int(threads)
+    from benchmarks import onnx_fold
+
     conversion = onnx_export.convert(fn, params, *inputs)
+    # Fold constants and canonicalise as a deployment exporter would, so ORT's own fusions
+    # (BN into Conv, Conv+Relu, NCHWc) apply: ResNet-50 70 -> 47 ms here.
+    conversion = dataclasses.replace(conversion, model=onnx_fold.fold(conversion.model))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -173,3 +173,31 @@ def test_missing_onnxruntime_is_peer_unavailable(monkeypatch):
     fn, params, x = CASES["dot_plain"]
     with pytest.raises(peers.PeerUnavailable, match="pip install onnx onnxruntime"):
         peers.onnxruntime_peer(fn, params, x)
+
+
+def test_fold_canonicalises_for_ort_and_keeps_the_result():
+    from benchmarks import onnx_fold
+    from benchmarks.models import common
+
+    layout = common.Layout("nchw")
+    p = common.Params(0)
+    params = {"w": p.conv(layout, 3, 3, 4, 8), "bn": p.batch_norm(8)}
+
+    def f(params, x):
+        y = common.batch_norm(common.conv(x, params["w"], layout), params["bn"], layout)
+        return jnp.minimum(jax.nn.relu(y), 6.0), jax.nn.relu(y) / 2.0
+
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    model = onnx_export.export(f, params, x)
+    folded = onnx_fold.fold(model)
+    ops = [n.op_type for n in folded.graph.node]
+    assert "Sub" not in ops and "Div" not in ops and "Sqrt" not in ops and "Reshape" not in ops
+    assert "Clip" in ops and "Relu" in ops and "Max" not in ops
+    assert len(ops) < len(model.graph.node)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(folded.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x0": x})
+    for g, w in zip(got, jax.jit(f)(params, x)):
+        np.testing.assert_allclose(g, np.asarray(w), rtol=1e-5, atol=1e-5)
