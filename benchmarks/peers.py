@@ -54,7 +54,8 @@ def _same_params(expected, got) -> bool:
         for a, b in zip(e_leaves, g_leaves))
 
 
-def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None) -> Peer:
+def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None,
+                     spinning: bool = False) -> Peer:
     """fn exported to ONNX (params baked in as initializers) and run by an onnxruntime
     InferenceSession on CPU; call it as fn(params, *inputs) and get numpy outputs.
 
@@ -76,6 +77,11 @@ def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None) 
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's pool threads spin for work by default and keep doing so between runs, so in an
+    # interleaved benchmark they take the cores from whatever is timed next, pauses or not
+    # (jax.jit's BERT layer: 13.8 ms beside a non-spinning ORT, 16.5-23 ms beside a spinning
+    # one). Off by default; it costs ORT itself ~5-10% (BERT layer 12.5 -> 13.4 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     providers = ["CPUExecutionProvider"]
     session = ort.InferenceSession(conversion.model.SerializeToString(), options,
                                    providers=providers)
@@ -96,6 +102,7 @@ def onnxruntime_peer(fn: Callable, params, *inputs, threads: int | None = None) 
     settings = {"impl": "onnxruntime", "onnxruntime": ort.__version__,
                 "intra_op_num_threads": threads, "inter_op_num_threads": 1,
                 "execution_mode": "ORT_SEQUENTIAL", "graph_optimization_level": "ORT_ENABLE_ALL",
+                "intra_op.allow_spinning": spinning,
                 "providers": providers, "opset": onnx_export.OPSET,
                 "nodes": len(conversion.model.graph.node)}
     return Peer("onnxruntime", run, settings)

@@ -32,6 +32,8 @@ flags.DEFINE_list("only", [], "run only workloads whose name contains one of the
 flags.DEFINE_list("peers", ["xla", "onnxruntime"],
                   "peers beside alt_jax: xla (jax.jit, always the reference), onnxruntime, "
                   "xla_eigen (jax.jit with XLA's legacy Eigen path)")
+flags.DEFINE_bool("ort_spinning", False, "let onnxruntime's threads spin (its default): "
+                  "faster for ORT alone, but they take the cores from the other implementations")
 flags.DEFINE_string("records", None, "tuning records: adds an 'alt_jax tuned' column")
 flags.DEFINE_integer("batch", 1, "batch size for models")
 flags.DEFINE_integer("repeat", 10, "interleaved timing rounds per workload")
@@ -65,7 +67,8 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
         impls["jax.jit (eigen)"] = peers.xla_eigen_peer(model.apply, *args)
     if "onnxruntime" in wanted_peers:
         try:
-            impls["onnxruntime"] = peers.onnxruntime_peer(model.apply, model.params, *model.inputs)
+            impls["onnxruntime"] = peers.onnxruntime_peer(model.apply, model.params, *model.inputs,
+                                                          spinning=FLAGS.ort_spinning)
         except peers.PeerUnavailable as e:
             if str(e) not in notes:
                 notes.append(str(e))
@@ -198,7 +201,8 @@ def main(argv):
         with open(FLAGS.json_out, "w") as f:
             json.dump({"machine": info, "thread_settings": settings, "notes": notes,
                        "protocol": {"warmup": config.warmup, "repeat": config.repeat,
-                                    "min_round_ms": config.min_round_ms},
+                                    "min_round_ms": config.min_round_ms,
+                                    "pause_ms": config.pause_ms},
                        "argv": sys.argv, "rows": rows}, f, indent=1)
         print(f"wrote {FLAGS.json_out}")
     if FLAGS.plot_out:

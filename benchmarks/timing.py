@@ -21,6 +21,8 @@ class MeasureConfig:
     warmup: int = 3            # calls per implementation before timing
     repeat: int = 15           # rounds; each round times every implementation once
     min_round_ms: float = 20.0 # calls per round are chosen so a round lasts at least this
+    # Idle time before each implementation's round, so each starts on quiet cores.
+    pause_ms: float = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,7 @@ def interleaved(fns: Mapping[str, Callable], args, config: MeasureConfig = Measu
         if r % 2:
             order.reverse()  # neither goes first every time
         for name, fn in order:
+            time.sleep(config.pause_ms / 1e3)
             t0 = time.perf_counter()
             for _ in range(number[name]):
                 _call(fn, args)
