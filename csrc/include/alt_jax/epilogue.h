@@ -1,0 +1,106 @@
+// Fused epilogues for generated kernels: activations on vectors of W floats, applied to an
+// output tile while it is still in registers. Entry points: alt_activate<W, ACT>(v),
+// ALT_ACT_* codes (same order as alt_jax/ops/epilogue.py ACTIVATIONS).
+// exp/tanh/erf are polynomial approximations accurate to a few 1e-7 absolute, vectorised
+// with GCC vector extensions (W = 1 falls back to <cmath>).
+#ifndef ALT_JAX_EPILOGUE_H_
+#define ALT_JAX_EPILOGUE_H_
+
+#include <math.h>
+#include <stdint.h>
+
+#include "alt_jax/simd.h"
+
+#define ALT_ACT_NONE 0
+#define ALT_ACT_RELU 1
+#define ALT_ACT_RELU6 2
+#define ALT_ACT_GELU_TANH 3
+#define ALT_ACT_GELU_ERF 4
+#define ALT_ACT_SILU 5
+
+template <int W>
+struct alt_vi {
+  typedef int32_t type __attribute__((vector_size(4 * W)));
+};
+
+template <int W>
+ALT_INLINE typename altv<W>::type alt_vmax(typename altv<W>::type a, typename altv<W>::type b) {
+  return a > b ? a : b;
+}
+template <int W>
+ALT_INLINE typename altv<W>::type alt_vmin(typename altv<W>::type a, typename altv<W>::type b) {
+  return a < b ? a : b;
+}
+template <>
+ALT_INLINE float alt_vmax<1>(float a, float b) { return a > b ? a : b; }
+template <>
+ALT_INLINE float alt_vmin<1>(float a, float b) { return a < b ? a : b; }
+
+// e^x: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-6 polynomial; 2^n built in the exponent.
+template <int W>
+ALT_INLINE typename altv<W>::type alt_vexp(typename altv<W>::type x) {
+  typedef typename altv<W>::type V;
+  typedef typename alt_vi<W>::type I;
+  x = alt_vmin<W>(alt_vmax<W>(x, vbroadcast<W>(-87.3f)), vbroadcast<W>(88.3f));
+  V fn = x * 1.44269504088896341f;
+  I n = __builtin_convertvector(fn + (fn >= 0 ? vbroadcast<W>(0.5f) : vbroadcast<W>(-0.5f)), I);
+  V nf = __builtin_convertvector(n, V);
+  V r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  V p = vbroadcast<W>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  I bits = (n + 127) << 23;
+  V scale;
+  memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+template <>
+ALT_INLINE float alt_vexp<1>(float x) { return expf(x); }
+
+template <int W>
+ALT_INLINE typename altv<W>::type alt_vtanh(typename altv<W>::type x) {
+  // tanh x = 1 - 2 / (e^{2x} + 1); saturates correctly at both ends after exp's clamp.
+  return 1.0f - 2.0f / (alt_vexp<W>(x + x) + 1.0f);
+}
+template <>
+ALT_INLINE float alt_vtanh<1>(float x) { return tanhf(x); }
+
+template <int W>
+ALT_INLINE typename altv<W>::type alt_verf(typename altv<W>::type x) {
+  // Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd extension.
+  typedef typename altv<W>::type V;
+  V ax = x < 0 ? -x : x;
+  V t = 1.0f / (1.0f + 0.3275911f * ax);
+  V poly = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+            0.254829592f) * t;
+  V y = 1.0f - poly * alt_vexp<W>(-ax * ax);
+  return x < 0 ? -y : y;
+}
+template <>
+ALT_INLINE float alt_verf<1>(float x) { return erff(x); }
+
+template <int W, int ACT>
+ALT_INLINE typename altv<W>::type alt_activate(typename altv<W>::type v) {
+  typedef typename altv<W>::type V;
+  if constexpr (ACT == ALT_ACT_NONE) {
+    return v;
+  } else if constexpr (ACT == ALT_ACT_RELU) {
+    return alt_vmax<W>(v, V{});
+  } else if constexpr (ACT == ALT_ACT_RELU6) {
+    return alt_vmin<W>(alt_vmax<W>(v, V{}), vbroadcast<W>(6.0f));
+  } else if constexpr (ACT == ALT_ACT_GELU_TANH) {
+    V inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + alt_vtanh<W>(inner));
+  } else if constexpr (ACT == ALT_ACT_GELU_ERF) {
+    return 0.5f * v * (1.0f + alt_verf<W>(v * 0.7071067811865476f));
+  } else {
+    static_assert(ACT == ALT_ACT_SILU, "unknown activation code");
+    return v / (1.0f + alt_vexp<W>(-v));
+  }
+}
+
+#endif  // ALT_JAX_EPILOGUE_H_
