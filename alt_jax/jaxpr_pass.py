@@ -1,6 +1,7 @@
 """Re-evaluates a jaxpr with planned equations replaced by kernel calls.
 
-Entry points: evaluate(jaxpr, consts, args, replacements), subjaxprs(eqn), walk(jaxpr).
+Entry points: evaluate(jaxpr, consts, args, replacements), Group, SKIP, inline_calls(closed),
+subjaxprs(eqn), walk(jaxpr).
 Shaped like jax.core.eval_jaxpr: an environment, one loop over equations, higher-order
 rules keyed by primitive object; every other equation is re-bound unchanged. Works on
 jax 0.10 (ClosedJaxpr) and 0.12 (Jaxpr with .consts): sub-jaxprs are read through
@@ -18,6 +19,25 @@ from jax.extend.core import primitives as P
 
 # A replacement computes an equation's outputs (a list) from its input values.
 Replacement = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class _Skip:
+    """Marks an equation a Group computes elsewhere (it is not evaluated on its own)."""
+
+    def __repr__(self):
+        return "SKIP"
+
+
+SKIP = _Skip()
+
+
+class Group:
+    """Several equations computed by one call: placed at the group's last equation (so
+    every input exists by then), reading `invars` and writing `outvars`; the group's other
+    equations are mapped to SKIP."""
+
+    def __init__(self, invars, outvars, fn: Replacement):
+        self.invars, self.outvars, self.fn = list(invars), list(outvars), fn
 
 
 def _open(jaxpr):
@@ -49,8 +69,12 @@ def walk(jaxpr) -> Iterator:
 
 
 def evaluate(jaxpr, consts: Sequence, args: Sequence,
-             replacements: Mapping[int, Replacement]) -> list:
-    """Outputs of jaxpr on args, with equations whose id() is in replacements rewritten."""
+             replacements: Mapping[int, Any], inline: bool = False) -> list:
+    """Outputs of jaxpr on args, with equations whose id() is in replacements rewritten.
+
+    A replacement is a Replacement (the equation's outputs from its inputs), a Group (placed
+    at its last equation), or SKIP. inline=True also inlines every jit / closed_call body.
+    """
     jaxpr = _open(jaxpr)
     env: dict = {}
 
@@ -66,10 +90,18 @@ def evaluate(jaxpr, consts: Sequence, args: Sequence,
     for v, value in zip(jaxpr.invars, args):
         write(v, value)
     for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
         replace = replacements.get(id(eqn))
+        if replace is SKIP:
+            continue
+        if isinstance(replace, Group):
+            for v, value in zip(replace.outvars, replace.fn([read(v) for v in replace.invars])):
+                write(v, value)
+            continue
+        invals = [read(v) for v in eqn.invars]
         if replace is not None:
             outvals = list(replace(invals))
+        elif inline and eqn.primitive in _INLINED:
+            outvals = list(_fn_inline(eqn.params[_INLINED[eqn.primitive]])(*invals))
         elif eqn.primitive in _HIGHER_ORDER and _contains(eqn, replacements):
             outvals = list(_HIGHER_ORDER[eqn.primitive](eqn, invals, replacements))
         else:
@@ -94,6 +126,22 @@ def _contains(eqn, replacements) -> bool:
 def _fn(jaxpr, replacements) -> Callable:
     """jaxpr (closed) as a function of its non-const inputs, with replacements."""
     return lambda *args: evaluate(jaxpr, _consts(jaxpr), args, replacements)
+
+
+def _fn_inline(jaxpr) -> Callable:
+    return lambda *args: evaluate(jaxpr, _consts(jaxpr), args, {}, inline=True)
+
+
+def inline_calls(closed):
+    """closed re-traced with every jit / closed_call body inlined: one flat level, so that
+    fusion and layout propagation see a model body that a jax.jit wrapper nests. Constants
+    (closed-over arrays, e.g. weights bound by prepare()) stay constants of the result.
+    custom_jvp / custom_vjp calls stay whole: their derivative rules are the user's."""
+    avals = [v.aval for v in _open(closed).invars]
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
+             for a in avals]
+    return jax.make_jaxpr(lambda *args: evaluate(closed, _consts(closed), args, {},
+                                                 inline=True))(*specs)
 
 
 # --- higher-order primitives -------------------------------------------------------------
@@ -175,6 +223,8 @@ def _while(eqn, invals, replacements):
     return lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
                           lambda c: list(body(*body_consts, *c)), list(init))
 
+
+_INLINED = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr"}
 
 _HIGHER_ORDER: dict = {
     P.jit_p: _inline("jaxpr"),

@@ -16,8 +16,10 @@ import warnings
 from typing import Any, Callable, Optional
 
 import jax
+from jax import lax
+from jax.extend import core as jcore
 
-from alt_jax import device, jaxpr_pass, runtime
+from alt_jax import device, fusion, jaxpr_pass, runtime
 from alt_jax.ops import registry
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
@@ -49,6 +51,8 @@ class PlanOptions:
     isa: device.Isa = dataclasses.field(default_factory=device.detect_isa)
     # primitive -> families tried in order; None means alt_jax.ops.registry (tests inject)
     families: Optional[dict] = None
+    fuse: bool = True          # absorb affine / residual / activation epilogues into kernels
+    pack_weights: bool = True  # pack constant weights once, at plan time
 
     def families_for(self, primitive) -> tuple:
         if self.families is None:
@@ -83,7 +87,8 @@ class OpDecision:
 @dataclasses.dataclass
 class Plan:
     decisions: list
-    replacements: dict  # id(eqn) -> jaxpr_pass.Replacement
+    replacements: dict  # id(eqn) -> jaxpr_pass.Replacement | Group | SKIP
+    jaxpr: Any = None   # the (flattened) program the replacements refer to
 
     @property
     def rewritten(self) -> list:
@@ -100,6 +105,12 @@ class Plan:
             lines.append(f"  [{d.where}] {d.primitive} {d.signature}  ({d.flops / 1e6:.2f} MFLOP)")
             if d.on_kernel:
                 lines.append(f"      kernel: {d.family} {d.kernel.symbol} knobs ({d.knobs_from}): {d.knobs}")
+                epi = getattr(d.spec, "epilogue", None)
+                extras = ([f"fused epilogue {epi.describe()}"] if epi and not epi.is_identity
+                          else []) + (["weights packed once"] if getattr(d.spec, "prepacked",
+                                                                          False) else [])
+                if extras:
+                    lines.append(f"      {', '.join(extras)}")
                 layout = getattr(d.spec, "layout_summary", None)
                 if callable(layout):
                     lines.append(f"      layout: {layout()}")
@@ -144,8 +155,11 @@ def make_replacement(eqn, lower: Callable) -> jaxpr_pass.Replacement:
     return lambda invals: list(call(*invals))
 
 
-def _choose(eqn, where: str, options: PlanOptions):
-    """An OpDecision without a kernel yet, plus the family/source to build (or None)."""
+def _choose(eqn, where: str, options: PlanOptions, refine=None):
+    """An OpDecision without a kernel yet, plus the family/source to build (or None).
+
+    refine(family, spec) -> spec may add what the graph around eqn allows (a fused
+    epilogue, prepacked weights) before knobs are chosen and the kernel is rendered."""
     base = dict(where=where, primitive=eqn.primitive.name, signature=_signature(eqn))
     reasons = []
     for family in options.families_for(eqn.primitive):
@@ -159,6 +173,8 @@ def _choose(eqn, where: str, options: PlanOptions):
             return OpDecision(**base, family=family.name, spec=spec, flops=flops,
                               reason=f"too small for a kernel to pay ({flops} flops < "
                                      f"min_flops={options.min_flops})"), None
+        if refine is not None:
+            spec = refine(family, spec)
         knobs, knobs_from = None, "heuristic"
         if options.records is not None:
             knobs = options.records.best_knobs(family.name, spec, device.fingerprint(),
@@ -189,12 +205,106 @@ def _fall_back(decision: OpDecision, options: PlanOptions) -> None:
         warnings.warn(FallbackWarning(message), stacklevel=4)
 
 
+def _channel_axis(eqn) -> Optional[int]:
+    """The result axis a kernel's per-channel epilogue runs along, if there is one."""
+    if eqn.primitive is lax.conv_general_dilated_p:
+        return eqn.params["dimension_numbers"].out_spec[1]
+    (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+    rhs_free = eqn.invars[1].aval.ndim - len(rc) - len(rb)
+    return eqn.outvars[0].aval.ndim - 1 if rhs_free == 1 else None
+
+
+class _Refiner:
+    """Adds to each top-level kernel spec what its neighbourhood allows: a fused epilogue
+    (each equation is absorbed by one group only, the first in program order) and
+    prepacked weights when the rhs is a constant of the program."""
+
+    def __init__(self, flat, options: PlanOptions):
+        self.flat, self.options = flat, options
+        self.uses = fusion.uses_of(flat)
+        self.constvars = set(jaxpr_pass._open(flat).constvars)
+        self.taken: set = set()
+        self.matches: dict = {}  # id(anchor) -> EpilogueMatch
+
+    def __call__(self, eqn):
+        def refine(family, spec):
+            fields = {f.name for f in dataclasses.fields(spec)}
+            axis = _channel_axis(eqn)
+            if self.options.fuse and "epilogue" in fields and axis is not None:
+                match = fusion.find_epilogue(self.flat, eqn, axis, self.uses,
+                                             frozenset(self.taken))
+                if match is not None:
+                    self.matches[id(eqn)] = match
+                    self.taken.update(id(e) for e in match.eqns)
+                    spec = dataclasses.replace(spec, epilogue=match.epilogue)
+            if (self.options.pack_weights and "prepacked" in fields and
+                    hasattr(family, "pack_weights") and eqn.invars[1] in self.constvars):
+                spec = dataclasses.replace(spec, prepacked=True)
+            return spec
+        return refine
+
+
+def _group(eqn, match, family, spec, knobs, kernel) -> jaxpr_pass.Group:
+    """One kernel call computing eqn and its absorbed epilogue; differentiable through the
+    original equations (their JVP, the user's custom rules included)."""
+    members = [eqn, *match.eqns]
+    produced = {v for e in members for v in e.outvars}
+    invars = []
+    for e in members:
+        for v in e.invars:
+            if isinstance(v, jcore.Var) and v not in produced and v not in invars:
+                invars.append(v)
+    epi = spec.epilogue
+    n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)]
+
+    def original(*vals):
+        env = dict(zip(invars, vals))
+        for e in members:
+            ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
+            env.update(zip(e.outvars, jaxpr_pass._bind(e, ins)))
+        return env[match.out_var]
+
+    def kernel_call(*vals):
+        env = dict(zip(invars, vals))
+        read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+        lhs, rhs = read(eqn.invars[0]), read(eqn.invars[1])
+        if spec.prepacked:
+            with jax.ensure_compile_time_eval():  # a constant: pack it now, once
+                rhs = family.pack_weights(spec, knobs, rhs)
+        ops = [lhs, rhs]
+        if epi.scale or epi.shift:
+            scale, shift = match.scale_shift([read(v) for _, v in match.affine], n_channels)
+            ops += ([scale] if epi.scale else []) + ([shift] if epi.shift else [])
+        if epi.residual:
+            ops.append(read(match.residual))
+        return family.lower(spec, kernel, ops)[0]
+
+    call = jax.custom_jvp(kernel_call)
+    call.defjvp(lambda primals, tangents: (call(*primals),
+                                           jax.jvp(original, primals, tangents)[1]))
+    return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])
+
+
+def _prepacked_replacement(eqn, family, spec, knobs, kernel):
+    def lower(ops):
+        lhs, rhs = ops
+        with jax.ensure_compile_time_eval():
+            rhs = family.pack_weights(spec, knobs, rhs)
+        return family.lower(spec, kernel, [lhs, rhs])
+    return make_replacement(eqn, lower)
+
+
 def make_plan(jaxpr, options: PlanOptions) -> Plan:
-    """Walks jaxpr (closed or open, nested bodies included) and builds every chosen kernel."""
+    """Plans jaxpr (closed; jit bodies are inlined first so that epilogues and constant
+    weights are visible across them) and builds every chosen kernel."""
+    flat = jaxpr_pass.inline_calls(jaxpr)
+    top = {id(e) for e in jaxpr_pass._open(flat).eqns}
+    refiner = _Refiner(flat, options)
     chosen = []
-    for where, eqn in _walk_with_where(jaxpr):
+    for where, eqn in _walk_with_where(flat):
         if options.families_for(eqn.primitive):
-            chosen.append((eqn, *_choose(eqn, where, options)))
+            refine = refiner(eqn) if id(eqn) in top else None
+            chosen.append((eqn, *_choose(eqn, where, options, refine)))
 
     sources = {build[1].symbol: build[1] for _, _, build in chosen if build is not None}
     built: dict = {}
@@ -216,9 +326,20 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                 decision = dataclasses.replace(decision, reason=f"kernel build failed: {first}")
             else:
                 decision = dataclasses.replace(decision, kernel=result)
-                lower = functools.partial(family.lower, decision.spec, result)
-                replacements[id(eqn)] = make_replacement(eqn, lower)
+                spec, knobs = decision.spec, decision.knobs
+                match = refiner.matches.get(id(eqn))
+                if match is not None:
+                    group = _group(eqn, match, family, spec, knobs, result)
+                    for member in [eqn, *match.eqns[:-1]]:
+                        replacements[id(member)] = jaxpr_pass.SKIP
+                    replacements[id(match.eqns[-1])] = group
+                elif getattr(spec, "prepacked", False):
+                    replacements[id(eqn)] = _prepacked_replacement(eqn, family, spec, knobs,
+                                                                   result)
+                else:
+                    lower = functools.partial(family.lower, spec, result)
+                    replacements[id(eqn)] = make_replacement(eqn, lower)
         if not decision.on_kernel and not decision.reason.startswith("too small"):
             _fall_back(decision, options)
         decisions.append(decision)
-    return Plan(decisions, replacements)
+    return Plan(decisions, replacements, flat)

@@ -1,0 +1,235 @@
+"""Finds the epilogue a conv/matmul kernel can absorb: the chain of per-channel affine steps,
+an optional residual add and a pointwise activation that follow it in a flat jaxpr.
+
+Entry points: find_epilogue(jaxpr, anchor, channel_axis, uses) -> EpilogueMatch | None,
+uses_of(jaxpr), EpilogueMatch.scale_shift(values) (the folded per-channel vectors).
+Activations are recognised by what they compute, not by how they are spelled: a pointwise
+region is probed on a grid of values and compared with each template activation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+from jax.extend.core import primitives as P
+
+from alt_jax import jaxpr_pass
+from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
+
+_AFFINE = {lax.add_p: "add", lax.sub_p: "sub", lax.mul_p: "mul", lax.div_p: "div"}
+_POINTWISE = {lax.add_p, lax.sub_p, lax.mul_p, lax.div_p, lax.max_p, lax.min_p, lax.neg_p,
+              lax.exp_p, lax.tanh_p, lax.logistic_p, lax.erf_p, lax.integer_pow_p, lax.pow_p,
+              lax.sqrt_p, lax.rsqrt_p, lax.abs_p, lax.convert_element_type_p}
+_MAX_REGION = 16        # pointwise equations an activation may take
+_PROBE = np.linspace(-8.0, 8.0, 4001, dtype=np.float32)
+
+
+@dataclasses.dataclass
+class EpilogueMatch:
+    eqns: list                  # absorbed equations, in program order
+    affine: list                # [(kind, operand)] with kind in add/sub/mul/div, x op operand
+    residual: Optional[object]  # a Var with the result's shape, or None
+    activation: str
+    out_var: object             # the value the fused kernel produces
+
+    @property
+    def epilogue(self) -> Epilogue:
+        has_scale = any(k in ("mul", "div") for k, _ in self.affine)
+        has_shift = any(k in ("add", "sub") for k, _ in self.affine)
+        return Epilogue(scale=has_scale, shift=has_shift, residual=self.residual is not None,
+                        activation=self.activation)
+
+    def scale_shift(self, values, n_channels: int):
+        """Folds the affine steps (operand values in order) into per-channel vectors:
+        ((x op1 c1) op2 c2 ...) == x * scale + shift."""
+        scale = jnp.ones((n_channels,), jnp.float32)
+        shift = jnp.zeros((n_channels,), jnp.float32)
+        for (kind, _), value in zip(self.affine, values):
+            c = jnp.broadcast_to(jnp.reshape(jnp.asarray(value, jnp.float32), (-1,)),
+                                 (n_channels,))
+            if kind == "add":
+                shift = shift + c
+            elif kind == "sub":
+                shift = shift - c
+            elif kind == "mul":
+                scale, shift = scale * c, shift * c
+            else:
+                scale, shift = scale / c, shift / c
+        return scale, shift
+
+
+def uses_of(jaxpr) -> dict:
+    """var -> number of uses (equation operands, plus 1 per appearance as a jaxpr output)."""
+    jaxpr = jaxpr_pass._open(jaxpr)
+    uses: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var):
+                uses[v] = uses.get(v, 0) + 1
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            uses[v] = uses.get(v, 0) + 1
+    return uses
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, jcore.Literal) or int(np.prod(v.aval.shape)) == 1
+
+
+def _per_channel(v, like, channel_axis: int) -> bool:
+    if _is_scalar(v):
+        return True
+    shape, full = tuple(v.aval.shape), tuple(like.aval.shape)
+    return (len(shape) == len(full) and shape[channel_axis] == full[channel_axis] and
+            all(s == 1 for i, s in enumerate(shape) if i != channel_axis))
+
+
+def _pointwise(eqn) -> bool:
+    if eqn.primitive in _POINTWISE:
+        return len(eqn.outvars) == 1
+    if eqn.primitive is P.custom_jvp_call_p:  # e.g. jax.nn.relu: pointwise body, user JVP
+        body = jaxpr_pass._open(eqn.params["call_jaxpr"])
+        return len(eqn.invars) == 1 and all(
+            _pointwise(e) or (e.primitive is P.jit_p and all(
+                _pointwise(x) for x in jaxpr_pass._open(e.params["jaxpr"]).eqns))
+            for e in body.eqns)
+    return False
+
+
+def _erf(x):
+    import math
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+# Pointwise primitives evaluated in numpy (float64) for probing: planning runs while jax is
+# tracing, where jax ops would be staged, not computed.
+_NUMPY = {
+    lax.add_p: lambda a, b: a + b, lax.sub_p: lambda a, b: a - b,
+    lax.mul_p: lambda a, b: a * b, lax.div_p: lambda a, b: a / b,
+    lax.max_p: np.maximum, lax.min_p: np.minimum, lax.neg_p: np.negative,
+    lax.exp_p: np.exp, lax.tanh_p: np.tanh, lax.logistic_p: lambda a: 1 / (1 + np.exp(-a)),
+    lax.erf_p: _erf, lax.sqrt_p: np.sqrt, lax.rsqrt_p: lambda a: 1 / np.sqrt(a),
+    lax.abs_p: np.abs, lax.convert_element_type_p: lambda a: a,
+}
+
+
+def _numpy_eval(eqns, env: dict) -> None:
+    for eqn in eqns:
+        ins = [np.asarray(v.val, np.float64) if isinstance(v, jcore.Literal) else env[v]
+               for v in eqn.invars]
+        if eqn.primitive is lax.integer_pow_p:
+            out = ins[0] ** eqn.params["y"]
+        elif eqn.primitive is lax.pow_p:
+            out = ins[0] ** ins[1]
+        elif eqn.primitive in (P.custom_jvp_call_p, P.jit_p):
+            body = jaxpr_pass._open(eqn.params["call_jaxpr" if eqn.primitive is
+                                                P.custom_jvp_call_p else "jaxpr"])
+            inner = dict(zip(body.invars, ins))
+            _numpy_eval(body.eqns, inner)
+            out = inner[body.outvars[0]] if not isinstance(body.outvars[0], jcore.Literal) \
+                else np.asarray(body.outvars[0].val, np.float64)
+        else:
+            out = _NUMPY[eqn.primitive](*ins)
+        env[eqn.outvars[0]] = np.asarray(out, np.float64)
+
+
+def _activation_of(region, start_var) -> Optional[str]:
+    """Which template activation the region computes from start_var, if any."""
+    env = {start_var: _PROBE.astype(np.float64)}
+    try:
+        with np.errstate(all="ignore"):
+            _numpy_eval(region, env)
+    except KeyError:  # a primitive (or a non-scalar operand) the probe cannot evaluate
+        return None
+    got = np.broadcast_to(env[region[-1].outvars[0]], _PROBE.shape)
+    x = _PROBE.astype(np.float64)
+    erf = _erf(x / np.sqrt(2.0))
+    references = {
+        "relu": np.maximum(x, 0), "relu6": np.clip(x, 0, 6),
+        "gelu_tanh": 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+        "gelu_erf": 0.5 * x * (1 + erf), "silu": x / (1 + np.exp(-x)),
+    }
+    for name in ACTIVATIONS[1:]:
+        want = references[name]
+        if np.all(np.abs(got - want) <= 2e-5 * np.maximum(1.0, np.abs(want))):
+            return name
+    return None
+
+
+def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
+                  taken: frozenset = frozenset()) -> Optional[EpilogueMatch]:
+    """The longest fusable chain after anchor (a conv/dot equation) in flat jaxpr, or None.
+    Equations whose id() is in `taken` belong to another group and end the chain."""
+    eqns = jaxpr_pass._open(jaxpr).eqns
+    start = next(i for i, e in enumerate(eqns) if e is anchor)
+    consumers: dict = {}
+    for e in eqns[start + 1:]:
+        for v in e.invars:
+            if isinstance(v, jcore.Var):
+                consumers.setdefault(v, []).append(e)
+    downstream = {anchor.outvars[0]}  # values that depend on the anchor (cycle guard)
+    for e in eqns[start + 1:]:
+        if any(v in downstream for v in e.invars if isinstance(v, jcore.Var)):
+            downstream.update(e.outvars)
+
+    def only_consumer(v):
+        users = consumers.get(v, [])
+        ok = len(users) == 1 and uses.get(v, 0) == 1 and id(users[0]) not in taken
+        return users[0] if ok else None
+
+    cur, absorbed, affine, residual = anchor.outvars[0], [], [], None
+    while (e := only_consumer(cur)) is not None and e.primitive in _AFFINE:
+        a, b = e.invars
+        other = b if a is cur else a
+        if other is cur or (isinstance(other, jcore.Var) and other in downstream):
+            break
+        kind = _AFFINE[e.primitive]
+        if _per_channel(other, cur, channel_axis) and (kind in ("add", "mul") or a is cur):
+            affine.append((kind, other))
+        elif kind == "add" and tuple(other.aval.shape) == tuple(cur.aval.shape):
+            residual = other
+        else:
+            break
+        absorbed.append(e)
+        cur = e.outvars[0]
+        if residual is not None:
+            break
+
+    # The pointwise region after cur: grow in program order while every equation reads
+    # only region values and scalars; try the longest prefix that is a known activation.
+    region, inside = [], {cur}
+    for e in eqns[start + 1:]:
+        if len(region) >= _MAX_REGION or id(e) in taken:
+            break
+        reads = [v for v in e.invars if isinstance(v, jcore.Var)]
+        if not any(v in inside for v in reads):
+            continue
+        if not _pointwise(e) or not all(v in inside or _is_scalar(v) for v in reads):
+            break
+        region.append(e)
+        inside.update(e.outvars)
+    activation = "none"
+    for n in range(len(region), 0, -1):
+        prefix = region[:n]
+        produced = {v for e in prefix for v in e.outvars} | {cur}
+        inner_uses = {}
+        for e in prefix:
+            for v in e.invars:
+                if isinstance(v, jcore.Var):
+                    inner_uses[v] = inner_uses.get(v, 0) + 1
+        last = prefix[-1].outvars[0]
+        # every value made inside the region (and cur) is used only inside it, but the last
+        if any(uses.get(v, 0) != inner_uses.get(v, 0) for v in produced if v is not last):
+            continue
+        name = _activation_of(prefix, cur)
+        if name is not None:
+            activation, absorbed, cur = name, absorbed + prefix, last
+            break
+    if not absorbed:
+        return None
+    return EpilogueMatch(absorbed, affine, residual, activation, cur)
