@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import inspect
 import os
 import warnings
 from typing import Any, Callable, Optional
@@ -19,7 +20,7 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
-from alt_jax import device, fusion, jaxpr_pass, runtime
+from alt_jax import device, fusion, jaxpr_pass, propagate, runtime
 from alt_jax.ops import registry
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
@@ -53,6 +54,7 @@ class PlanOptions:
     families: Optional[dict] = None
     fuse: bool = True          # absorb affine / residual / activation epilogues into kernels
     pack_weights: bool = True  # pack constant weights once, at plan time
+    propagate: bool = True     # keep conv activations channels-last between kernels
 
     def families_for(self, primitive) -> tuple:
         if self.families is None:
@@ -89,6 +91,15 @@ class Plan:
     decisions: list
     replacements: dict  # id(eqn) -> jaxpr_pass.Replacement | Group | SKIP
     jaxpr: Any = None   # the (flattened) program the replacements refer to
+    propagation: Any = None  # propagate.Propagation: layouts of values, conversions
+
+    @property
+    def conversions(self) -> list:
+        """Layout conversions of full-size values the plan inserted (program outputs too)."""
+        return list(self.propagation.conversions) if self.propagation else []
+
+    def finish(self, outs) -> list:
+        return self.propagation.finish(outs) if self.propagation else list(outs)
 
     @property
     def rewritten(self) -> list:
@@ -214,39 +225,42 @@ def _channel_axis(eqn) -> Optional[int]:
     return eqn.outvars[0].aval.ndim - 1 if rhs_free == 1 else None
 
 
-class _Refiner:
-    """Adds to each top-level kernel spec what its neighbourhood allows: a fused epilogue
-    (each equation is absorbed by one group only, the first in program order) and
-    prepacked weights when the rhs is a constant of the program."""
-
-    def __init__(self, flat, options: PlanOptions):
-        self.flat, self.options = flat, options
-        self.uses = fusion.uses_of(flat)
-        self.constvars = set(jaxpr_pass._open(flat).constvars)
-        self.taken: set = set()
-        self.matches: dict = {}  # id(anchor) -> EpilogueMatch
-
-    def __call__(self, eqn):
-        def refine(family, spec):
-            fields = {f.name for f in dataclasses.fields(spec)}
-            axis = _channel_axis(eqn)
-            if self.options.fuse and "epilogue" in fields and axis is not None:
-                match = fusion.find_epilogue(self.flat, eqn, axis, self.uses,
-                                             frozenset(self.taken))
-                if match is not None:
-                    self.matches[id(eqn)] = match
-                    self.taken.update(id(e) for e in match.eqns)
-                    spec = dataclasses.replace(spec, epilogue=match.epilogue)
-            if (self.options.pack_weights and "prepacked" in fields and
-                    hasattr(family, "pack_weights") and eqn.invars[1] in self.constvars):
-                spec = dataclasses.replace(spec, prepacked=True)
-            return spec
-        return refine
+def _fuses_epilogues(eqn, options: PlanOptions) -> bool:
+    """Whether the family that will take eqn (the first whose match() accepts it) can fuse
+    an epilogue: its spec carries one."""
+    for family in options.families_for(eqn.primitive):
+        try:
+            spec = family.match(eqn)
+        except Unsupported:
+            continue
+        return "epilogue" in {f.name for f in dataclasses.fields(spec)}
+    return False
 
 
-def _group(eqn, match, family, spec, knobs, kernel) -> jaxpr_pass.Group:
-    """One kernel call computing eqn and its absorbed epilogue; differentiable through the
-    original equations (their JVP, the user's custom rules included)."""
+def _find_groups(flat, options: PlanOptions) -> dict:
+    """id(anchor) -> (anchor, EpilogueMatch) for every top-level conv/matmul candidate; a
+    kernel without a fusable epilogue is a group of one (an empty match)."""
+    uses = fusion.uses_of(flat)
+    taken: set = set()
+    groups = {}
+    for eqn in jaxpr_pass._open(flat).eqns:
+        if not options.families_for(eqn.primitive):
+            continue
+        axis = _channel_axis(eqn)
+        match = None
+        if options.fuse and axis is not None and _fuses_epilogues(eqn, options):
+            match = fusion.find_epilogue(flat, eqn, axis, uses, frozenset(taken))
+        if match is None:
+            match = fusion.EpilogueMatch([], [], None, "none", eqn.outvars[0])
+        taken.update(id(e) for e in match.eqns)
+        groups[id(eqn)] = (eqn, match)
+    return groups
+
+
+def _group(eqn, match, prop, family=None, spec=None, knobs=None, kernel=None, isa=None):
+    """One call computing eqn and its absorbed epilogue on physical (permuted) arrays: the
+    kernel when there is one, else the original equations between layout conversions.
+    Differentiable through the original equations (their JVP, user rules included)."""
     members = [eqn, *match.eqns]
     produced = {v for e in members for v in e.outvars}
     invars = []
@@ -254,29 +268,47 @@ def _group(eqn, match, family, spec, knobs, kernel) -> jaxpr_pass.Group:
         for v in e.invars:
             if isinstance(v, jcore.Var) and v not in produced and v not in invars:
                 invars.append(v)
-    epi = spec.epilogue
-    n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)]
+    in_perms = [prop.perm(v) for v in invars]
+    out_perm = prop.perm(match.out_var)
+    logical = lambda v: tuple(range(len(v.aval.shape)))
 
-    def original(*vals):
-        env = dict(zip(invars, vals))
+    def original(*vals):  # physical in, physical out, through the logical program
+        env = {v: propagate.convert(x, p, logical(v)) for v, x, p in zip(invars, vals, in_perms)}
         for e in members:
             ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
             env.update(zip(e.outvars, jaxpr_pass._bind(e, ins)))
-        return env[match.out_var]
+        return propagate.convert(env[match.out_var], logical(match.out_var), out_perm)
+
+    if kernel is None:
+        return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [original(*vals)])
+
+    epi = getattr(spec, "epilogue", None)
+    n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)] if epi else 0
+    # The packed layout depends on the ISA the kernel was rendered for (panel widths).
+    takes_isa = "isa" in inspect.signature(family.pack_weights).parameters \
+        if hasattr(family, "pack_weights") else False
+    pack = (lambda w: family.pack_weights(spec, knobs, w, isa=isa)) if takes_isa else \
+        (lambda w: family.pack_weights(spec, knobs, w))
+    kernel_in = prop.kernel_in_perm[id(eqn)]
 
     def kernel_call(*vals):
         env = dict(zip(invars, vals))
+        perm_of = dict(zip(invars, in_perms))
         read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
-        lhs, rhs = read(eqn.invars[0]), read(eqn.invars[1])
-        if spec.prepacked:
+        lhs_var, rhs_var = eqn.invars[0], eqn.invars[1]
+        lhs = propagate.convert(read(lhs_var), perm_of.get(lhs_var, logical(lhs_var)), kernel_in)
+        rhs = propagate.convert(read(rhs_var), perm_of.get(rhs_var, logical(rhs_var)),
+                                logical(rhs_var))
+        if getattr(spec, "prepacked", False):
             with jax.ensure_compile_time_eval():  # a constant: pack it now, once
-                rhs = family.pack_weights(spec, knobs, rhs)
+                rhs = pack(rhs)
         ops = [lhs, rhs]
-        if epi.scale or epi.shift:
+        if epi is not None and (epi.scale or epi.shift):
             scale, shift = match.scale_shift([read(v) for _, v in match.affine], n_channels)
             ops += ([scale] if epi.scale else []) + ([shift] if epi.shift else [])
-        if epi.residual:
-            ops.append(read(match.residual))
+        if epi is not None and epi.residual:
+            r = match.residual
+            ops.append(propagate.convert(read(r), perm_of[r], out_perm))
         return family.lower(spec, kernel, ops)[0]
 
     call = jax.custom_jvp(kernel_call)
@@ -285,28 +317,19 @@ def _group(eqn, match, family, spec, knobs, kernel) -> jaxpr_pass.Group:
     return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])
 
 
-def _prepacked_replacement(eqn, family, spec, knobs, kernel):
-    def lower(ops):
-        lhs, rhs = ops
-        with jax.ensure_compile_time_eval():
-            rhs = family.pack_weights(spec, knobs, rhs)
-        return family.lower(spec, kernel, [lhs, rhs])
-    return make_replacement(eqn, lower)
+def _refine_for(match, prepack: bool):
+    def refine(family, spec):
+        fields = {f.name for f in dataclasses.fields(spec)}
+        if "epilogue" in fields and match.eqns:
+            spec = dataclasses.replace(spec, epilogue=match.epilogue)
+        if prepack and "prepacked" in fields and hasattr(family, "pack_weights"):
+            spec = dataclasses.replace(spec, prepacked=True)
+        return spec
+    return refine
 
 
-def make_plan(jaxpr, options: PlanOptions) -> Plan:
-    """Plans jaxpr (closed; jit bodies are inlined first so that epilogues and constant
-    weights are visible across them) and builds every chosen kernel."""
-    flat = jaxpr_pass.inline_calls(jaxpr)
-    top = {id(e) for e in jaxpr_pass._open(flat).eqns}
-    refiner = _Refiner(flat, options)
-    chosen = []
-    for where, eqn in _walk_with_where(flat):
-        if options.families_for(eqn.primitive):
-            refine = refiner(eqn) if id(eqn) in top else None
-            chosen.append((eqn, *_choose(eqn, where, options, refine)))
-
-    sources = {build[1].symbol: build[1] for _, _, build in chosen if build is not None}
+def _build_all(chosen, options):
+    sources = {build[1].symbol: build[1] for *_, build in chosen if build is not None}
     built: dict = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         futures = {sym: pool.submit(options.cache.build, src) for sym, src in sources.items()}
@@ -315,9 +338,47 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                 built[sym] = fut.result()
             except runtime.BuildError as e:
                 built[sym] = e
+    return built
 
+
+def make_plan(jaxpr, options: PlanOptions) -> Plan:
+    """Plans jaxpr (closed; jit bodies are inlined first so that epilogues, constant weights
+    and layouts are seen across them) and builds every chosen kernel.
+
+    Top level: groups (kernel + absorbed epilogue) -> layout propagation -> each conv's spec
+    is matched on the physical arrays it will see -> knobs, render, build. Ops inside
+    scan / cond / while bodies are replaced one by one, in their logical layouts."""
+    flat = jaxpr_pass.inline_calls(jaxpr)
+    groups = _find_groups(flat, options)
+    skipped = {id(e) for _, m in groups.values() for e in m.eqns}
+    conv = lax.conv_general_dilated_p
+    prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped)
+    prop.run(lambda e: propagate.channels_last(e.params["dimension_numbers"].out_spec)
+             if options.propagate and e.primitive is conv else
+             tuple(range(len(e.outvars[0].aval.shape))))
+    constvars = set(jaxpr_pass._open(flat).constvars)
+
+    chosen = []  # (eqn, where, decision, build)
+    for where, eqn in _walk_with_where(flat):
+        if not options.families_for(eqn.primitive):
+            continue
+        if id(eqn) in groups:
+            _, match = groups[id(eqn)]
+            view = eqn
+            if eqn.primitive is conv:
+                view = prop.kernel_eqn_view(eqn, prop.kernel_in_perm[id(eqn)],
+                                            prop.kernel_out_perm[id(eqn)])
+            prepack = options.pack_weights and eqn.invars[1] in constvars
+            decision, build = _choose(view, where, options, _refine_for(match, prepack))
+            decision = dataclasses.replace(decision, signature=_signature(eqn))
+        else:
+            decision, build = _choose(eqn, where, options)
+        chosen.append((eqn, decision, build))
+
+    built = _build_all(chosen, options)
     decisions, replacements = [], {}
     for eqn, decision, build in chosen:
+        kernel = None
         if build is not None:
             family, src = build
             result = built[src.symbol]
@@ -325,21 +386,25 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                 first = str(result).strip().splitlines()[0] if str(result).strip() else "?"
                 decision = dataclasses.replace(decision, reason=f"kernel build failed: {first}")
             else:
+                kernel = result
                 decision = dataclasses.replace(decision, kernel=result)
-                spec, knobs = decision.spec, decision.knobs
-                match = refiner.matches.get(id(eqn))
-                if match is not None:
-                    group = _group(eqn, match, family, spec, knobs, result)
-                    for member in [eqn, *match.eqns[:-1]]:
-                        replacements[id(member)] = jaxpr_pass.SKIP
-                    replacements[id(match.eqns[-1])] = group
-                elif getattr(spec, "prepacked", False):
-                    replacements[id(eqn)] = _prepacked_replacement(eqn, family, spec, knobs,
-                                                                   result)
-                else:
-                    lower = functools.partial(family.lower, spec, result)
-                    replacements[id(eqn)] = make_replacement(eqn, lower)
+        if id(eqn) in groups:
+            _, match = groups[id(eqn)]
+            if kernel is not None:
+                group = _group(eqn, match, prop, family, decision.spec, decision.knobs, kernel,
+                               options.isa)
+            else:
+                group = _group(eqn, match, prop)
+            last = match.eqns[-1] if match.eqns else eqn
+            for member in [eqn, *match.eqns]:
+                replacements[id(member)] = jaxpr_pass.SKIP
+            replacements[id(last)] = group
+        elif kernel is not None:
+            lower = functools.partial(family.lower, decision.spec, kernel)
+            replacements[id(eqn)] = make_replacement(eqn, lower)
         if not decision.on_kernel and not decision.reason.startswith("too small"):
             _fall_back(decision, options)
         decisions.append(decision)
-    return Plan(decisions, replacements, flat)
+    for key, run in prop.replacements.items():
+        replacements.setdefault(key, run)
+    return Plan(decisions, replacements, flat, prop)

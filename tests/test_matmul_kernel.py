@@ -2,7 +2,8 @@
 
 Entry points: pytest tests/test_matmul_kernel.py [-m slow]. Kernels run through
 runtime.run_numpy over a grid of dimension structures and a table of knob tuples; a few go
-through runtime.ffi_call inside jax.jit; match() and validate() refusals are checked too.
+through runtime.ffi_call inside jax.jit; match() and validate() refusals are checked too;
+fused epilogues against Epilogue.reference, prepacked weights against the unpacked kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from jax import lax
 
 from alt_jax import device, runtime
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 from alt_jax.ops.matmul import FAMILY, MatmulKnobs
 
 ISA = device.detect_isa()
@@ -277,3 +279,233 @@ def test_defaults_validate_and_symbols_differ():
             FAMILY.validate(spec, knobs, isa)
             symbols.add(FAMILY.render(spec, knobs, isa).symbol)
     assert len(symbols) == 3 * len(shapes)
+
+
+# ----------------------------------------------------------------- fused epilogue
+W = ISA.vector_floats
+EPILOGUES = [
+    Epilogue(shift=True),
+    Epilogue(scale=True, shift=True),
+    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
+    Epilogue(shift=True, activation="gelu_tanh"),
+    Epilogue(scale=True, shift=True, activation="relu6"),
+    Epilogue(activation="silu"),
+    Epilogue(activation="gelu_erf"),
+    Epilogue(residual=True),
+    Epilogue(scale=True, residual=True, activation="gelu_erf"),
+]
+FULL = EPILOGUES[2]
+assert {e.activation for e in EPILOGUES} == set(ACTIVATIONS)
+
+# (lhs, rhs, dn, knobs or None for the defaults); each has an M and an N remainder tile.
+EPI_LAYOUTS = {
+    # packed GEMM, K = 37 over kc = 16 (the epilogue rides the last of three updates)
+    "gemm": ((19, 37), (37, 29), PLAIN,
+             MatmulKnobs(mr=6, nv=2, kc=16, mc=12, nc=2 * W, pack_a=True, fuse_b=True)),
+    # B stored [N, K], few rows: dot tiles (defaults)
+    "dot": ((7, 13), (17, 13), (((1,), (1,)), ((), ())), None),
+    # 'mbk,bkn': batch items, B read in place with single-vector and single-float tails
+    "batch": ((11, 2, 23), (2, 23, 18), (((2,), (1,)), ((1,), (0,))),
+              MatmulKnobs(mr=4, nv=2, kc=8, mc=8, nc=2 * W, pack_a=False, pack_b=False,
+                          par="batch", unroll=2)),
+    # two rhs free dims (the channel is their flattening), defaults
+    "free2": ((5, 7), (7, 2, 3), PLAIN, None),
+}
+
+
+def _epi_operands(spec, epi, seed=2):
+    rng = np.random.default_rng(seed)
+    return {"scale": rng.uniform(0.5, 1.5, spec.n).astype(np.float32),
+            "shift": rng.standard_normal(spec.n, dtype=np.float32),
+            "residual": rng.standard_normal(spec.out_shape, dtype=np.float32)}
+
+
+def _epi_reference(spec, epi, raw, extra):
+    """Epilogue.reference over the flattened channel axis N (the result's last dims)."""
+    lead = spec.out_shape[:len(spec.out_shape) - len(spec.rhs_dims[2])]
+    y = jnp.reshape(raw, (*lead, spec.n))
+    res = extra["residual"].reshape(y.shape)
+    out = epi.reference(y, y.ndim - 1, extra["scale"], extra["shift"], res)
+    return np.asarray(out).reshape(spec.out_shape)
+
+
+def _epi_case(layout, epi, prepacked=False, knobs=None, seed=2):
+    lshape, rshape, dn, layout_knobs = EPI_LAYOUTS[layout] if isinstance(layout, str) else layout
+    spec = dataclasses.replace(FAMILY.match(_eqn(lshape, rshape, dn)), epilogue=epi,
+                               prepacked=prepacked)
+    knobs = knobs or layout_knobs or FAMILY.default_knobs(spec, ISA)
+    a, b = _operands(lshape, rshape, seed)
+    extra = _epi_operands(spec, epi, seed)
+    raw = lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
+    return spec, knobs, a, b, extra, _epi_reference(spec, epi, raw, extra)
+
+
+def _run_epi(cache, spec, knobs, a, b, extra):
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
+    if spec.prepacked:
+        y = np.asarray(FAMILY.pack_weights(spec, knobs, jnp.asarray(b)))
+    else:
+        y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, y, *(extra[n] for n in spec.epilogue.inputs())], [out])
+    return out, kernel
+
+
+@pytest.mark.parametrize("epi", EPILOGUES, ids=Epilogue.describe)
+@pytest.mark.parametrize("layout", ["gemm", "dot"])
+def test_epilogue(cache, layout, epi):
+    spec, knobs, a, b, extra, ref = _epi_case(layout, epi)
+    out, _ = _run_epi(cache, spec, knobs, a, b, extra)
+    err = _rel_err(out, ref)
+    assert err <= 1e-4, f"{layout} {epi.describe()} {knobs}: rel err {err}"
+
+
+@pytest.mark.parametrize("epi", [FULL, EPILOGUES[3]], ids=Epilogue.describe)
+@pytest.mark.parametrize("layout", ["batch", "free2"])
+def test_epilogue_more_layouts(cache, layout, epi):
+    spec, knobs, a, b, extra, ref = _epi_case(layout, epi)
+    out, _ = _run_epi(cache, spec, knobs, a, b, extra)
+    assert _rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epi", EPILOGUES, ids=Epilogue.describe)
+@pytest.mark.parametrize("layout", ["batch", "free2"])
+def test_epilogue_slow_layouts(cache, layout, epi):
+    spec, knobs, a, b, extra, ref = _epi_case(layout, epi)
+    out, _ = _run_epi(cache, spec, knobs, a, b, extra)
+    assert _rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("knobs", KNOBS[:3] + KNOBS[6:7], ids=str)
+def test_epilogue_knob_table(cache, knobs):
+    layout = KNOB_SHAPES[1] + (None,)  # 'bmk,bkn', N = 53: an N tail on every tile width
+    spec, knobs, a, b, extra, ref = _epi_case(layout, FULL, knobs=knobs)
+    out, _ = _run_epi(cache, spec, knobs, a, b, extra)
+    assert _rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("knobs", KNOBS + DOT_KNOBS, ids=str)
+def test_epilogue_knob_table_slow(cache, knobs):
+    layout = (DOT_SHAPES[1] if knobs.dot else KNOB_SHAPES[2]) + (None,)
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="silu")
+    for prepacked in (False, True):
+        spec, knobs, a, b, extra, ref = _epi_case(layout, epi, prepacked, knobs=knobs)
+        out, _ = _run_epi(cache, spec, knobs, a, b, extra)
+        assert _rel_err(out, ref) <= 1e-4, (knobs, prepacked)
+
+
+@pytest.mark.parametrize("epi", [FULL, EPILOGUES[3]], ids=Epilogue.describe)
+@pytest.mark.parametrize("layout", [
+    "gemm", "dot",
+    ((2, 3, 5, 7), (3, 2, 7, 4), (((3,), (2,)), ((0, 1), (1, 0))), None),  # rhs transposed
+], ids=str)
+def test_epilogue_ffi_call_in_jit(cache, layout, epi):
+    spec, knobs, a, b, extra, ref = _epi_case(layout, epi, seed=3)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    names = epi.inputs()
+    f = jax.jit(lambda x, y, *e: FAMILY.lower(spec, kernel, [x, y, *e])[0])
+    out = f(a, b, *(extra[n] for n in names))
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    assert _rel_err(np.asarray(out), ref) <= 1e-4
+
+
+def test_epilogue_in_symbol_and_identity_default():
+    spec = FAMILY.match(_eqn((19, 37), (37, 29), PLAIN))
+    assert spec.epilogue == Epilogue() and spec.epilogue.is_identity and not spec.prepacked
+    knobs = FAMILY.default_knobs(spec, ISA)
+    symbols = {FAMILY.render(dataclasses.replace(spec, epilogue=e), knobs, ISA).symbol
+               for e in [Epilogue()] + EPILOGUES}
+    assert len(symbols) == 1 + len(EPILOGUES)
+
+
+def test_lower_checks_operand_count(cache):
+    spec = dataclasses.replace(FAMILY.match(_eqn((4, 5), (5, 6), PLAIN)), epilogue=FULL)
+    kernel = cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, ISA), ISA))
+    with pytest.raises(ValueError, match="scale, shift, residual"):
+        FAMILY.lower(spec, kernel, [jnp.zeros((4, 5)), jnp.zeros((5, 6))])
+
+
+# ----------------------------------------------------------------- prepacked weights
+PACK_LAYOUTS = [
+    KNOB_SHAPES[0],                                                 # plain, odd sizes
+    KNOB_SHAPES[2],                                                 # 'mbk,bkn'
+    ((13, 7), (17, 13), (((0,), (1,)), ((), ()))),                  # B stored [N, K]
+    ((2, 3, 5, 7), (3, 2, 7, 4), (((3,), (2,)), ((0, 1), (1, 0)))),  # rhs needs a transpose
+]
+
+
+# The defaults and packed A / packed-up-front B, per-batch tasks, in-place B, fused B.
+PACK_KNOBS = [None, KNOBS[0], KNOBS[1], KNOBS[2], KNOBS[6]]
+
+
+@pytest.mark.parametrize("knobs", PACK_KNOBS, ids=str)
+@pytest.mark.parametrize("lshape,rshape,dn", [PACK_LAYOUTS[0], PACK_LAYOUTS[3]])
+def test_prepacked_matches_unpacked(cache, lshape, rshape, dn, knobs):
+    _check_prepacked(cache, lshape, rshape, dn, knobs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("knobs", [None, *KNOBS], ids=str)
+@pytest.mark.parametrize("lshape,rshape,dn", PACK_LAYOUTS)
+def test_prepacked_matches_unpacked_slow(cache, lshape, rshape, dn, knobs):
+    _check_prepacked(cache, lshape, rshape, dn, knobs)
+
+
+def _check_prepacked(cache, lshape, rshape, dn, knobs):
+    spec = FAMILY.match(_eqn(lshape, rshape, dn))
+    knobs = knobs or FAMILY.default_knobs(spec, ISA)
+    if not knobs.pack_b and spec.b_strides[2] != 1 and spec.n != 1:
+        pytest.skip("pack_b=False needs B contiguous along N (validate refuses it)")
+    pspec = dataclasses.replace(spec, prepacked=True)
+    FAMILY.validate(pspec, knobs, ISA)
+    a, b = _operands(lshape, rshape)
+    x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
+    y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
+    k0 = cache.build(FAMILY.render(spec, knobs, ISA))
+    k1 = cache.build(FAMILY.render(pspec, knobs, ISA))
+    want = np.full(spec.out_shape, np.nan, np.float32)
+    got = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(k0, [x, y], [want])
+    packed = np.asarray(FAMILY.pack_weights(pspec, knobs, jnp.asarray(b)))
+    runtime.run_numpy(k1, [x, packed], [got])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Packing B was the kernel's only B work: the prepacked one asks for none of it.
+    nr = knobs.nv * ISA.vector_floats
+    if knobs.pack_b and not knobs.dot:
+        assert packed.shape == (spec.batch, -(-spec.n // nr), spec.k, nr)
+        assert k1.workspace_bytes < k0.workspace_bytes
+        if not knobs.pack_a:
+            assert k1.workspace_bytes == 0
+    else:
+        assert k1.workspace_bytes == k0.workspace_bytes
+
+
+@pytest.mark.parametrize("knobs", [None, KNOBS[0], KNOBS[6]], ids=str)
+@pytest.mark.parametrize("lshape,rshape,dn", [PACK_LAYOUTS[1], PACK_LAYOUTS[3]])
+def test_prepacked_ffi_call_in_jit(cache, lshape, rshape, dn, knobs):
+    """pack_weights traces (it runs inside the jit here) and feeds the prepacked kernel."""
+    spec = dataclasses.replace(FAMILY.match(_eqn(lshape, rshape, dn)), prepacked=True,
+                               epilogue=FULL)
+    knobs = knobs or FAMILY.default_knobs(spec, ISA)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    a, b = _operands(lshape, rshape, seed=4)
+    extra = _epi_operands(spec, FULL, seed=4)
+
+    @jax.jit
+    def f(x, w, scale, shift, res):
+        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w), scale,
+                                           shift, res])[0]
+
+    out = f(a, b, extra["scale"], extra["shift"], extra["residual"])
+    raw = lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST)
+    assert _rel_err(np.asarray(out), _epi_reference(spec, FULL, raw, extra)) <= 1e-4
+
+
+def test_prepacked_validates_every_knob_tuple():
+    for lshape, rshape, dn in KNOB_SHAPES:
+        spec = FAMILY.match(_eqn(lshape, rshape, dn))
+        for knobs in KNOBS:
+            FAMILY.validate(dataclasses.replace(spec, prepacked=True), knobs, ISA)

@@ -5,9 +5,14 @@
 // Shapes and operand strides are compile-time constants, so every remainder below is known
 // to the compiler and only the edge kernels a shape needs are instantiated. A and B are read
 // through element strides (any dimension order the jaxpr had); C is dense [BATCH, M, N].
+// The fused epilogue C = act(C * scale[n] + shift[n] + residual[b, m, n]) is applied to each
+// register tile on its last rank-KC update, before the store. Inputs: A, B, then scale?,
+// shift?, residual? (ops/epilogue.py Epilogue.inputs()). With PREPACKED, B is the panel
+// array ops/matmul.py pack_weights() built once: [BATCH][NPB][K][NR], zero-padded along N.
 #include <stdint.h>
 #include <string.h>
 
+#include "alt_jax/epilogue.h"
 #include "alt_jax/kernel_abi.h"
 #include "alt_jax/simd.h"
 
@@ -31,6 +36,12 @@ constexpr bool SERIAL = @SERIAL@;  // every task on the calling thread (small pr
 // Dot-product tiles: vectors run along k (A and B both contiguous in k, e.g. B stored
 // [N, K] with few rows of A); a tile is MR rows x NV columns of C, one horizontal sum each.
 constexpr bool DOT = @DOT@;
+// B arrives packed into panels (inputs[1] is [BATCH][NPB][K][NR]): nothing to pack per call.
+constexpr bool PREPACKED = @PREPACKED@;
+// Fused epilogue: activation code (ALT_ACT_*) and which per-column / per-element terms exist.
+constexpr int ACT = @ACT@;
+constexpr bool SCALE = @SCALE@, SHIFT = @SHIFT@, RESIDUAL = @RESIDUAL@;
+constexpr bool HAS_EPI = SCALE || SHIFT || RESIDUAL || ACT != ALT_ACT_NONE;
 
 static_assert(MC % MR == 0, "a task's row block must hold whole register tiles");
 static_assert(NC % (DOT ? NV : NR) == 0, "a task's column block must hold whole tiles");
@@ -39,6 +50,7 @@ static_assert(PACK_B || !FUSE_B, "FUSE_B packs B, so it needs PACK_B");
 static_assert(KC >= 1 && KC <= K, "KC is clamped to K by the renderer");
 static_assert(!DOT || (A_SK == 1 && B_SK == 1 && !PACK_A && !PACK_B && KC == K),
               "dot tiles read A and B in place along contiguous k, in one pass");
+static_assert(!PREPACKED || (PACK_B && !DOT), "prepacked B is read as panels");
 
 constexpr int64_t NPA = (M + MR - 1) / MR;  // A panels (the last zero-padded)
 constexpr int64_t NPB = (N + NR - 1) / NR;  // B panels
@@ -50,18 +62,45 @@ constexpr int64_t NI = FUSE_B ? 1 : NIC;
 constexpr int64_t MI = FUSE_B ? M : MC;
 constexpr int64_t NTASKS = PAR_BATCH ? BATCH : BATCH * NI * NJC;
 constexpr int64_t TASK_COLS = PAR_BATCH ? NPB * NR : NC;
+// Tasks pack their own B slice (FUSE_B keeps its task shape when B comes prepacked).
+constexpr bool FUSE_PACK = FUSE_B && !PREPACKED;
+// Elements between batch items of the B the kernel reads.
+constexpr int64_t B_ITEM = PREPACKED ? NPB * K * NR : B_SB;
 
 // Workspace (floats): packed A of every batch item, then either packed B of every batch
 // item, or (FUSE_B) one KC x TASK_COLS slice per worker. Workers are at most SLOTS; only
 // the slices the running threads use are ever touched (fresh pages cost faults per call).
 constexpr int64_t AP_FLOATS = PACK_A ? NPA * MR * K : 0;           // per batch item
-constexpr int64_t BP_FLOATS = PACK_B && !FUSE_B ? NPB * NR * K : 0;  // per batch item
-constexpr int64_t SLOT_FLOATS = FUSE_B ? KC * TASK_COLS : 0;
-constexpr int64_t SLOTS = FUSE_B ? (SERIAL ? 1 : NTASKS < 16 ? NTASKS : 16) : 0;
+constexpr int64_t BP_FLOATS = PACK_B && !FUSE_B && !PREPACKED ? NPB * NR * K : 0;  // per item
+constexpr int64_t SLOT_FLOATS = FUSE_PACK ? KC * TASK_COLS : 0;
+constexpr int64_t SLOTS = FUSE_PACK ? (SERIAL ? 1 : NTASKS < 16 ? NTASKS : 16) : 0;
 constexpr int64_t WS_FLOATS = BATCH * (AP_FLOATS + BP_FLOATS) + SLOTS * SLOT_FLOATS;
 static_assert(WS_FLOATS * 4 == @WORKSPACE_BYTES@, "workspace size agrees with ops/matmul.py");
 // Rows of the last register tile when A is read in place (packed A is padded instead).
 constexpr int M_TAIL = (M % MR) ? int(M % MR) : MR;
+
+// Epilogue operands of one tile: scale / shift at its first column, residual at its first
+// element (same offset as the tile's C pointer). Unused members are null.
+struct Epi {
+  const float* scale;
+  const float* shift;
+  const float* res;
+  ALT_INLINE Epi at(int64_t i, int64_t j) const {
+    return Epi{SCALE ? scale + j : nullptr, SHIFT ? shift + j : nullptr,
+               RESIDUAL ? res + i * N + j : nullptr};
+  }
+};
+
+// act(x * scale + shift + residual) on VW columns (from column j of row i of the tile e
+// addresses); terms absent are compiled out.
+template <int VW>
+ALT_INLINE typename altv<VW>::type epilogue(typename altv<VW>::type x, const Epi& e, int i,
+                                            int j) {
+  if constexpr (SCALE) x = x * vload<VW>(e.scale + j);
+  if constexpr (SHIFT) x = x + vload<VW>(e.shift + j);
+  if constexpr (RESIDUAL) x = x + vload<VW>(e.res + i * N + j);
+  return alt_activate<VW, ACT>(x);
+}
 
 // Broadcast x to every lane. simd.h's vbroadcast computes {} + x, which GCC cannot fold
 // (0 + -0 is +0), so it costs a vaddss per broadcast in the hot loop; x - {} is exact for
@@ -74,10 +113,11 @@ ALT_INLINE typename altv<VW>::type bcast(float x) {
 
 // One register tile: C[R x NVV*VW] (+)= A[R x kc] * B[kc x NVV*VW]. A is addressed
 // a[i*ARS + k*AKS] and broadcast from memory; B rows are b[k*BKS ...]. Only the first
-// rows x cols of the tile are stored (the rest is panel padding).
-template <int R, int NVV, int VW, int64_t ARS, int64_t AKS, int64_t BKS>
+// rows x cols of the tile are stored (the rest is panel padding). EPI: this is the last
+// rank-KC update, so the epilogue is applied to the finished tile before the store.
+template <int R, int NVV, int VW, int64_t ARS, int64_t AKS, int64_t BKS, bool EPI>
 ALT_INLINE void micro(int64_t kc, const float* ALT_RESTRICT a, const float* ALT_RESTRICT b,
-                      float* ALT_RESTRICT c, int rows, int cols, bool accumulate) {
+                      float* ALT_RESTRICT c, const Epi& e, int rows, int cols, bool accumulate) {
   typedef typename altv<VW>::type V;
   V acc[R][NVV];
 #pragma GCC unroll 16
@@ -89,6 +129,10 @@ ALT_INLINE void micro(int64_t kc, const float* ALT_RESTRICT a, const float* ALT_
   for (int i = 0; i < R; ++i) {
     __builtin_prefetch(c + i * N, 1);
     __builtin_prefetch(c + i * N + NVV * VW - 1, 1);
+    if constexpr (EPI && RESIDUAL) {
+      __builtin_prefetch(e.res + i * N, 0);
+      __builtin_prefetch(e.res + i * N + NVV * VW - 1, 0);
+    }
   }
 #pragma GCC unroll @UNROLL@
   for (int64_t k = 0; k < kc; ++k) {
@@ -110,16 +154,22 @@ ALT_INLINE void micro(int64_t kc, const float* ALT_RESTRICT a, const float* ALT_
         float* p = c + i * N + v * VW;
         V x = acc[i][v];
         if (accumulate) x += vload<VW>(p);
+        if constexpr (EPI)
+          x = epilogue<VW>(x, e, i, v * VW);
         vstore<VW>(p, x);
       }
     return;
   }
-  // Edge tile: spill to the stack, then copy the valid part.
+  // Edge tile: spill to the stack, then finish the valid part one float at a time.
   float t[R][NVV * VW];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NVV; ++v) vstore<VW>(&t[i][v * VW], acc[i][v]);
   for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < cols; ++j) c[i * N + j] = (accumulate ? c[i * N + j] : 0.0f) + t[i][j];
+    for (int j = 0; j < cols; ++j) {
+      float x = (accumulate ? c[i * N + j] : 0.0f) + t[i][j];
+      if constexpr (EPI) x = epilogue<1>(x, e, i, j);
+      c[i * N + j] = x;
+    }
 }
 
 // Addressing of A and B inside micro(): packed panels or the caller's buffers.
@@ -129,25 +179,27 @@ constexpr int64_t BKS = PACK_B ? NR : B_SK;
 
 // R rows, any columns up to NR. In-place B has no padding, so a partial column tile is
 // covered by single vectors and then single floats.
-template <int R>
-ALT_INLINE void tile_rows(int64_t kc, const float* a, const float* b, float* c, int rows,
-                          int cols, bool accumulate) {
+template <int R, bool EPI>
+ALT_INLINE void tile_rows(int64_t kc, const float* a, const float* b, float* c, const Epi& e,
+                          int rows, int cols, bool accumulate) {
   if (PACK_B || cols == NR) {
-    micro<R, NV, W, ARS, AKS, BKS>(kc, a, b, c, rows, cols, accumulate);
+    micro<R, NV, W, ARS, AKS, BKS, EPI>(kc, a, b, c, e, rows, cols, accumulate);
     return;
   }
   int j = 0;
   for (; j + W <= cols; j += W)
-    micro<R, 1, W, ARS, AKS, BKS>(kc, a, b + j, c + j, rows, W, accumulate);
-  for (; j < cols; ++j) micro<R, 1, 1, ARS, AKS, BKS>(kc, a, b + j, c + j, rows, 1, accumulate);
+    micro<R, 1, W, ARS, AKS, BKS, EPI>(kc, a, b + j, c + j, e.at(0, j), rows, W, accumulate);
+  for (; j < cols; ++j)
+    micro<R, 1, 1, ARS, AKS, BKS, EPI>(kc, a, b + j, c + j, e.at(0, j), rows, 1, accumulate);
 }
 
-ALT_INLINE void tile(int64_t kc, const float* a, const float* b, float* c, int rows, int cols,
-                     bool accumulate) {
+template <bool EPI>
+ALT_INLINE void tile(int64_t kc, const float* a, const float* b, float* c, const Epi& e,
+                     int rows, int cols, bool accumulate) {
   if (PACK_A || rows == MR)
-    tile_rows<MR>(kc, a, b, c, rows, cols, accumulate);
+    tile_rows<MR, EPI>(kc, a, b, c, e, rows, cols, accumulate);
   else
-    tile_rows<M_TAIL>(kc, a, b, c, rows, cols, accumulate);
+    tile_rows<M_TAIL, EPI>(kc, a, b, c, e, rows, cols, accumulate);
 }
 
 ALT_INLINE float hsum(typename altv<W>::type v) {
@@ -163,7 +215,7 @@ ALT_INLINE float hsum(typename altv<W>::type v) {
 // R times; the k tail (K % W) is finished in scalar code.
 template <int R, int J>
 ALT_INLINE void dot_tile(const float* ALT_RESTRICT a, const float* ALT_RESTRICT b,
-                         float* ALT_RESTRICT c) {
+                         float* ALT_RESTRICT c, const Epi& e) {
   typedef typename altv<W>::type V;
   V acc[R][J];
 #pragma GCC unroll 16
@@ -187,6 +239,7 @@ ALT_INLINE void dot_tile(const float* ALT_RESTRICT a, const float* ALT_RESTRICT 
     for (int j = 0; j < J; ++j) {
       float t = hsum(acc[i][j]);
       for (int64_t k = KV; k < K; ++k) t += a[i * A_SM + k] * b[j * B_SN + k];
+      if constexpr (HAS_EPI) t = epilogue<1>(t, e, i, j);
       c[i * N + j] = t;
     }
 }
@@ -196,23 +249,25 @@ ALT_INLINE void dot_tile(const float* ALT_RESTRICT a, const float* ALT_RESTRICT 
 // tile of the matrix is partial, with sizes known here.
 constexpr int N_TAIL = (N % NV) ? int(N % NV) : NV;
 template <int R>
-ALT_INLINE void dot_cols(const float* a, const float* b, float* c, bool full_cols) {
+ALT_INLINE void dot_cols(const float* a, const float* b, float* c, const Epi& e,
+                         bool full_cols) {
   if (full_cols)
-    dot_tile<R, NV>(a, b, c);
+    dot_tile<R, NV>(a, b, c, e);
   else
-    dot_tile<R, N_TAIL>(a, b, c);
+    dot_tile<R, N_TAIL>(a, b, c, e);
 }
-void dot_block(const float* A, const float* B, float* C, int64_t i0, int64_t i1, int64_t j0,
-               int64_t j1) {
+void dot_block(const float* A, const float* B, float* C, const Epi& e, int64_t i0, int64_t i1,
+               int64_t j0, int64_t j1) {
   for (int64_t ic = i0; ic < i1; ic += MC) {
     const int64_t ie = ic + MC < i1 ? ic + MC : i1;
     for (int64_t j = j0; j < j1; j += NV) {
       const bool full_cols = j + NV <= j1;
       for (int64_t ir = ic; ir < ie; ir += MR) {
         if (ir + MR <= ie)
-          dot_cols<MR>(A + ir * A_SM, B + j * B_SN, C + ir * N + j, full_cols);
+          dot_cols<MR>(A + ir * A_SM, B + j * B_SN, C + ir * N + j, e.at(ir, j), full_cols);
         else
-          dot_cols<M_TAIL>(A + ir * A_SM, B + j * B_SN, C + ir * N + j, full_cols);
+          dot_cols<M_TAIL>(A + ir * A_SM, B + j * B_SN, C + ir * N + j, e.at(ir, j),
+                           full_cols);
       }
     }
   }
@@ -290,37 +345,53 @@ void pack_b(const float* ALT_RESTRICT B, int64_t p, int64_t k0, int64_t k1,
   }
 }
 
+// One rank-kc update (depth pc .. pc+kc) of rows [i0, i1) x columns [j0, j1): row blocks
+// of MC (A block in L2), then a B micro-panel (stays in L1) against every A tile of the
+// block. EPI: the last update, which applies the epilogue.
+template <bool EPI>
+void rank_update(const float* A, const float* B, const float* Ap, const float* Bp, float* C,
+                 const Epi& e, int64_t pc, int64_t kc, int64_t i0, int64_t i1, int64_t j0,
+                 int64_t j1) {
+  const bool accumulate = pc > 0;
+  for (int64_t ic = i0; ic < i1; ic += MC) {
+    const int64_t ie = ic + MC < i1 ? ic + MC : i1;
+    for (int64_t jr = j0; jr < j1; jr += NR) {
+      const int cols = int(j1 - jr < NR ? j1 - jr : NR);
+      const float* b = FUSE_PACK ? Bp + ((jr - j0) / NR) * KC * NR
+                       : PACK_B  ? Bp + (jr / NR) * K * NR + pc * NR
+                                 : B + pc * B_SK + jr;
+      for (int64_t ir = ic; ir < ie; ir += MR) {
+        const int rows = int(ie - ir < MR ? ie - ir : MR);
+        const float* a =
+            PACK_A ? Ap + (ir / MR) * K * MR + pc * MR : A + ir * A_SM + pc * A_SK;
+        tile<EPI>(kc, a, b, C + ir * N + jr, e.at(ir, jr), rows, cols, accumulate);
+      }
+    }
+  }
+}
+
 // Rows [i0, i1) x columns [j0, j1) of one batch item, all of K. Loop order per BLIS:
-// rank-KC updates outermost, then row blocks of MC (A block in L2), then a B micro-panel
-// (stays in L1) against every A tile of the block. With FUSE_B the task packs its own
-// KC x (j1-j0) slice of B right before use, so the packed copy is still in L2 when read.
-void block(const float* A, const float* B, const float* Ap, float* Bp, float* C,
+// rank-KC updates outermost, then rank_update's blocks. With FUSE_PACK the task packs its
+// own KC x (j1-j0) slice of B right before use, so the packed copy is still in L2 when read.
+// Bp: the B panels (workspace, or the prepacked input), or the task's slice.
+void block(const float* A, const float* B, const float* Ap, float* Bp, float* C, const Epi& e,
            int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   if (DOT) {
-    dot_block(A, B, C, i0, i1, j0, j1);
+    dot_block(A, B, C, e, i0, i1, j0, j1);
     return;
   }
   for (int64_t pc = 0; pc < K; pc += KC) {
     const int64_t kc = K - pc < KC ? K - pc : KC;
-    const bool accumulate = pc > 0;
-    if (FUSE_B)  // j0 is a multiple of NR; the slice holds panels [j0/NR, ...) of kc rows
+    if (FUSE_PACK)  // j0 is a multiple of NR; the slice holds panels [j0/NR, ...) of kc rows
       for (int64_t p = j0 / NR; p * NR < j1; ++p)
         pack_b(B, p, pc, pc + kc, Bp + (p - j0 / NR) * KC * NR);
-    for (int64_t ic = i0; ic < i1; ic += MC) {
-      const int64_t ie = ic + MC < i1 ? ic + MC : i1;
-      for (int64_t jr = j0; jr < j1; jr += NR) {
-        const int cols = int(j1 - jr < NR ? j1 - jr : NR);
-        const float* b = FUSE_B   ? Bp + ((jr - j0) / NR) * KC * NR
-                         : PACK_B ? Bp + (jr / NR) * K * NR + pc * NR
-                                  : B + pc * B_SK + jr;
-        for (int64_t ir = ic; ir < ie; ir += MR) {
-          const int rows = int(ie - ir < MR ? ie - ir : MR);
-          const float* a =
-              PACK_A ? Ap + (ir / MR) * K * MR + pc * MR : A + ir * A_SM + pc * A_SK;
-          tile(kc, a, b, C + ir * N + jr, rows, cols, accumulate);
-        }
+    if constexpr (HAS_EPI) {
+      if (pc + kc >= K) {
+        rank_update<true>(A, B, Ap, Bp, C, e, pc, kc, i0, i1, j0, j1);
+        continue;
       }
     }
+    rank_update<false>(A, B, Ap, Bp, C, e, pc, kc, i0, i1, j0, j1);
   }
 }
 
@@ -341,25 +412,37 @@ struct Buffers {
   const float* B;
   float* C;
   float* ws;
+  Epi epi;  // scale / shift, and the residual of batch item 0
+  Epi item(int64_t bi) const {
+    return Epi{epi.scale, epi.shift, RESIDUAL ? epi.res + bi * M * N : nullptr};
+  }
   float* ap(int64_t bi) const { return ws + bi * AP_FLOATS; }
   float* bp(int64_t bi) const { return ws + BATCH * AP_FLOATS + bi * BP_FLOATS; }
   float* slot(int64_t s) const { return ws + BATCH * (AP_FLOATS + BP_FLOATS) + s * SLOT_FLOATS; }
 };
 
-// Task t; `slice` is the caller's B slice when FUSE_B.
+// Panels block() reads for batch item bi: the caller's slice (FUSE_PACK), the prepacked
+// input, or the workspace.
+ALT_INLINE float* b_panels(const Buffers& x, int64_t bi, float* slice) {
+  if (FUSE_PACK) return slice;
+  if (PREPACKED) return const_cast<float*>(x.B + bi * B_ITEM);  // read only
+  return x.bp(bi);
+}
+
+// Task t; `slice` is the caller's B slice when FUSE_PACK.
 void run_task(const Buffers& x, int64_t t, float* slice) {
   if (PAR_BATCH) {
     const float* A = x.A + t * A_SB;
-    const float* B = x.B + t * B_SB;
+    const float* B = x.B + t * B_ITEM;
     for (int64_t j = 0; j < PACK_JOBS; ++j) pack_job(A, B, x.ap(t), x.bp(t), j);
-    block(A, B, x.ap(t), FUSE_B ? slice : x.bp(t), x.C + t * M * N, 0, M, 0, N);
+    block(A, B, x.ap(t), b_panels(x, t, slice), x.C + t * M * N, x.item(t), 0, M, 0, N);
     return;
   }
   const int64_t bi = t / (NI * NJC), ic = (t / NJC) % NI, jc = t % NJC;
   const int64_t i1 = (ic + 1) * MI < M ? (ic + 1) * MI : M;
   const int64_t j1 = (jc + 1) * NC < N ? (jc + 1) * NC : N;
-  block(x.A + bi * A_SB, x.B + bi * B_SB, x.ap(bi), FUSE_B ? slice : x.bp(bi),
-        x.C + bi * M * N, ic * MI, i1, jc * NC, j1);
+  block(x.A + bi * A_SB, x.B + bi * B_ITEM, x.ap(bi), b_panels(x, bi, slice),
+        x.C + bi * M * N, x.item(bi), ic * MI, i1, jc * NC, j1);
 }
 
 }  // namespace
@@ -369,26 +452,31 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
   // Without a runtime alt_parallel_for runs inline: below ~1 MFLOP waking the pool costs
   // more than the work.
   const alt_runtime* rt = SERIAL ? nullptr : runtime;
+  // Epilogue inputs follow A and B in the order scale, shift, residual (those present).
+  constexpr int I_SCALE = 2, I_SHIFT = I_SCALE + SCALE, I_RES = I_SHIFT + SHIFT;
+  const Epi epi{SCALE ? static_cast<const float*>(inputs[I_SCALE]) : nullptr,
+                SHIFT ? static_cast<const float*>(inputs[I_SHIFT]) : nullptr,
+                RESIDUAL ? static_cast<const float*>(inputs[I_RES]) : nullptr};
   const Buffers x{static_cast<const float*>(inputs[0]), static_cast<const float*>(inputs[1]),
                   static_cast<float*>(outputs[0]),
-                  WS_FLOATS ? static_cast<float*>(outputs[1]) : nullptr};
+                  WS_FLOATS ? static_cast<float*>(outputs[1]) : nullptr, epi};
   if (!PAR_BATCH && PACK_JOBS > 0) {
     // Up-front packing pass (all batch items), then a barrier, then the compute tasks.
     constexpr int64_t jobs = PACK_JOBS > 0 ? PACK_JOBS : 1;  // not a template: compiled
     alt_parallel_for(rt, BATCH * jobs, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t bi = t / jobs;
-        pack_job(x.A + bi * A_SB, x.B + bi * B_SB, x.ap(bi), x.bp(bi), t % jobs);
+        pack_job(x.A + bi * A_SB, x.B + bi * B_ITEM, x.ap(bi), x.bp(bi), t % jobs);
       }
     });
   }
-  if (!FUSE_B) {
+  if (!FUSE_PACK) {
     alt_parallel_for(rt, NTASKS, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) run_task(x, t, nullptr);
     });
     return 0;
   }
-  // FUSE_B: one worker per thread, each owning a B slice (its chunk's first index is unique
+  // FUSE_PACK: one worker per thread, each owning a B slice (its chunk's first index is unique
   // among running chunks), pulling tasks from a shared counter for dynamic balance.
   const int64_t threads = rt ? rt->num_threads : 1;
   const int64_t workers = threads < SLOTS ? (threads > 0 ? threads : 1) : SLOTS;

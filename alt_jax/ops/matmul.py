@@ -1,6 +1,7 @@
 """The matmul family: dot_general as a batched GEMM C[b] = A[b] @ B[b] on generated kernels.
 
-Entry points: FAMILY (MatmulFamily), MatmulSpec, MatmulKnobs; template codegen/matmul.cc.
+Entry points: FAMILY (MatmulFamily: match, render, lower, pack_weights), MatmulSpec,
+MatmulKnobs; template codegen/matmul.cc (fused epilogue over N, optional prepacked B).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from alt_jax.codegen import render as rn
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.epilogue import Epilogue
 
 _MAX_DIM = 2**40
 _MAX_WORKSPACE = 2**31  # bytes; past this a knob choice is refused, not attempted
@@ -24,6 +26,13 @@ class MatmulSpec:
     a_strides = (batch, m, k) and b_strides = (batch, k, n) address the arrays lower()
     passes to the kernel: the equation's operands, or, where a group of dims cannot be
     flattened into one stride, those operands transposed by lhs_perm / rhs_perm.
+    rhs_dims = (batch dims, contracting dims, free dims) of the original rhs, each in the
+    order the kernel flattens them (pack_weights reads B through them).
+
+    epilogue: fused into the store (the planner sets it); its channel is N, so scale and
+    shift have length N and index the result's last (flattened rhs free) dims, and the
+    residual has the result's shape. prepacked: the rhs operand is pack_weights' output
+    for the knobs the kernel is rendered with, not the equation's rhs.
     """
 
     batch: int
@@ -35,6 +44,9 @@ class MatmulSpec:
     lhs_perm: tuple[int, ...] | None
     rhs_perm: tuple[int, ...] | None
     out_shape: tuple[int, ...]
+    rhs_dims: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ((), (), ())
+    epilogue: Epilogue = Epilogue()
+    prepacked: bool = False
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -167,7 +179,7 @@ class MatmulFamily:
         (a_sb, a_sm, a_sk), lperm = _operand_strides(ls, [lb, lfree, lk], [*lb, *lfree, *lk])
         (b_sb, b_sk, b_sn), rperm = _operand_strides(rs, [rb, rk, rfree], [*rb, *rk, *rfree])
         return MatmulSpec(batch, m, n, k, (a_sb, a_sm, a_sk), (b_sb, b_sk, b_sn), lperm, rperm,
-                          out_shape)
+                          out_shape, rhs_dims=(tuple(rb), tuple(rk), tuple(rfree)))
 
     def flops(self, spec: MatmulSpec) -> int:
         return 2 * spec.batch * spec.m * spec.n * spec.k
@@ -301,13 +313,20 @@ class MatmulFamily:
             raise KnobError(f"nc={knobs.nc} must be a multiple of nv={knobs.nv} with dot=True")
 
     @staticmethod
-    def _workspace_bytes(spec, knobs, isa) -> int:
+    def _reads_packed_b(spec, knobs) -> bool:
+        """The kernel reads B as pack_weights' panels (else B in place, canonicalised)."""
+        return spec.prepacked and knobs.pack_b and not knobs.dot
+
+    @classmethod
+    def _workspace_bytes(cls, spec, knobs, isa) -> int:
         """Mirrors WS_FLOATS in matmul.cc (a static_assert there checks the two agree)."""
         cdiv = lambda a, b: -(-a // b)
         nr = knobs.nv * isa.vector_floats
-        fuse = knobs.pack_b and knobs.fuse_b
+        prepacked = cls._reads_packed_b(spec, knobs)
+        fuse = knobs.pack_b and knobs.fuse_b and not prepacked
         a_panels = cdiv(spec.m, knobs.mr) * knobs.mr * spec.k if knobs.pack_a else 0
-        b_panels = cdiv(spec.n, nr) * nr * spec.k if knobs.pack_b and not fuse else 0
+        b_panels = (cdiv(spec.n, nr) * nr * spec.k
+                    if knobs.pack_b and not knobs.fuse_b and not prepacked else 0)
         floats = spec.batch * (a_panels + b_panels)
         if fuse:
             ntasks = (spec.batch if knobs.par == "batch" else
@@ -322,6 +341,11 @@ class MatmulFamily:
         from alt_jax import runtime
 
         self.validate(spec, knobs, isa)
+        if not isinstance(spec.epilogue, Epilogue):
+            raise rn.RenderError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
+        if not isinstance(spec.prepacked, bool):
+            raise rn.RenderError(f"spec.prepacked={spec.prepacked!r} must be a bool")
+        epi = spec.epilogue
         # Length-1 axes have no layout: canonical strides, so B may be read in place and
         # k counts as contiguous.
         a_sb, a_sm, a_sk = spec.a_strides
@@ -340,29 +364,69 @@ class MatmulFamily:
             "FUSE_B": knobs.fuse_b, "DOT": knobs.dot,
             "PAR_BATCH": knobs.par == "batch", "SERIAL": knobs.par == "serial",
             "UNROLL": knobs.unroll,
+            "PREPACKED": self._reads_packed_b(spec, knobs),
+            "ACT": rn.check_int("epilogue activation code", epi.activation_code, 0, 15),
+            "SCALE": epi.scale, "SHIFT": epi.shift, "RESIDUAL": epi.residual,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
-        # The symbol hashes exactly what reaches the source (with the template), so knob
-        # tuples that render the same kernel (e.g. any kc >= K) share one build.
+        # The symbol hashes exactly what reaches the source (with the template and the
+        # epilogue), so knob tuples that render the same kernel (e.g. any kc >= K) share one
+        # build.
         template = rn.load_template("matmul.cc")
-        digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
+        digest = hashlib.sha256(
+            repr((sorted(values.items()), epi, template)).encode()).hexdigest()
         symbol = f"alt_matmul_{digest[:16]}"
         code = rn.render(template, {"SYMBOL": symbol, **values})
         return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
 
     def lower(self, spec: MatmulSpec, kernel, operands: Sequence) -> Sequence:
+        """operands: [lhs, rhs, scale?, shift?, residual?] (Epilogue.inputs() order); with
+        spec.prepacked the rhs is pack_weights' output and is passed through untouched."""
         import jax
         import jax.numpy as jnp
 
         from alt_jax import runtime
 
-        lhs, rhs = operands
+        names = spec.epilogue.inputs()
+        if len(operands) != 2 + len(names):
+            raise ValueError(f"matmul lower: expected lhs, rhs{''.join(', ' + n for n in names)}"
+                             f" ({2 + len(names)} operands), got {len(operands)}")
+        lhs, rhs, *extra = operands
         if spec.lhs_perm is not None:
             lhs = jnp.transpose(lhs, spec.lhs_perm)
-        if spec.rhs_perm is not None:
+        if spec.rhs_perm is not None and not spec.prepacked:
             rhs = jnp.transpose(rhs, spec.rhs_perm)
+        # scale / shift index the flattened N; the residual is dense in the result's shape.
+        shapes = {"scale": (spec.n,), "shift": (spec.n,), "residual": spec.out_shape}
+        extra = [jnp.reshape(jnp.asarray(x, jnp.float32), shapes[n]) for n, x in zip(names, extra)]
         out = jax.ShapeDtypeStruct(spec.out_shape, jnp.float32)
-        return runtime.ffi_call(kernel, [lhs, rhs], [out])
+        return runtime.ffi_call(kernel, [lhs, rhs, *extra], [out])
+
+    # ---------------------------------------------------------------- weights
+    def pack_weights(self, spec: MatmulSpec, knobs: MatmulKnobs, rhs, isa=None):
+        """The rhs (the equation's, original layout) as the kernel rendered for (spec with
+        prepacked=True, knobs) reads it: jnp only, so it traces and XLA fuses it.
+
+        pack_b (not dot): B[batch, k, n] cut into nr-wide panels, zero-padded along N,
+        shape [batch, ceil(N/nr), K, nr] (nr = nv * isa.vector_floats). Otherwise the kernel
+        reads B in place: the rhs canonicalised by rhs_perm, as lower() would pass it.
+        """
+        import jax.numpy as jnp
+
+        from alt_jax import device
+
+        isa = isa or device.detect_isa()
+        if not (knobs.pack_b and not knobs.dot):
+            return jnp.transpose(rhs, spec.rhs_perm) if spec.rhs_perm is not None else rhs
+        rb, rk, rfree = spec.rhs_dims
+        if len(rb) + len(rk) + len(rfree) != rhs.ndim:
+            raise ValueError(f"pack_weights: spec.rhs_dims={spec.rhs_dims} do not cover the "
+                             f"rhs of shape {rhs.shape}: build the spec with match()")
+        nr = knobs.nv * isa.vector_floats
+        npb = -(-spec.n // nr)
+        b = jnp.reshape(jnp.transpose(rhs, (*rb, *rk, *rfree)), (spec.batch, spec.k, spec.n))
+        b = jnp.pad(b, ((0, 0), (0, 0), (0, npb * nr - spec.n)))
+        return jnp.transpose(jnp.reshape(b, (spec.batch, spec.k, npb, nr)), (0, 2, 1, 3))
 
 
 FAMILY = MatmulFamily()

@@ -1,0 +1,236 @@
+"""Layout propagation over a flat jaxpr: which physical layout every value is kept in, and
+where a conversion is needed. Layouts here are permutations of a value's logical axes
+(physical = transpose(logical, perm)); conv kernels read any permutation and write
+channels-last, elementwise ops, pools and reductions run on the permuted arrays (their small
+broadcast operands are transposed instead), and everything else, and the program's outputs,
+get one conversion back to the logical layout.
+
+Entry points: Propagation(flat, kernel_groups).run(conv_out_perm) -> itself;
+.perm(var), .replacements (id(eqn) -> Replacement), .finish(outs), .conversions,
+.kernel_eqn_view(eqn) (a conv equation as its kernel sees the physical arrays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+from jax.extend.core import primitives as P
+
+from alt_jax import jaxpr_pass
+
+_ELEMENTWISE = {lax.add_p, lax.sub_p, lax.mul_p, lax.div_p, lax.max_p, lax.min_p, lax.neg_p,
+                lax.exp_p, lax.tanh_p, lax.logistic_p, lax.erf_p, lax.integer_pow_p, lax.pow_p,
+                lax.sqrt_p, lax.rsqrt_p, lax.abs_p, lax.convert_element_type_p, lax.select_n_p,
+                lax.sign_p, lax.log_p, lax.clamp_p}
+_WINDOWED = {lax.reduce_window_max_p, lax.reduce_window_min_p, lax.reduce_window_sum_p}
+_REDUCE = {lax.reduce_sum_p, lax.reduce_max_p, lax.reduce_min_p}
+_WINDOW_PARAMS = ("window_dimensions", "window_strides", "padding", "base_dilation",
+                  "window_dilation")
+
+
+def _identity(ndim: int) -> tuple:
+    return tuple(range(ndim))
+
+
+def convert(x, src: tuple, dst: tuple):
+    """A physical array kept in perm src, as perm dst: one transpose, never two."""
+    if src == dst:
+        return x
+    return jnp.transpose(x, [src.index(a) for a in dst])
+
+
+def channels_last(out_spec) -> tuple:
+    """The perm that keeps a 2-D conv result as (N, H, W, C) whatever its logical order
+    (other ranks keep their logical layout: no kernel takes them)."""
+    if len(out_spec) != 4:
+        return _identity(len(out_spec))
+    n, c, h, w = out_spec
+    return (n, h, w, c)
+
+
+@dataclasses.dataclass
+class Conversion:
+    where: str     # the equation (or "output") that needed it
+    shape: tuple
+    src: tuple
+    dst: tuple
+
+
+class Propagation:
+    """One forward pass over the flat jaxpr's top level, in program order."""
+
+    def __init__(self, flat, groups: dict, skipped: set):
+        # groups: id(anchor conv eqn) -> out var the kernel produces (the group's last value)
+        # skipped: ids of equations a group computes (not evaluated on their own)
+        self.jaxpr = jaxpr_pass._open(flat)
+        self.groups, self.skipped = groups, skipped
+        self.perms: dict = {}
+        self.replacements: dict = {}
+        self.conversions: list = []
+        self.kernel_in_perm: dict = {}   # id(anchor) -> perm of its lhs as the kernel reads it
+        self.kernel_out_perm: dict = {}  # id(anchor) -> perm the kernel writes
+
+    def perm(self, v) -> tuple:
+        if isinstance(v, jcore.Literal):
+            return ()
+        return self.perms.get(v, _identity(len(v.aval.shape)))
+
+    def run(self, choose_out_perm: Callable) -> "Propagation":
+        for eqn in self.jaxpr.eqns:
+            if id(eqn) in self.groups:
+                out_var = self.groups[id(eqn)]
+                lhs = eqn.invars[0]
+                self.kernel_in_perm[id(eqn)] = self.perm(lhs)
+                perm = choose_out_perm(eqn)
+                self.kernel_out_perm[id(eqn)] = perm
+                self.perms[out_var] = perm
+            elif id(eqn) in self.skipped:
+                continue
+            else:
+                self._plan_eqn(eqn)
+        for v in self.jaxpr.outvars:
+            if isinstance(v, jcore.Var) and self.perm(v) != _identity(len(v.aval.shape)):
+                self.conversions.append(Conversion("output", tuple(v.aval.shape), self.perm(v),
+                                                   _identity(len(v.aval.shape))))
+        return self
+
+    def finish(self, outs) -> list:
+        """The program's outputs converted to their logical layouts."""
+        return [x if isinstance(v, jcore.Literal) else
+                convert(x, self.perm(v), _identity(len(v.aval.shape)))
+                for v, x in zip(self.jaxpr.outvars, outs)]
+
+    # -- per equation -----------------------------------------------------------------------
+    def _plan_eqn(self, eqn) -> None:
+        perms = [self.perm(v) for v in eqn.invars]
+        if all(p == _identity(len(p)) for p in perms):
+            return  # nothing permuted flows in: the equation runs as written
+        if eqn.primitive in _ELEMENTWISE or self._pointwise_call(eqn):
+            self._elementwise(eqn)
+        elif eqn.primitive in _WINDOWED and len(eqn.invars) == 1:
+            self._windowed(eqn)
+        elif eqn.primitive in _REDUCE:
+            self._reduce(eqn)
+        else:
+            self._to_logical(eqn)
+
+    @staticmethod
+    def _pointwise_call(eqn) -> bool:
+        if eqn.primitive is not P.custom_jvp_call_p or len(eqn.invars) != 1:
+            return False
+        body = jaxpr_pass._open(eqn.params["call_jaxpr"])
+        return all(e.primitive in _ELEMENTWISE or e.primitive is P.jit_p for e in body.eqns)
+
+    def _full(self, eqn):
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        return [isinstance(v, jcore.Var) and tuple(v.aval.shape) == out_shape
+                and len(out_shape) > 0 for v in eqn.invars]
+
+    def _elementwise(self, eqn) -> None:
+        full = self._full(eqn)
+        target = next((self.perm(v) for v, f in zip(eqn.invars, full)
+                       if f and self.perm(v) != _identity(len(self.perm(v)))), None)
+        if target is None:
+            return self._to_logical(eqn)
+        where = f"{eqn.primitive.name}"
+        plans = []
+        for v, f in zip(eqn.invars, full):
+            p = self.perm(v)
+            if isinstance(v, jcore.Literal) or len(v.aval.shape) == 0:
+                plans.append(None)
+            elif f:
+                if p != target:
+                    self.conversions.append(Conversion(where, tuple(v.aval.shape), p, target))
+                plans.append((p, target))
+            else:  # a broadcast operand (size-1 dims): transposing it is cheap
+                plans.append((p, target))
+        self.perms[eqn.outvars[0]] = target
+        physical_shape = tuple(eqn.outvars[0].aval.shape[a] for a in target)
+
+        def run(invals, eqn=eqn, plans=plans, target=target):
+            ins = [x if plan is None else convert(x, *plan) for x, plan in zip(invals, plans)]
+            if eqn.primitive is P.custom_jvp_call_p:
+                return [_pointwise_call_on(eqn, ins[0], target)]
+            return jaxpr_pass._bind(eqn, ins)
+        del physical_shape
+        self.replacements[id(eqn)] = run
+
+    def _windowed(self, eqn) -> None:
+        p = self.perm(eqn.invars[0])
+        params = dict(eqn.params)
+        for name in _WINDOW_PARAMS:
+            if name in params and params[name] is not None:
+                params[name] = tuple(params[name][a] for a in p)
+        self.perms[eqn.outvars[0]] = p
+        self.replacements[id(eqn)] = lambda invals, eqn=eqn, params=params: [
+            eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))]
+
+    def _reduce(self, eqn) -> None:
+        p = self.perm(eqn.invars[0])
+        axes = tuple(sorted(p.index(a) for a in eqn.params["axes"]))
+        kept = [a for a in p if a not in eqn.params["axes"]]
+        # the result's logical axes are the kept ones renumbered in logical order
+        rank = {a: i for i, a in enumerate(sorted(kept))}
+        self.perms[eqn.outvars[0]] = tuple(rank[a] for a in kept)
+        params = dict(eqn.params, axes=axes)
+        self.replacements[id(eqn)] = lambda invals, eqn=eqn, params=params: [
+            eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))]
+
+    def _to_logical(self, eqn) -> None:
+        plans = []
+        for v in eqn.invars:
+            p = self.perm(v)
+            if isinstance(v, jcore.Literal) or p == _identity(len(p)):
+                plans.append(None)
+            else:
+                self.conversions.append(Conversion(eqn.primitive.name, tuple(v.aval.shape), p,
+                                                   _identity(len(p))))
+                plans.append((p, _identity(len(p))))
+        self.replacements[id(eqn)] = lambda invals, eqn=eqn, plans=plans: jaxpr_pass._bind(
+            eqn, [x if plan is None else convert(x, *plan) for x, plan in zip(invals, plans)])
+
+    # -- kernels ----------------------------------------------------------------------------
+    def kernel_eqn_view(self, eqn, in_perm: tuple, out_perm: tuple):
+        """A conv equation as its kernel sees the physical arrays: dimension numbers point at
+        the physical axes; shapes are the physical ones (for the family's match())."""
+        dn = eqn.params["dimension_numbers"]
+        lhs_spec = tuple(in_perm.index(a) for a in dn.lhs_spec)
+        out_spec = tuple(out_perm.index(a) for a in dn.out_spec)
+        new_dn = lax.ConvDimensionNumbers(lhs_spec, tuple(dn.rhs_spec), out_spec)
+        lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+        out = eqn.outvars[0].aval
+        phys = lambda aval, perm: types.SimpleNamespace(
+            aval=jax.core.ShapedArray(tuple(aval.shape[a] for a in perm), aval.dtype))
+        return types.SimpleNamespace(
+            primitive=eqn.primitive, params=dict(eqn.params, dimension_numbers=new_dn),
+            invars=[phys(lhs, in_perm), types.SimpleNamespace(aval=rhs)],
+            outvars=[phys(out, out_perm)])
+
+
+def _pointwise_call_on(eqn, x, perm):
+    """A pointwise custom_jvp call (e.g. jax.nn.relu) applied to a permuted array: the primal
+    runs its body on the physical array; the derivative is the original rule's, taken on the
+    logical layout, so permuting never changes gradients."""
+    body = eqn.params["call_jaxpr"]
+    inverse = tuple(perm.index(a) for a in range(len(perm)))
+
+    def original_logical(xl):
+        return jaxpr_pass._bind(eqn, [xl])[0]
+
+    @jax.custom_jvp
+    def f(xp):
+        return jaxpr_pass.evaluate(body, jaxpr_pass._consts(body), [xp], {}, inline=True)[0]
+
+    @f.defjvp
+    def f_jvp(primals, tangents):
+        (xp,), (tp,) = primals, tangents
+        _, tl = jax.jvp(original_logical, (jnp.transpose(xp, inverse),),
+                        (jnp.transpose(tp, inverse),))
+        return f(xp), jnp.transpose(tl, perm)
+
+    return f(x)
