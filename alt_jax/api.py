@@ -31,8 +31,12 @@ class Optimized:
     def __init__(self, fn: Callable, *, records=None, fallback: str = "warn",
                  min_flops: Optional[int] = None, cache: Optional[runtime.KernelCache] = None,
                  static_argnums: Sequence[int] = (), verbose: bool = False,
-                 families: Optional[dict] = None):
+                 families: Optional[dict] = None, fuse: bool = True, propagate: bool = True,
+                 pack_weights: bool = True):
         self.fn = fn
+        self._init_options = dict(records=records, fallback=fallback, min_flops=min_flops,
+                                  cache=cache, verbose=verbose, families=families, fuse=fuse,
+                                  propagate=propagate, pack_weights=pack_weights)
         self.static_argnums = tuple(sorted(int(i) for i in static_argnums))
         if records is None:
             records = config.get("records")  # None, or the path in $ALT_JAX_RECORDS
@@ -46,7 +50,7 @@ class Optimized:
             hasattr(records, "__fspath__") else records,
             fallback=fallback,
             min_flops=planner.DEFAULT_MIN_FLOPS if min_flops is None else int(min_flops),
-            families=families)
+            families=families, fuse=fuse, propagate=propagate, pack_weights=pack_weights)
         self.verbose = verbose
         self._plans: dict = {}
         self._lock = threading.Lock()
@@ -91,6 +95,16 @@ class Optimized:
     def __call__(self, *args, **kwargs):
         return self._jitted(*args, **kwargs)
 
+    def prepare(self, *leading_args) -> "Optimized":
+        """fn with its leading arguments (typically the params of an apply(params, x)) bound
+        as constants: their weights are packed into the kernels' layouts once, when the
+        returned function plans its first signature, and the packed buffers are reused by
+        every later call. Call it again with new params to repack."""
+        if self.static_argnums:
+            raise ValueError("prepare() binds leading arguments; it does not combine with "
+                             f"static_argnums={self.static_argnums}")
+        return Optimized(functools.partial(self.fn, *leading_args), **self._init_options)
+
     def plan_for(self, *args, **kwargs) -> planner.Plan:
         """The plan for this input signature (traces and builds on first use)."""
         key = self._key(args, kwargs)
@@ -116,7 +130,10 @@ def optimize(fn: Optional[Callable] = None, **options) -> Any:
     False: heuristic knobs only),
     fallback ("warn" | "silent" | "error": what happens when an op cannot get a kernel),
     min_flops (ops below stay in XLA), cache (a runtime.KernelCache), static_argnums,
-    verbose (print the plan when a signature is first planned).
+    verbose (print the plan when a signature is first planned); fuse, propagate,
+    pack_weights (True by default: fused epilogues, channels-last layout propagation, constant
+    weights packed once; switch one off to see what it is worth). For weights passed as
+    arguments, `optimized.prepare(params)` packs them once (see Optimized.prepare).
     """
     if fn is None:
         return functools.partial(optimize, **options)

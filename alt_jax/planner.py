@@ -80,6 +80,7 @@ class OpDecision:
     kernel: Optional[runtime.Kernel] = None
     flops: int = 0
     reason: str = ""             # why it stays in XLA (empty when on a kernel)
+    layouts: str = ""            # physical layouts the kernel reads and writes
 
     @property
     def on_kernel(self) -> bool:
@@ -122,11 +123,14 @@ class Plan:
                                                                           False) else [])
                 if extras:
                     lines.append(f"      {', '.join(extras)}")
-                layout = getattr(d.spec, "layout_summary", None)
-                if callable(layout):
-                    lines.append(f"      layout: {layout()}")
+                if d.layouts:
+                    lines.append(f"      layouts: {d.layouts}")
             else:
                 lines.append(f"      XLA: {d.reason}")
+        conversions = self.conversions
+        lines.append(f"  layout conversions of full-size values: {len(conversions)}")
+        for c in conversions:
+            lines.append(f"    at {c.where}: {c.shape} kept as {c.src} -> {c.dst}")
         return "\n".join(lines)
 
 
@@ -214,6 +218,21 @@ def _fall_back(decision: OpDecision, options: PlanOptions) -> None:
         raise FallbackError(message)
     if options.fallback == "warn":
         warnings.warn(FallbackWarning(message), stacklevel=4)
+
+
+def _layout_text(eqn, prop) -> str:
+    """e.g. 'reads NCHW, writes NHWC': the kernel's physical dim orders, named by role."""
+    if eqn.primitive is not lax.conv_general_dilated_p or id(eqn) not in prop.kernel_in_perm:
+        return ""
+    dn = eqn.params["dimension_numbers"]
+    if len(dn.lhs_spec) != 4:
+        return ""
+
+    def named(spec, perm):
+        names = {axis: letter for axis, letter in zip(spec, "NCHW")}
+        return "".join(names[a] for a in perm)
+    return (f"reads {named(dn.lhs_spec, prop.kernel_in_perm[id(eqn)])}, "
+            f"writes {named(dn.out_spec, prop.kernel_out_perm[id(eqn)])}")
 
 
 def _channel_axis(eqn) -> Optional[int]:
@@ -370,7 +389,8 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                                             prop.kernel_out_perm[id(eqn)])
             prepack = options.pack_weights and eqn.invars[1] in constvars
             decision, build = _choose(view, where, options, _refine_for(match, prepack))
-            decision = dataclasses.replace(decision, signature=_signature(eqn))
+            decision = dataclasses.replace(decision, signature=_signature(eqn),
+                                           layouts=_layout_text(eqn, prop))
         else:
             decision, build = _choose(eqn, where, options)
         chosen.append((eqn, decision, build))
