@@ -35,6 +35,11 @@ flags.DEFINE_list("peers", ["xla", "onnxruntime"],
 flags.DEFINE_bool("ort_spinning", False, "let onnxruntime's threads spin (its default): "
                   "faster for ORT alone, but they take the cores from the other implementations")
 flags.DEFINE_string("records", None, "tuning records: adds an 'alt_jax tuned' column")
+flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with prepare(), so "
+                  "they are packed once (as onnxruntime's session does); jax.jit still takes "
+                  "them as arguments. --noprepare passes them as arguments to alt_jax too")
+flags.DEFINE_bool("ablations", False, "add alt_jax columns with one graph optimisation off: "
+                  "no layout propagation, no epilogue fusion, no weight packing")
 flags.DEFINE_integer("batch", 1, "batch size for models")
 flags.DEFINE_integer("repeat", 10, "interleaved timing rounds per workload")
 flags.DEFINE_float("min_round_ms", 50.0, "minimum duration of one round per implementation")
@@ -60,6 +65,21 @@ def machine_info(peak_gflops: float, threads: int) -> dict:
             "versions": versions}
 
 
+def _alt_jax(model, **options):
+    """alt_jax on the workload, called like it: fn(params, *inputs)."""
+    optimized = alt_jax.optimize(jax.jit(model.apply), fallback="silent", **options)
+    if not FLAGS.prepare:
+        return optimized
+    prepared = optimized.prepare(model.params)
+
+    def call(params, *inputs):
+        if params is not model.params:
+            raise ValueError("prepared alt_jax was built for the workload's own params")
+        return prepared(*inputs)
+    call.plan_for = lambda params, *inputs: prepared.plan_for(*inputs)
+    return call
+
+
 def implementations(model, wanted_peers, records, notes: list) -> dict:
     args = (model.params, *model.inputs)
     impls = {REFERENCE: peers.xla_peer(model.apply)}
@@ -72,10 +92,13 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
         except peers.PeerUnavailable as e:
             if str(e) not in notes:
                 notes.append(str(e))
-    impls["alt_jax"] = alt_jax.optimize(jax.jit(model.apply), records=False, fallback="silent")
+    impls["alt_jax"] = _alt_jax(model, records=False)
     if records:
-        impls["alt_jax tuned"] = alt_jax.optimize(jax.jit(model.apply), records=records,
-                                                  fallback="silent")
+        impls["alt_jax tuned"] = _alt_jax(model, records=records)
+    if FLAGS.ablations:
+        for label, switch in (("no propagation", "propagate"), ("no fusion", "fuse"),
+                              ("no weight packing", "pack_weights")):
+            impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **{switch: False})
     return impls
 
 
