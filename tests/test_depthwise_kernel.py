@@ -1,9 +1,11 @@
-"""Depthwise kernels against lax: a spec grid, a knob table, jit/FFI, Unsupported, KnobError.
+"""Depthwise kernels against lax: a spec grid, a knob table, jit/FFI, Unsupported, KnobError,
+fused epilogues (every activation, scale/shift/residual) and prepacked weights.
 
 Run: python3 -m pytest tests/test_depthwise_kernel.py   (add -m slow for the wide grid)
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -14,6 +16,7 @@ import pytest
 from alt_jax import device, runtime
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.depthwise import FAMILY, DepthwiseKnobs
+from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 
 ISA = device.detect_isa()
 TOL = 1e-4
@@ -274,3 +277,174 @@ def test_symbols_differ_per_variant_and_spec_is_hashable():
     assert a.symbol != b.symbol
     assert hash(spec) == hash(_case(1, 16, 1, (10, 10), (3, 3))[0])
     assert FAMILY.flops(spec) == 2 * 16 * 10 * 10 * 9
+
+
+# ---- fused epilogue: y = act(conv * scale[k] + shift[k] + residual) ----
+
+EPILOGUES = [
+    Epilogue(shift=True),
+    Epilogue(scale=True, shift=True),
+    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
+    Epilogue(shift=True, activation="gelu_tanh"),
+    Epilogue(scale=True, shift=True, activation="relu6"),
+    Epilogue(activation="silu"),
+    Epilogue(activation="gelu_erf"),
+    Epilogue(residual=True, activation="silu"),
+]
+assert {e.activation for e in EPILOGUES} == set(ACTIVATIONS)
+
+# (case, knobs or None for the defaults): each has a remainder tile
+EPI_CASES = [
+    # in place, NHWC: border pixels, an overlapping last tile (interior 17, ow_tile 4)
+    ((2, 48, 1, (17, 19), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), NHWC), None),
+    # packed NCHW: 13 channels (a partial block), transposed stores and leftover columns
+    ((2, 13, 1, (9, 11), (3, 3), (2, 1), ((0, 2), (1, 0)), (1, 1), NCHW),
+     DepthwiseKnobs(8, 8, 2, True, False)),
+]
+EPI_CASES_SLOW = [
+    # in place, tile wider than the interior (7 columns): single-column tail
+    ((1, 16, 1, (9, 9), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), NHWC),
+     DepthwiseKnobs(8, 8, 2, False, True)),
+    # channels-last output with a partial block (14 channels, multiplier 2)
+    ((1, 7, 2, (8, 10), (3, 3), (1, 2), ((1, 1), (1, 1)), (1, 1), NHWC),
+     DepthwiseKnobs(16, 3, 2, True, True)),
+    ((2, 17, 1, (8, 9), (5, 7), (1, 2), ((2, 2), (3, 3)), (2, 1), MIXED[2]), None),
+    ((1, 24, 1, (9, 37), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), MIXED[0]),
+     DepthwiseKnobs(8, 15, 3, True, True)),
+]
+
+
+def _epi_inputs(spec, epi, seed=1):
+    rng = np.random.default_rng(seed)
+    extra = {"scale": (0.5 + rng.random(spec.k)).astype(np.float32),
+             "shift": rng.standard_normal(spec.k).astype(np.float32),
+             "residual": rng.standard_normal(spec.out_shape).astype(np.float32)}
+    return [extra[name] for name in epi.inputs()], extra
+
+
+def _rel_err(out, ref):
+    return np.abs(out - ref).max() / max(1.0, np.abs(ref).max())
+
+
+def _check_epilogue(cache, case, knobs, epi, jit):
+    spec, f, x, w = _spec_case(case)
+    spec = dataclasses.replace(spec, epilogue=epi)
+    knobs = knobs or FAMILY.default_knobs(spec, ISA)
+    FAMILY.validate(spec, knobs, ISA)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    extra, named = _epi_inputs(spec, epi)
+    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+                                   named["shift"], named["residual"]))
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, w, *extra], [out])
+    assert _rel_err(out, ref) <= TOL, f"{epi.describe()}: rel err {_rel_err(out, ref)} " \
+        f"for {spec} with {knobs}"
+    if jit:
+        g = jax.jit(lambda *ops: FAMILY.lower(spec, kernel, ops)[0])
+        out = np.asarray(g(x, w, *extra))
+        assert _rel_err(out, ref) <= TOL, f"{epi.describe()} under jit: {_rel_err(out, ref)}"
+
+
+@pytest.mark.parametrize("epi", EPILOGUES, ids=Epilogue.describe)
+@pytest.mark.parametrize("case,knobs", EPI_CASES, ids=lambda v: _grid_id(v) if
+                         isinstance(v, tuple) and len(v) == 9 else None)
+def test_epilogue_matches_reference(cache, case, knobs, epi):
+    _check_epilogue(cache, case, knobs, epi, jit=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epi", EPILOGUES, ids=Epilogue.describe)
+@pytest.mark.parametrize("case,knobs", EPI_CASES_SLOW, ids=lambda v: _grid_id(v) if
+                         isinstance(v, tuple) and len(v) == 9 else None)
+def test_epilogue_more_layouts(cache, case, knobs, epi):
+    _check_epilogue(cache, case, knobs, epi, jit=False)
+
+
+@pytest.mark.parametrize("isa", [device.SSE2, device.SCALAR], ids=lambda i: i.name)
+def test_epilogue_on_narrow_isas(tmp_path, isa):
+    cache = runtime.KernelCache(tmp_path, isa=isa)
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="gelu_erf")
+    in_place = DepthwiseKnobs(2 * isa.vector_floats, 3, 2, False, True)
+    for case, knobs in [(EPI_CASES[1][0], None), (EPI_CASES[0][0], in_place)]:
+        spec, f, x, w = _spec_case(case)
+        spec = dataclasses.replace(spec, epilogue=epi)
+        knobs = knobs or FAMILY.default_knobs(spec, isa)
+        kernel = cache.build(FAMILY.render(spec, knobs, isa))
+        extra, named = _epi_inputs(spec, epi)
+        ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+                                       named["shift"], named["residual"]))
+        out = np.full(spec.out_shape, np.nan, np.float32)
+        runtime.run_numpy(kernel, [x, w, *extra], [out])
+        assert _rel_err(out, ref) <= TOL, f"{isa.name} {knobs}: {_rel_err(out, ref)}"
+
+
+def test_epilogue_changes_symbol_and_operand_count():
+    spec, *_ = _case(1, 16, 1, (10, 10), (3, 3))
+    knobs = FAMILY.default_knobs(spec, ISA)
+    symbols = {FAMILY.render(dataclasses.replace(spec, epilogue=e), knobs, ISA).symbol
+               for e in [Epilogue()] + EPILOGUES}
+    symbols.add(FAMILY.render(dataclasses.replace(spec, prepacked=True), knobs, ISA).symbol)
+    assert len(symbols) == len(EPILOGUES) + 2
+    kernel = runtime.Kernel("unused.so", "unused", 0)
+    with pytest.raises(ValueError, match="scale"):
+        FAMILY.lower(dataclasses.replace(spec, epilogue=EPILOGUES[1]), kernel, [1, 2, 3])
+
+
+# ---- prepacked weights: pack_weights once, the kernel reads the panels ----
+
+PREPACK_SPECS = [KNOB_SPECS[0], KNOB_SPECS[2]]  # NHWC (in place or packed), NCHW (packed)
+
+
+# default knobs plus >= 3 table rows legal for each spec (both paths, 8..24-wide blocks)
+PREPACK_KNOBS = [None] + [KNOB_TABLE[i] for i in (0, 2, 3, 4)] + [
+    pytest.param(KNOB_TABLE[i], marks=pytest.mark.slow) for i in (1, 5, 6)]
+
+
+@pytest.mark.parametrize("knobs", PREPACK_KNOBS, ids=lambda k: "default" if k is None
+                         else "_".join(str(int(v)) for v in (k.c_block, k.ow_tile, k.oh_rows,
+                                                             k.pack, k.c_inner)))
+@pytest.mark.parametrize("case", PREPACK_SPECS, ids=_grid_id)
+def test_prepacked_matches_unpacked(cache, case, knobs):
+    spec, f, x, w = _spec_case(case)
+    knobs = knobs or FAMILY.default_knobs(spec, ISA)
+    try:
+        FAMILY.validate(spec, knobs, ISA)
+    except KnobError as e:
+        pytest.skip(f"illegal for this spec: {e}")
+    pre = dataclasses.replace(spec, prepacked=True)
+    FAMILY.validate(pre, knobs, ISA)
+    plain_k = cache.build(FAMILY.render(spec, knobs, ISA))
+    pre_k = cache.build(FAMILY.render(pre, knobs, ISA))
+    packed = np.asarray(FAMILY.pack_weights(pre, knobs, jnp.asarray(w)))
+    assert packed.shape == FAMILY.packed_weights_shape(spec, knobs)
+    a = np.full(spec.out_shape, np.nan, np.float32)
+    b = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(plain_k, [x, w], [a])
+    runtime.run_numpy(pre_k, [x, packed], [b])
+    np.testing.assert_array_equal(a, b)
+    assert _rel_err(b, np.asarray(jax.jit(f)(x, w))) <= TOL
+    # the weights were the only thing packed unless the input is packed too
+    assert pre_k.workspace_bytes < plain_k.workspace_bytes
+    if not knobs.pack:
+        assert pre_k.workspace_bytes == 0
+
+
+def test_prepacked_with_epilogue_under_jit(cache):
+    """pack_weights traced inside jit, feeding a prepacked kernel with a full epilogue."""
+    case = (1, 32, 1, (14, 14), (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), NHWC)
+    spec, f, x, w = _spec_case(case)
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="relu6")
+    spec = dataclasses.replace(spec, epilogue=epi, prepacked=True)
+    knobs = FAMILY.default_knobs(spec, ISA)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    extra, named = _epi_inputs(spec, epi)
+
+    @jax.jit
+    def g(x, w, *extra):
+        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w), *extra])[0]
+
+    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+                                   named["shift"], named["residual"]))
+    assert _rel_err(np.asarray(g(x, w, *extra)), ref) <= TOL
+    with pytest.raises(ValueError, match="rhs shape"):
+        FAMILY.pack_weights(spec, knobs, jnp.zeros((3, 3, 1, 16)))

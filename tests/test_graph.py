@@ -145,3 +145,16 @@ def test_an_op_that_needs_the_logical_layout_costs_one_conversion(optimize):
         assert _rel_err(got, want) <= 1e-5
     conversions = optimized.plan_for(x).conversions
     assert len(conversions) == 2 and {c.where for c in conversions} == {"cumsum", "slice"}
+
+
+def test_fused_activation_keeps_nan_where_jax_does(optimize):
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    x[3, 5] = np.nan
+    w = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+    b = np.zeros(32, np.float32)
+    f = lambda x: jnp.minimum(jax.nn.relu(x @ w + b), 6.0)
+    optimized = optimize(f, min_flops=0)
+    assert optimized.plan_for(x).rewritten[0].spec.epilogue.describe() == "shift+relu6"
+    got, want = np.asarray(optimized(x)), np.asarray(f(x))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[3]).all()

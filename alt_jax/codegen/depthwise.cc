@@ -1,15 +1,21 @@
 // Depthwise 2-D convolution (one input channel per group, channel multiplier MULT), fp32.
-// Entry point: extern "C" @SYMBOL@(rt, inputs = {lhs, rhs}, outputs = {out, workspace}).
+// Entry point: extern "C" @SYMBOL@(rt, inputs = {lhs, rhs, scale?, shift?, residual?},
+// outputs = {out, workspace}).
 //
 // Vectorised over output channels: a register tile holds OW_TILE output columns x CB
 // channels (CB / VW vectors). Operands arrive in their original dimension order, described
-// by element strides; the weights are always packed into [channel block][kh][kw][CB] panels
-// (tiny). The input is either read in place (PACK=false: channels are unit-stride; border
-// rows clip the kernel rows, border columns take a bounds-checked path per pixel) or each
-// task copies the input rows it needs, zero-padded and
-// channel-blocked, into its own workspace slot first (PACK=true: any layout, any multiplier,
-// no bounds checks in the hot loop, and the copy is still in L1/L2 when it is read).
-// The output is written directly in the equation's layout.
+// by element strides; the weights are read from [channel block][kh][kw][CB] panels: packed
+// per call into the workspace (tiny), or, when PREPACKED, given in that layout as inputs[1]
+// (alt_jax/ops/depthwise.py pack_weights, run once on constant weights). The input is
+// either read in place (PACK=false: channels are unit-stride; border rows clip the kernel
+// rows, border columns take a bounds-checked path per pixel) or each task copies the input
+// rows it needs, zero-padded and channel-blocked, into its own workspace slot first
+// (PACK=true: any layout, any multiplier, no bounds checks in the hot loop, and the copy is
+// still in L1/L2 when it is read).
+// The output is written directly in the equation's layout, after the fused epilogue
+// y = act(acc * scale[k] + shift[k] + residual) is applied to the tile in registers (every
+// store path: whole blocks, partial channel blocks, transposed stores, single columns).
+#include "alt_jax/epilogue.h"
 #include "alt_jax/kernel_abi.h"
 #include "alt_jax/simd.h"
 
@@ -41,6 +47,14 @@ constexpr bool TRANSPOSE_PACK = @TRANSPOSE_PACK@;
 constexpr bool TRANSPOSE_STORE = @TRANSPOSE_STORE@;
 constexpr int V = CB / VW;            // vectors per channel block
 
+// ---- the fused epilogue (fixed by the spec) ----
+constexpr int ACT = @ACTIVATION@;             // ALT_ACT_* (alt_jax/epilogue.h)
+constexpr bool HAS_SCALE = @HAS_SCALE@;       // inputs[IN_SCALE]: K floats
+constexpr bool HAS_SHIFT = @HAS_SHIFT@;       // inputs[IN_SHIFT]: K floats
+constexpr bool HAS_RESIDUAL = @HAS_RESIDUAL@; // inputs[IN_RESIDUAL]: the output's shape/layout
+constexpr int IN_SCALE = 2, IN_SHIFT = IN_SCALE + HAS_SCALE, IN_RESIDUAL = IN_SHIFT + HAS_SHIFT;
+constexpr bool PREPACKED = @PREPACKED@;       // inputs[1] already holds the weight panels
+
 constexpr int64_t NBLK = (K + CB - 1) / CB;
 constexpr int64_t BLK_PER_TASK = C_INNER ? NBLK : 1;
 constexpr int64_t CGROUPS = NBLK / BLK_PER_TASK;
@@ -52,7 +66,8 @@ constexpr int64_t WP = (OW - 1) * SW + (KW - 1) * DW + 1;
 constexpr int64_t SLOT = BLK_PER_TASK * ROWS_IN * WP * CB;
 constexpr int64_t WPACK = NBLK * KH * KW * CB;  // packed weights, floats
 constexpr int64_t WPACK_ALIGNED = (WPACK + 15) / 16 * 16;
-constexpr int64_t WS_FLOATS = WPACK_ALIGNED + (PACK ? TASKS * SLOT : 0);
+constexpr int64_t WS_WPACK = PREPACKED ? 0 : WPACK_ALIGNED;  // workspace floats for weights
+constexpr int64_t WS_FLOATS = WS_WPACK + (PACK ? TASKS * SLOT : 0);
 
 static_assert(CB % VW == 0 && V >= 1, "c_block must be a multiple of the vector width");
 static_assert(T >= 1 && R >= 1, "tiles must be non-empty");
@@ -120,14 +135,44 @@ ALT_INLINE void transpose8(Vec (&r)[8]) {
   }
 }
 
-// Writes a TT-column tile of channels [k0, k0 + kvalid) at op (output of column 0, k0).
+// Epilogue operands: per-channel vectors and the residual, which has the output's layout,
+// so the residual of an output element sits at the same offset from `res` as it does from
+// `out`. Pointers of absent parts are null and never read (the bools are constexpr).
+struct Epi {
+  const float* scale;
+  const float* shift;
+  const float* res;
+  const float* out;
+};
+
+// y = act(x * s + b + r), each part only if present.
+ALT_INLINE vf epi_apply(vf x, vf s, vf b, vf r) {
+  if constexpr (HAS_SCALE) x = x * s;
+  if constexpr (HAS_SHIFT) x = x + b;
+  if constexpr (HAS_RESIDUAL) x = x + r;
+  return alt_activate<VW, ACT>(x);
+}
+
+// Applies the epilogue and writes a TT-column tile of channels [k0, k0 + kvalid) at op
+// (output of column 0, channel k0).
 template <int TT>
-ALT_INLINE void store(float* ALT_RESTRICT op, int64_t kvalid, const vf (&acc)[TT][V]) {
+ALT_INLINE void store(float* ALT_RESTRICT op, int64_t k0, int64_t kvalid, vf (&acc)[TT][V],
+                      const Epi& e) {
+  const float* rp = HAS_RESIDUAL ? e.res + (op - e.out) : nullptr;
   if (OS_K == 1 && kvalid == CB) {  // channels-last output, whole block: vector stores
+    vf s[V], b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      s[v] = HAS_SCALE ? vload<VW>(e.scale + k0 + v * VW) : vf{};
+      b[v] = HAS_SHIFT ? vload<VW>(e.shift + k0 + v * VW) : vf{};
+    }
 #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) vstore<VW>(op + t * OS_W + v * VW, acc[t][v]);
+      for (int v = 0; v < V; ++v) {
+        const vf r = HAS_RESIDUAL ? vload<VW>(rp + t * OS_W + v * VW) : vf{};
+        vstore<VW>(op + t * OS_W + v * VW, epi_apply(acc[t][v], s[v], b[v], r));
+      }
     return;
   }
   int t0 = 0;
@@ -137,47 +182,69 @@ ALT_INLINE void store(float* ALT_RESTRICT op, int64_t kvalid, const vf (&acc)[TT
         vf r[8];
         for (int i = 0; i < 8; ++i) r[i] = acc[t0 + i][v];
         transpose8(r);  // r[j] = channel v*8+j at columns t0..t0+7
-        for (int j = 0; j < 8; ++j)
-          if (v * 8 + j < kvalid) vstore<VW>(op + (v * 8 + j) * OS_K + t0, r[j]);
+        for (int j = 0; j < 8; ++j) {
+          const int64_t k = k0 + v * 8 + j;
+          if (v * 8 + j < kvalid) {
+            const vf s = HAS_SCALE ? vbroadcast<VW>(e.scale[k]) : vf{};
+            const vf b = HAS_SHIFT ? vbroadcast<VW>(e.shift[k]) : vf{};
+            const vf res = HAS_RESIDUAL ? vload<VW>(rp + (v * 8 + j) * OS_K + t0) : vf{};
+            vstore<VW>(op + (v * 8 + j) * OS_K + t0, epi_apply(r[j], s, b, res));
+          }
+        }
       }
     if (t0 == TT) return;
   }
-  // any other layout, a partial block or leftover columns: through a small buffer in L1
+  // any other layout, a partial block or leftover columns: through small buffers in L1
+  // (channels past kvalid get zeros, are computed and dropped)
+  alignas(32) float sb[2][CB];
+  for (int64_t j = 0; j < CB; ++j) {
+    sb[0][j] = HAS_SCALE && j < kvalid ? e.scale[k0 + j] : 0.0f;
+    sb[1][j] = HAS_SHIFT && j < kvalid ? e.shift[k0 + j] : 0.0f;
+  }
   alignas(32) float buf[TT][CB];
-  for (int t = 0; t < TT; ++t)
-    for (int v = 0; v < V; ++v) vstore<VW>(&buf[t][v * VW], acc[t][v]);
+  if constexpr (HAS_RESIDUAL) {
+    for (int64_t j = 0; j < CB; ++j)
+      for (int t = t0; t < TT; ++t) buf[t][j] = j < kvalid ? rp[j * OS_K + t * OS_W] : 0.0f;
+  }
+  for (int t = t0; t < TT; ++t)
+    for (int v = 0; v < V; ++v) {
+      const vf r = HAS_RESIDUAL ? vload<VW>(&buf[t][v * VW]) : vf{};
+      vstore<VW>(&buf[t][v * VW], epi_apply(acc[t][v], vload<VW>(&sb[0][v * VW]),
+                                            vload<VW>(&sb[1][v * VW]), r));
+    }
   for (int64_t j = 0; j < kvalid; ++j)
     for (int t = t0; t < TT; ++t) op[j * OS_K + t * OS_W] = buf[t][j];
 }
 
 // Tiles output columns [lo, hi) of one row; ip0/op0 point at column 0 of the row.
 template <int64_t IRS, int64_t ICS>
-ALT_INLINE void row_tiles(const float* ip0, const float* wp, float* op0, int64_t kvalid,
-                          int64_t lo, int64_t hi, int64_t kh0, int64_t kh1) {
+ALT_INLINE void row_tiles(const float* ip0, const float* wp, float* op0, int64_t k0,
+                          int64_t kvalid, int64_t lo, int64_t hi, int64_t kh0, int64_t kh1,
+                          const Epi& e) {
   int64_t ow = lo;
   for (; ow + T <= hi; ow += T) {
     vf acc[T][V];
     tile<T, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
-    store<T>(op0 + ow * OS_W, kvalid, acc);
+    store<T>(op0 + ow * OS_W, k0, kvalid, acc, e);
   }
   if (ow == hi) return;
   if (hi - lo >= T) {  // recompute an overlapping full tile rather than a slow tail
     ow = hi - T;
     vf acc[T][V];
     tile<T, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
-    store<T>(op0 + ow * OS_W, kvalid, acc);
+    store<T>(op0 + ow * OS_W, k0, kvalid, acc, e);
     return;
   }
   for (; ow < hi; ++ow) {
     vf acc[1][V];
     tile<1, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
-    store<1>(op0 + ow * OS_W, kvalid, acc);
+    store<1>(op0 + ow * OS_W, k0, kvalid, acc, e);
   }
 }
 
 // One output pixel with bounds checks (in-place input only: the padded border).
 ALT_INLINE void pixel_checked(const float* in_nk, const float* wp, float* op, int64_t oh,
-                              int64_t ow) {
+                              int64_t ow, int64_t k0, const Epi& e) {
   vf acc[1][V];
   for (int v = 0; v < V; ++v) acc[0][v] = vzero<VW>();
   for (int64_t kh = 0; kh < KH; ++kh) {
@@ -192,7 +259,7 @@ ALT_INLINE void pixel_checked(const float* in_nk, const float* wp, float* op, in
         acc[0][v] = vfma<VW>(vload<VW>(tap + v * VW), vload<VW>(wt + v * VW), acc[0][v]);
     }
   }
-  store<1>(op, CB, acc);
+  store<1>(op, k0, CB, acc, e);
 }
 
 // Weights [k][0][kh][kw] (any order) -> [block][kh][kw][CB], channels past K zero.
@@ -258,7 +325,8 @@ void pack_rows(const float* ALT_RESTRICT in_n, float* ALT_RESTRICT dst, int64_t 
   }
 }
 
-void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64_t task) {
+void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64_t task,
+              const Epi& e) {
   const int64_t rb = task % ROW_BLOCKS;
   const int64_t g = (task / ROW_BLOCKS) % CGROUPS;
   const int64_t n = task / (ROW_BLOCKS * CGROUPS);
@@ -274,8 +342,8 @@ void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64
       float* dst = slot + bi * ROWS_IN * WP * CB;
       pack_rows(in_n, dst, b, oh0 * SH - PT, (oh1 - oh0 - 1) * SH + (KH - 1) * DH + 1);
       for (int64_t oh = oh0; oh < oh1; ++oh)
-        row_tiles<WP * CB, CB>(dst + (oh - oh0) * SH * WP * CB, wp, out_nk + oh * OS_H, kvalid,
-                               0, OW, 0, KH);
+        row_tiles<WP * CB, CB>(dst + (oh - oh0) * SH * WP * CB, wp, out_nk + oh * OS_H, k0,
+                               kvalid, 0, OW, 0, KH, e);
     } else {
       const float* in_nk = in_n + k0;  // LS_C == 1
       for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -284,11 +352,13 @@ void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64
         const int64_t top = PT - oh * SH, bottom = H - 1 + PT - oh * SH;  // ih = 0, H-1
         const int64_t kh0 = top > 0 ? (top + DH - 1) / DH : 0;
         const int64_t kh1 = bottom < 0 ? 0 : (bottom / DH + 1 < KH ? bottom / DH + 1 : KH);
-        for (int64_t ow = 0; ow < OW_LO; ++ow) pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow);
+        for (int64_t ow = 0; ow < OW_LO; ++ow)
+          pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow, k0, e);
         // ip0 is the (virtual) input of column 0's top-left tap; only columns >= OW_LO are read
         const float* ip0 = in_nk + (oh * SH - PT) * LS_H - PL * LS_W;
-        row_tiles<LS_H, LS_W>(ip0, wp, op, kvalid, OW_LO, OW_HI, kh0, kh1);
-        for (int64_t ow = OW_HI; ow < OW; ++ow) pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow);
+        row_tiles<LS_H, LS_W>(ip0, wp, op, k0, kvalid, OW_LO, OW_HI, kh0, kh1, e);
+        for (int64_t ow = OW_HI; ow < OW; ++ow)
+          pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow, k0, e);
       }
     }
   }
@@ -302,14 +372,20 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
   const float* lhs = static_cast<const float*>(inputs[0]);
   const float* rhs = static_cast<const float*>(inputs[1]);
   float* out = static_cast<float*>(outputs[0]);
-  float* ws = static_cast<float*>(outputs[1]);
-  float* wpk = ws;
-  float* slots = ws + WPACK_ALIGNED;
-  pack_weights(rhs, wpk);
+  float* ws = WS_FLOATS > 0 ? static_cast<float*>(outputs[1]) : nullptr;
+  const Epi epi{HAS_SCALE ? static_cast<const float*>(inputs[IN_SCALE]) : nullptr,
+                HAS_SHIFT ? static_cast<const float*>(inputs[IN_SHIFT]) : nullptr,
+                HAS_RESIDUAL ? static_cast<const float*>(inputs[IN_RESIDUAL]) : nullptr, out};
+  const float* wpk = rhs;
+  if constexpr (!PREPACKED) {
+    pack_weights(rhs, ws);
+    wpk = ws;
+  }
+  float* slots = PACK ? ws + WS_WPACK : nullptr;
   // A chunk [b, e) of tasks reuses the slot of its first task, so it stays hot in cache.
   alt_parallel_for(rt, TASKS, 1, [&](int64_t b, int64_t e) {
     float* slot = PACK ? slots + b * SLOT : nullptr;
-    for (int64_t task = b; task < e; ++task) run_task(lhs, wpk, out, slot, task);
+    for (int64_t task = b; task < e; ++task) run_task(lhs, wpk, out, slot, task, epi);
   });
   return 0;
 }

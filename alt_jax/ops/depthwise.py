@@ -1,7 +1,10 @@
 """Depthwise 2-D convolution (feature_group_count == input channels) as generated kernels.
 
-Entry points: FAMILY (a DepthwiseFamily), DepthwiseSpec, DepthwiseKnobs.
+Entry points: FAMILY (a DepthwiseFamily: match, default_knobs, validate, render, lower,
+pack_weights), DepthwiseSpec, DepthwiseKnobs.
 Template: alt_jax/codegen/depthwise.cc (vectorised over channels, see its header).
+Kernel inputs: [lhs, rhs (or pack_weights(rhs) when spec.prepacked), scale?, shift?,
+residual?] (the last three as spec.epilogue.inputs()); the epilogue channel is K = C * mult.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import numpy as np
 from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.epilogue import Epilogue
 from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
 
 _TEMPLATE = "depthwise.cc"
@@ -24,6 +28,9 @@ class DepthwiseSpec:
 
     lhs_order / out_order give the array axis holding (batch, channel, row, column);
     rhs_order the axis holding (out channel, in channel [size 1], kernel row, kernel column).
+    epilogue: fused into the store (match() gives the identity; the planner replaces it).
+    prepacked: inputs[1] is FAMILY.pack_weights(spec, knobs, rhs), not rhs; no weight
+    packing per call.
     """
 
     n: int
@@ -41,6 +48,8 @@ class DepthwiseSpec:
     lhs_order: tuple[int, int, int, int]
     rhs_order: tuple[int, int, int, int]
     out_order: tuple[int, int, int, int]
+    epilogue: Epilogue = Epilogue()
+    prepacked: bool = False
 
     @property
     def k(self) -> int:
@@ -151,10 +160,31 @@ class DepthwiseFamily:
         # comes in as the FMA's memory operand
         return (isa.vector_registers - vectors) // vectors
 
+    def packed_weights_shape(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs) -> tuple:
+        """(channel blocks, kh, kw, c_block): the panels the kernel's inner loop reads."""
+        return (-(-spec.k // knobs.c_block), spec.kh, spec.kw, knobs.c_block)
+
+    def pack_weights(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, rhs):
+        """rhs (in spec.rhs_order, a jax array or tracer) as the kernel's weight panels.
+
+        [k][1][kh][kw] -> [k // c_block][kh][kw][k % c_block], channels past K zero: what a
+        spec with prepacked=True reads as inputs[1] for these knobs (plain jnp, traceable).
+        """
+        import jax.numpy as jnp
+
+        if tuple(rhs.shape) != tuple(spec.rhs_shape):
+            raise ValueError(f"pack_weights: rhs shape {tuple(rhs.shape)} is not the spec's "
+                             f"{tuple(spec.rhs_shape)} (rhs_order {spec.rhs_order})")
+        nblk, kh, kw, cb = self.packed_weights_shape(spec, knobs)
+        w = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_order)  # (k, 1, kh, kw)
+        w = jnp.reshape(w, (spec.k, kh, kw))
+        w = jnp.pad(w, ((0, nblk * cb - spec.k), (0, 0), (0, 0)))
+        return jnp.transpose(jnp.reshape(w, (nblk, cb, kh, kw)), (0, 2, 3, 1))
+
     def workspace_bytes(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs) -> int:
         cb = knobs.c_block
         nblk = -(-spec.k // cb)
-        wpack = -(-(nblk * spec.kh * spec.kw * cb) // 16) * 16
+        wpack = 0 if spec.prepacked else -(-(nblk * spec.kh * spec.kw * cb) // 16) * 16
         if not knobs.pack:
             return 4 * wpack
         blk_per_task = nblk if knobs.c_inner else 1
@@ -166,6 +196,10 @@ class DepthwiseFamily:
     def validate(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, isa: device_mod.Isa) -> None:
         vw = isa.vector_floats
         cb = knobs.c_block
+        if not isinstance(spec.epilogue, Epilogue):
+            raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
+        if not isinstance(spec.prepacked, bool):
+            raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
         for name in ("c_block", "ow_tile", "oh_rows"):
             v = getattr(knobs, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -239,10 +273,14 @@ class DepthwiseFamily:
             "TRANSPOSE_PACK": knobs.pack and isa.vector_floats == 8 and ls[3] == 1,
             "TRANSPOSE_STORE": isa.vector_floats == 8 and os_[3] == 1 and os_[1] != 1,
             "WS_BYTES": ws,
+            "ACTIVATION": spec.epilogue.activation_code,
+            "HAS_SCALE": spec.epilogue.scale, "HAS_SHIFT": spec.epilogue.shift,
+            "HAS_RESIDUAL": spec.epilogue.residual, "PREPACKED": spec.prepacked,
         }
         for key, v in values.items():
             if not isinstance(v, bool):
                 render_mod.check_int(key, v, 0, big)
+        # spec includes the epilogue and prepacked, so each variant gets its own symbol
         digest = hashlib.sha256(repr((spec, knobs, isa.name)).encode()).hexdigest()[:16]
         symbol = f"alt_depthwise_{digest}"
         values["SYMBOL"] = symbol
@@ -250,12 +288,17 @@ class DepthwiseFamily:
         return runtime.KernelSource(symbol=symbol, code=code, workspace_bytes=ws)
 
     def lower(self, spec: DepthwiseSpec, kernel, operands):
+        """operands: [lhs, rhs or its packed panels, *epilogue inputs] (see the header)."""
         import jax
 
         from alt_jax import runtime
 
+        names = ("lhs", "rhs") + spec.epilogue.inputs()
+        if len(operands) != len(names):
+            raise ValueError(f"depthwise kernel takes {len(names)} operands {names}, "
+                             f"got {len(operands)}")
         out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, operands, [out])
+        return runtime.ffi_call(kernel, list(operands), [out])
 
     # ---- reference (tests, tuner checks) ----
     def reference(self, spec: DepthwiseSpec, lhs, rhs):

@@ -11,6 +11,10 @@
 
 #include "alt_jax/simd.h"
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #define ALT_ACT_NONE 0
 #define ALT_ACT_RELU 1
 #define ALT_ACT_RELU6 2
@@ -25,16 +29,29 @@ struct alt_vi {
 
 template <int W>
 ALT_INLINE typename altv<W>::type alt_vmax(typename altv<W>::type a, typename altv<W>::type b) {
-  return a > b ? a : b;
+  return (a != a) | (a > b) ? a : b;
 }
 template <int W>
 ALT_INLINE typename altv<W>::type alt_vmin(typename altv<W>::type a, typename altv<W>::type b) {
-  return a < b ? a : b;
+  return (a != a) | (a < b) ? a : b;
+}
+// alt_vmax(x, c) / alt_vmin(x, c) with x the data and c a constant: a NaN in x comes out as
+// NaN, as jnp.maximum / jnp.minimum give it (a plain x > c ? x : c would turn it into c).
+// On AVX one vmaxps / vminps: it returns its second operand when either is NaN.
+#if defined(__AVX__)
+template <>
+ALT_INLINE altv<8>::type alt_vmax<8>(altv<8>::type a, altv<8>::type b) {
+  return (altv<8>::type)_mm256_max_ps((__m256)b, (__m256)a);
 }
 template <>
-ALT_INLINE float alt_vmax<1>(float a, float b) { return a > b ? a : b; }
+ALT_INLINE altv<8>::type alt_vmin<8>(altv<8>::type a, altv<8>::type b) {
+  return (altv<8>::type)_mm256_min_ps((__m256)b, (__m256)a);
+}
+#endif
 template <>
-ALT_INLINE float alt_vmin<1>(float a, float b) { return a < b ? a : b; }
+ALT_INLINE float alt_vmax<1>(float a, float b) { return a != a || a > b ? a : b; }
+template <>
+ALT_INLINE float alt_vmin<1>(float a, float b) { return a != a || a < b ? a : b; }
 
 // e^x: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-6 polynomial; 2^n built in the exponent.
 template <int W>
