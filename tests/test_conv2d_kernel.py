@@ -1,8 +1,9 @@
 """Numerics of the conv2d family (alt_jax/ops/conv2d.py + codegen/conv2d.cc) against lax.
 
 Entry points: pytest tests/test_conv2d_kernel.py [-m slow]. Kernels are built into a per-session
-temp cache (in parallel, so the file stays fast) and run through runtime.run_numpy; two cases
-go through runtime.ffi_call inside jax.jit.
+temp cache (in parallel, so the file stays fast) and run through runtime.run_numpy; a few cases
+go through runtime.ffi_call inside jax.jit. Also: the fused epilogue against
+Epilogue.reference, and prepacked weights (pack_weights) against the unpacked kernel.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from jax import lax
 from alt_jax import device, runtime
 from alt_jax.ops import conv2d
 from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 
 FAMILY = conv2d.FAMILY
 ISA = device.detect_isa()
@@ -303,3 +305,260 @@ def test_narrow_isas_match_lax(isa, tmp_path):
     case = Case(NHWC, 1, 6, 7, 8, 10, 3, 3, stride=(2, 1), pad=((1, 1), (0, 2)), groups=2)
     spec = FAMILY.match(case.eqn())
     _check(case, spec, cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, isa), isa)))
+
+
+# ---- fused epilogue: y = act(acc * scale[k] + shift[k] + residual) ----
+
+EPI_COMBOS = [
+    Epilogue(shift=True),
+    Epilogue(scale=True, shift=True),
+    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
+    Epilogue(shift=True, activation="gelu_tanh"),
+    Epilogue(scale=True, shift=True, activation="relu6"),
+    Epilogue(activation="silu"),
+    Epilogue(activation="gelu_erf"),
+    Epilogue(scale=True, residual=True, activation="gelu_erf"),
+]
+# residual with the remaining activations (each store path's residual handling is covered above)
+EPI_SLOW_COMBOS = [
+    Epilogue(residual=True, activation="relu6"),
+    Epilogue(shift=True, residual=True, activation="silu"),
+    Epilogue(scale=True, shift=True, residual=True, activation="gelu_tanh"),
+]
+# Both main cases have an oc tail (k % oc_block != 0) and an ow tail (positions % ow_tile);
+# their images are narrower than a tile, so each compiles one tile shape plus the tail's.
+EPI_CASES = [
+    (Case(NCHW, 1, 12, 9, 5, 13, 3, 3, pad=((1, 1), (1, 1))), None),
+    (Case(NHWC, 2, 10, 8, 9, 13, 3, 2, stride=(1, 2), pad=((1, 0), (1, 1))), None),
+]
+# The full epilogue, and a residual with a vector activation, on every other store path.
+EPI_EXTRA_COMBOS = [EPI_COMBOS[2], EPI_COMBOS[7]]
+EPI_EXTRA_CASES = [
+    # NCHW output, 8 x 8 register-transposed stores (and a partial oc block)
+    (Case(NCHW, 1, 8, 9, 10, 20, 3, 3, pad=((1, 1), (1, 1))), (4, 1, 8, 3, None, True, "ahead", True)),
+    # groups: the channel of the epilogue counts all groups; reduction passes; weights fused
+    (Case(NHWC, 1, 16, 7, 9, 36, 3, 3, pad=((1, 1), (1, 1)), groups=2),
+     (4, 2, 6, None, 1, True, "fused", True)),
+    # tiles wrapping over three rows, transposing into an odd layout
+    (Case(("HNWC", "IWOH", "WCNH"), 1, 6, 6, 3, 10, 2, 2, pad=((1, 0), (0, 1))),
+     (3, 2, 5, 2, None, True, "ahead", False)),
+]
+
+
+def _epi_jobs(slow=False):
+    if slow:
+        return [(c, row, e) for c, row in EPI_CASES for e in EPI_SLOW_COMBOS]
+    jobs = [(c, row, e) for c, row in EPI_CASES for e in EPI_COMBOS]
+    return jobs + [(c, row, e) for c, row in EPI_EXTRA_CASES for e in EPI_EXTRA_COMBOS]
+
+
+def _epi_id(job):
+    case, row, epi = job
+    return (f"{case.dn[0]}-{case.dn[2]}-g{case.groups}-"
+            f"{'default' if row is None else 'k' + str(row[:3])}-{epi.describe()}")
+
+
+def _spec_knobs(case, row, **changes):
+    spec = dataclasses.replace(FAMILY.match(case.eqn()), **changes)
+    knobs = _knobs(case, row) if row else FAMILY.default_knobs(spec, ISA)
+    return spec, knobs
+
+
+def _epi_operands(spec, epi, seed=1):
+    rng = np.random.default_rng(seed)
+    extra = dict(scale=rng.uniform(0.5, 1.5, spec.k).astype(np.float32),
+                 shift=rng.standard_normal(spec.k).astype(np.float32),
+                 residual=rng.standard_normal(spec.out_shape).astype(np.float32))
+    return [extra[name] for name in epi.inputs()], extra
+
+
+def _epi_reference(case, spec, epi, extra):
+    x, w = case.operands()
+    y = jax.jit(case.fn())(x, w)
+    return np.asarray(epi.reference(y, spec.out_spec[1], **extra))
+
+
+@pytest.fixture(scope="session")
+def built_epi(cache):
+    def build(job):
+        case, row, epi = job
+        spec, knobs = _spec_knobs(case, row, epilogue=epi)
+        return job, (spec, knobs, cache.build(FAMILY.render(spec, knobs, ISA)))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(build, _epi_jobs()))
+
+
+def test_epilogue_cases_have_tails():
+    for case, row in EPI_CASES + EPI_EXTRA_CASES:
+        spec, knobs = _spec_knobs(case, row)
+        assert spec.kg % (knobs.oc_vecs * ISA.vector_floats), (case, "no oc tail")
+        assert (spec.oh * spec.ow) % knobs.ow_tile, (case, "no ow tail")
+    assert {e.activation for e in EPI_COMBOS} == set(ACTIVATIONS)
+    assert {e.activation for e in EPI_COMBOS + EPI_SLOW_COMBOS if e.residual} >= {
+        "relu", "relu6", "gelu_tanh", "gelu_erf", "silu"}
+
+
+def _check_epilogue(job, spec, kernel):
+    case, _, epi = job
+    extras, named = _epi_operands(spec, epi)
+    x, w = case.operands()
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, w, *extras], [out])
+    ref = _epi_reference(case, spec, epi, {n: named[n] for n in epi.inputs()})
+    err = _relerr(out, ref)
+    assert err <= 1e-4, f"{case} {epi} rel err {err}"
+
+
+@pytest.mark.parametrize("job", _epi_jobs(), ids=_epi_id)
+def test_epilogue_matches_reference(job, built_epi):
+    spec, _, kernel = built_epi[job]
+    _check_epilogue(job, spec, kernel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", _epi_jobs(slow=True), ids=_epi_id)
+def test_epilogue_residual_activations(job, cache):
+    case, row, epi = job
+    spec, knobs = _spec_knobs(case, row, epilogue=epi)
+    _check_epilogue(job, spec, cache.build(FAMILY.render(spec, knobs, ISA)))
+
+
+def test_epilogue_ffi_call_inside_jit(cache):
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="gelu_tanh")
+    case = Case(NCHW, 1, 12, 10, 9, 20, 3, 3, stride=(1, 2), pad=((1, 1), (2, 0)))
+    spec, knobs = _spec_knobs(case, None, epilogue=epi)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    extras, named = _epi_operands(spec, epi, seed=4)
+    x, w = case.operands()
+    ours = jax.jit(lambda *ops: FAMILY.lower(spec, kernel, ops)[0])(x, w, *extras)
+    ref = _epi_reference(case, spec, epi, named)
+    assert _relerr(np.asarray(ours), ref) <= 1e-4
+    with pytest.raises(ValueError, match="operands"):
+        FAMILY.lower(spec, kernel, [x, w])
+
+
+def test_epilogue_changes_symbol_and_source():
+    spec, knobs = _spec_knobs(Case(NCHW, 1, 16, 9, 9, 16, 3, 3), None)
+    variants = [dataclasses.replace(spec, epilogue=e)
+                for e in (Epilogue(), *EPI_COMBOS, *EPI_SLOW_COMBOS)]
+    variants.append(dataclasses.replace(spec, prepacked=True))
+    symbols = {FAMILY.render(s, knobs, ISA).symbol for s in variants}
+    assert len(symbols) == len(variants)
+    assert FAMILY.match(Case(NCHW, 1, 16, 9, 9, 16, 3, 3).eqn()).epilogue.is_identity
+
+
+# ---- prepacked weights: pack_weights once, the kernel packs no weights per call ----
+
+def _prepack_jobs():
+    """Default knobs plus table rows (every weights mode), in two layouts."""
+    jobs = []
+    for case in (KNOB_SHAPES[0], KNOB_SHAPES[2]):
+        spec = FAMILY.match(case.eqn())
+        jobs.append((case, None))
+        t8 = [KNOB_TABLE[8]] if spec.out_strides[1] != 1 else []  # 8x8 stores: NCHW output
+        for row in [KNOB_TABLE[1], KNOB_TABLE[2], KNOB_TABLE[4], KNOB_TABLE[6]] + t8:
+            try:
+                FAMILY.validate(spec, _knobs(case, row), ISA)
+            except KnobError:
+                continue
+            jobs.append((case, row))
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def built_prepacked(cache):
+    def build(job):
+        case, row = job
+        spec, knobs = _spec_knobs(case, row)
+        packed = dataclasses.replace(spec, prepacked=True)
+        return job, (spec, knobs, cache.build(FAMILY.render(spec, knobs, ISA)),
+                     cache.build(FAMILY.render(packed, knobs, ISA)))
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(build, _prepack_jobs()))
+
+
+def test_prepack_jobs_cover_modes():
+    jobs = _prepack_jobs()
+    modes = {(_spec_knobs(c, r)[1].weights) for c, r in jobs}
+    assert modes == {"ahead", "fused", "inplace"}
+    assert {c.dn[0] for c, _ in jobs} == {"NHWC", "NCHW"}
+    assert all(sum(1 for c2, r in jobs if c2 == c and r) >= 3 for c, _ in jobs)
+
+
+@pytest.mark.parametrize("job", _prepack_jobs(),
+                         ids=lambda j: f"{j[0].dn[0]}-{j[0].dn[1]}-"
+                                       f"{'default' if j[1] is None else j[1]}")
+def test_prepacked_matches_unpacked(job, built_prepacked):
+    case, _ = job
+    spec, knobs, plain, packed = built_prepacked[job]
+    x, w = case.operands()
+    wp = np.asarray(FAMILY.pack_weights(spec, knobs, w))
+    assert wp.shape == FAMILY.packed_weight_shape(spec, knobs)
+    a = np.full(spec.out_shape, np.nan, np.float32)
+    b = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(plain, [x, w], [a])
+    runtime.run_numpy(packed, [x, wp], [b])
+    ref = np.asarray(jax.jit(case.fn())(x, w))
+    assert _relerr(a, ref) <= 1e-4 and _relerr(b, a) <= 1e-6
+    if knobs.weights == "inplace":
+        assert packed.workspace_bytes == plain.workspace_bytes
+    else:
+        assert packed.workspace_bytes < plain.workspace_bytes
+        if not knobs.pack_input:
+            assert packed.workspace_bytes == 0
+
+
+def test_prepacked_only_weight_packing_needs_no_workspace(cache):
+    case = Case(NCHW, 1, 16, 7, 7, 24, 1, 1)  # 1x1 NCHW: input read in place, OIHW packed
+    spec, knobs = _spec_knobs(case, None)
+    assert not knobs.pack_input and knobs.weights != "inplace"
+    plain = FAMILY.render(spec, knobs, ISA)
+    packed = FAMILY.render(dataclasses.replace(spec, prepacked=True), knobs, ISA)
+    assert plain.workspace_bytes > 0 and packed.workspace_bytes == 0
+    kernel = cache.build(packed)
+    x, w = case.operands()
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, np.asarray(FAMILY.pack_weights(spec, knobs, w))], [out])
+    assert _relerr(out, np.asarray(jax.jit(case.fn())(x, w))) <= 1e-4
+
+
+def test_prepacked_with_epilogue_inside_jit(cache):
+    """pack_weights traces under jit; prepacked and the epilogue compose."""
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="relu")
+    case = Case(NHWC, 2, 12, 9, 10, 20, 3, 3, pad=((1, 1), (1, 1)))
+    spec, knobs = _spec_knobs(case, None, epilogue=epi, prepacked=True)
+    kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+    extras, named = _epi_operands(spec, epi, seed=5)
+    x, w = case.operands()
+    ours = jax.jit(lambda a, b, *e: FAMILY.lower(spec, kernel,
+                                                 [a, FAMILY.pack_weights(spec, knobs, b),
+                                                  *e])[0])(x, w, *extras)
+    assert _relerr(np.asarray(ours), _epi_reference(case, spec, epi, named)) <= 1e-4
+
+
+def test_validate_accepts_prepacked_and_epilogue_everywhere():
+    for case, knobs in _knob_jobs():
+        spec = FAMILY.match(case.eqn())
+        for changes in (dict(prepacked=True), dict(epilogue=EPI_COMBOS[2], prepacked=True)):
+            FAMILY.validate(dataclasses.replace(spec, **changes), knobs, ISA)
+    for case in GRID:
+        spec = dataclasses.replace(FAMILY.match(case.eqn()), prepacked=True)
+        FAMILY.validate(spec, FAMILY.default_knobs(spec, ISA), ISA)
+
+
+@pytest.mark.parametrize("isa", [device.SSE2, device.SCALAR], ids=lambda i: i.name)
+def test_narrow_isas_epilogue_and_prepacked(isa, tmp_path):
+    cache = runtime.KernelCache(tmp_path, isa=isa)
+    epi = Epilogue(scale=True, shift=True, residual=True, activation="silu")
+    case = Case(NCHW, 1, 6, 7, 8, 10, 3, 3, stride=(2, 1), pad=((1, 1), (0, 2)), groups=2)
+    spec = dataclasses.replace(FAMILY.match(case.eqn()), epilogue=epi, prepacked=True)
+    knobs = FAMILY.default_knobs(spec, isa)
+    kernel = cache.build(FAMILY.render(spec, knobs, isa))
+    extras, named = _epi_operands(spec, epi)
+    x, w = case.operands()
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, np.asarray(FAMILY.pack_weights(spec, knobs, w, isa)), *extras],
+                      [out])
+    assert _relerr(out, _epi_reference(case, spec, epi, named)) <= 1e-4

@@ -13,14 +13,21 @@
 //      values are broadcast from memory, weights loaded as vectors, FMAs fully unrolled over
 //      ic_block. Positions run row-major over OH x OW, so tiles wrap across output rows
 //      (every wrap point is its own instantiation with constant offsets).
-//   3. the tile is written straight into the equation's output layout: vector stores when
-//      the output channels are contiguous, an in-register 8x8 transpose and vector stores
-//      for 8 x 8 tiles into NCHW-like outputs, otherwise a transposing store via the stack.
+//   3. the fused epilogue y = act(acc * scale[k] + shift[k] + residual) runs on the tile in
+//      registers (which parts exist is constexpr), then the tile is written straight into
+//      the equation's output layout: vector stores when the output channels are contiguous,
+//      an in-register 8x8 transpose and vector stores for 8 x 8 tiles into NCHW-like outputs
+//      (scale/shift before the transpose, residual and activation after it), otherwise a
+//      transposing store via the stack.
+// PREPACKED: inputs[1] already holds the packed weight panels (Conv2dFamily.pack_weights,
+// run once by the planner on constant weights): no weight packing and no workspace for it.
+// Inputs: lhs, rhs, then scale?, shift?, residual? (Epilogue.inputs() order).
 // Parallel work items are chunks of tiles of one (n, group, oc block); OC_OUTER picks whether
 // chunks (weight panel reuse) or oc blocks (input reuse) vary fastest.
 #include <stddef.h>
 #include <stdint.h>
 
+#include "alt_jax/epilogue.h"
 #include "alt_jax/kernel_abi.h"
 #include "alt_jax/simd.h"
 
@@ -56,6 +63,15 @@ constexpr int WEIGHTS = @WEIGHTS@;
 constexpr int64_t CHUNK_TILES = @CHUNK_TILES@;  // register tiles per parallel item
 constexpr bool OC_OUTER = @OC_OUTER@;
 constexpr int64_t IC_CHUNK = @IC_CHUNK@;  // ic blocks per reduction pass (>= CGB: one pass)
+// inputs[1] is the packed weight panels (W_AHEAD / W_FUSED layout), not the original rhs
+constexpr bool PREPACKED = @PREPACKED@;
+constexpr bool PACK_W = WEIGHTS != W_INPLACE && !PREPACKED;  // weights packed per call
+
+// ---- the fused epilogue (Spec.epilogue): y = act(acc * scale[k] + shift[k] + residual) ----
+constexpr int ACT = @ACT@;  // ALT_ACT_* (epilogue.h)
+constexpr bool HAS_SCALE = @HAS_SCALE@, HAS_SHIFT = @HAS_SHIFT@, HAS_RES = @HAS_RESIDUAL@;
+// extra inputs follow lhs and rhs in Epilogue.inputs() order
+constexpr int IN_SCALE = 2, IN_SHIFT = IN_SCALE + HAS_SCALE, IN_RES = IN_SHIFT + HAS_SHIFT;
 
 // ---- derived sizes (computed in Python, checked here) ----
 constexpr int64_t CGB = @CGB@, KGB = @KGB@, HP = @HP@, WP = @WP@;
@@ -117,6 +133,15 @@ struct Pass {
   float* part;
 };
 
+// The epilogue operands of one tile: scale/shift of its OCB output channels (zero-padded
+// copies for a partial oc block, so the vector loads stay in bounds), and the residual at the
+// tile's first output position (same offsets as `out`: it has the result's layout).
+struct Epi {
+  const float* scale;
+  const float* shift;
+  const float* res;
+};
+
 // Broadcast of a float loaded from memory. simd.h's vbroadcast computes {0..} + x, which the
 // compiler may not fold (0 + -0 is +0), so it emits a scalar add before every broadcast and
 // runs out of registers; x - 0 == x for every x, so this folds to one vbroadcastss.
@@ -151,7 +176,7 @@ static_assert(SUB_TILES >= 1 && (!PASSES || SUB_TILES * OWT * OCB <= BUF_FLOATS)
 // RT = true instead reads offsets from ioff/ooff (tiles spanning more than two rows).
 template <int NW, int S, bool RT>
 ALT_INLINE void tile(const float* ALT_RESTRICT in, const float* ALT_RESTRICT w,
-                     float* ALT_RESTRICT out, int64_t kvalid, Pass ps,
+                     float* ALT_RESTRICT out, int64_t kvalid, Pass ps, Epi ep,
                      const int64_t* rt_ioff, const int64_t* rt_ooff) {
   auto ioff = [&](int j) -> int64_t {
     if constexpr (RT) return rt_ioff[j];
@@ -199,13 +224,37 @@ ALT_INLINE void tile(const float* ALT_RESTRICT in, const float* ALT_RESTRICT w,
       for (int v = 0; v < OCV; ++v) vstore<VW>(ps.part + j * OCB + v * VW, acc[j][v]);
     return;
   }
+  if constexpr (HAS_SCALE || HAS_SHIFT) {
+    // per-channel affine while lanes are still channels (before any transpose)
+    // The empty asm keeps these loads here: hoisted out of the loop over tiles (they are
+    // invariant there) they would pin vector registers through the reduction and spill it.
+    const float* scp = ep.scale;
+    const float* shp = ep.shift;
+    asm volatile("" : "+r"(scp), "+r"(shp));
+#pragma GCC unroll 8
+    for (int v = 0; v < OCV; ++v) {
+      V sc = vzero<VW>(), sh = vzero<VW>();
+      if constexpr (HAS_SCALE) sc = vload<VW>(scp + v * VW);
+      if constexpr (HAS_SHIFT) sh = vload<VW>(shp + v * VW);
+#pragma GCC unroll 32
+      for (int j = 0; j < NW; ++j) {
+        if constexpr (HAS_SCALE && HAS_SHIFT) acc[j][v] = vfma<VW>(acc[j][v], sc, sh);
+        else if constexpr (HAS_SCALE) acc[j][v] = acc[j][v] * sc;
+        else acc[j][v] = acc[j][v] + sh;
+      }
+    }
+  }
   if constexpr (T8 && NW == 8) {
     if (kvalid == OCB) {
       // 8 positions x 8 channels: transpose in registers, then one vector store per
-      // channel (positions are contiguous per channel in the output)
+      // channel (positions are contiguous per channel in the output, and in the residual)
       transpose8<VW>(acc);
 #pragma GCC unroll 8
-      for (int k = 0; k < 8; ++k) vstore<VW>(out + k * OUT_K, acc[k][0]);
+      for (int k = 0; k < 8; ++k) {
+        V y = acc[k][0];
+        if constexpr (HAS_RES) y += vload<VW>(ep.res + k * OUT_K);
+        vstore<VW>(out + k * OUT_K, alt_activate<VW, ACT>(y));
+      }
       return;
     }
   }
@@ -214,17 +263,43 @@ ALT_INLINE void tile(const float* ALT_RESTRICT in, const float* ALT_RESTRICT w,
 #pragma GCC unroll 32
     for (int j = 0; j < NW; ++j)
 #pragma GCC unroll 8
-      for (int v = 0; v < OCV; ++v) vstore<VW>(out + ooff(j) + v * VW, acc[j][v]);
+      for (int v = 0; v < OCV; ++v) {
+        V y = acc[j][v];
+        if constexpr (HAS_RES) y += vload<VW>(ep.res + ooff(j) + v * VW);
+        vstore<VW>(out + ooff(j) + v * VW, alt_activate<VW, ACT>(y));
+      }
   } else {
-    // any other output layout, or a partial oc block: transpose through the stack
+    // any other output layout, or a partial oc block: transpose through the stack. The
+    // residual is read in the scatter's order (scalar: a gather into vectors would stall on
+    // store forwarding), so activations cheap in scalar run there; the others add it on the
+    // stack and run vectorised.
+    constexpr bool ACT_IN_SCATTER = HAS_RES && ACT <= ALT_ACT_RELU6;
     float t[NW][OCB];
 #pragma GCC unroll 32
     for (int j = 0; j < NW; ++j)
 #pragma GCC unroll 8
-      for (int v = 0; v < OCV; ++v) vstore<VW>(&t[j][v * VW], acc[j][v]);
+      for (int v = 0; v < OCV; ++v) {
+        if constexpr (HAS_RES) vstore<VW>(&t[j][v * VW], acc[j][v]);
+        else vstore<VW>(&t[j][v * VW], alt_activate<VW, ACT>(acc[j][v]));
+      }
+    if constexpr (HAS_RES && !ACT_IN_SCATTER) {
+      for (int64_t k = 0; k < kvalid; ++k)
+#pragma GCC unroll 32
+        for (int j = 0; j < NW; ++j) t[j][k] += ep.res[k * OUT_K + ooff(j)];
+#pragma GCC unroll 32
+      for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+        for (int v = 0; v < OCV; ++v)
+          vstore<VW>(&t[j][v * VW], alt_activate<VW, ACT>(vload<VW>(&t[j][v * VW])));
+    }
     for (int64_t k = 0; k < kvalid; ++k)
 #pragma GCC unroll 32
-      for (int j = 0; j < NW; ++j) out[k * OUT_K + ooff(j)] = t[j][k];
+      for (int j = 0; j < NW; ++j) {
+        if constexpr (ACT_IN_SCATTER)
+          out[k * OUT_K + ooff(j)] = alt_activate<1, ACT>(t[j][k] + ep.res[k * OUT_K + ooff(j)]);
+        else
+          out[k * OUT_K + ooff(j)] = t[j][k];
+      }
   }
 }
 
@@ -242,25 +317,26 @@ constexpr bool split_occurs(int nw, int split) {
 // A wrapping tile whose first row holds s positions (0 < s < NW): one instantiation per s.
 template <int NW, int S = 1>
 ALT_INLINE void tile_split(int64_t s, const float* in, const float* w, float* out,
-                           int64_t kvalid, Pass ps) {
+                           int64_t kvalid, Pass ps, Epi ep) {
   if constexpr (S < NW) {
     if constexpr (split_occurs(NW, S)) {
-      if (s == S) return tile<NW, S, false>(in, w, out, kvalid, ps, nullptr, nullptr);
+      if (s == S) return tile<NW, S, false>(in, w, out, kvalid, ps, ep, nullptr, nullptr);
     }
-    tile_split<NW, S + 1>(s, in, w, out, kvalid, ps);
+    tile_split<NW, S + 1>(s, in, w, out, kvalid, ps, ep);
   }
 }
 
 // The tile of NW positions starting at position p0 of one (n, g, oc block).
 template <int NW>
 ALT_INLINE void tile_at(const float* in, const float* w, float* out, int64_t p0,
-                        int64_t kvalid, Pass ps) {
+                        int64_t kvalid, Pass ps, Epi ep) {
   const int64_t oh = p0 / OW, ow = p0 % OW;
   const float* ti = in + oh * (SH * I_H) + ow * (SW * I_W);
   float* to = out + oh * OUT_H + ow * OUT_W;
+  if constexpr (HAS_RES) ep.res += oh * OUT_H + ow * OUT_W;
   if constexpr (FLAT) {
     // rows follow each other without a gap (e.g. 1x1 stride 1, no padding): no wrap case
-    tile<NW, NW, false>(ti, w, to, kvalid, ps, nullptr, nullptr);
+    tile<NW, NW, false>(ti, w, to, kvalid, ps, ep, nullptr, nullptr);
   } else if constexpr (NW > OW) {
     // the tile spans three or more output rows (narrow images): offsets from registers
     int64_t io[NW], oo[NW];
@@ -269,11 +345,11 @@ ALT_INLINE void tile_at(const float* in, const float* w, float* out, int64_t p0,
       io[j] = r * (SH * I_H) + (c - ow) * (SW * I_W);
       oo[j] = r * OUT_H + (c - ow) * OUT_W;
     }
-    tile<NW, NW, true>(ti, w, to, kvalid, ps, io, oo);
+    tile<NW, NW, true>(ti, w, to, kvalid, ps, ep, io, oo);
   } else if (OW % NW == 0 || ow + NW <= OW) {
-    tile<NW, NW, false>(ti, w, to, kvalid, ps, nullptr, nullptr);
+    tile<NW, NW, false>(ti, w, to, kvalid, ps, ep, nullptr, nullptr);
   } else {
-    tile_split<NW>(OW - ow, ti, w, to, kvalid, ps);
+    tile_split<NW>(OW - ow, ti, w, to, kvalid, ps, ep);
   }
 }
 
@@ -283,16 +359,17 @@ ALT_INLINE void tile_at(const float* in, const float* w, float* out, int64_t p0,
 // slice of the weight panel stays in L1 while the tiles stream by; tile t parks its partial
 // sums at part + (t - s0) * OWT * OCB between passes.
 ALT_INLINE void sub_tiles(const float* in, const float* w, float* out, int64_t s0, int64_t s1,
-                          int64_t kvalid, float* part) {
+                          int64_t kvalid, float* part, Epi ep) {
   constexpr int64_t FULL = P / OWT;
   const int64_t sf = s1 < FULL ? s1 : FULL;
   auto part_of = [&](int64_t t) { return PASSES ? part + (t - s0) * OWT * OCB : nullptr; };
   for (int64_t cb0 = 0; cb0 < CGB; cb0 += IC_CHUNK) {
     const int64_t cb1 = cb0 + IC_CHUNK < CGB ? cb0 + IC_CHUNK : CGB;
     for (int64_t t = s0; t < sf; ++t)
-      tile_at<OWT>(in, w, out, t * OWT, kvalid, Pass{cb0, cb1, part_of(t)});
+      tile_at<OWT>(in, w, out, t * OWT, kvalid, Pass{cb0, cb1, part_of(t)}, ep);
     if constexpr (REM > 0) {
-      if (s1 > FULL) tile_at<REM>(in, w, out, FULL * OWT, kvalid, Pass{cb0, cb1, part_of(FULL)});
+      if (s1 > FULL)
+        tile_at<REM>(in, w, out, FULL * OWT, kvalid, Pass{cb0, cb1, part_of(FULL)}, ep);
     }
   }
 }
@@ -301,10 +378,37 @@ ALT_INLINE void sub_tiles(const float* in, const float* w, float* out, int64_t s
 // calls its lambda both directly and through the pool thunk, and two inlined copies would
 // double the compile time.
 __attribute__((noinline)) void tiles(const float* in, const float* w, float* out, int64_t t0,
-                                     int64_t t1, int64_t kvalid) {
+                                     int64_t t1, int64_t kvalid, Epi ep) {
   alignas(64) float part[PASSES ? SUB_TILES * OWT * OCB : 1];
   for (int64_t s0 = t0; s0 < t1; s0 += SUB_TILES)
-    sub_tiles(in, w, out, s0, s0 + SUB_TILES < t1 ? s0 + SUB_TILES : t1, kvalid, part);
+    sub_tiles(in, w, out, s0, s0 + SUB_TILES < t1 ? s0 + SUB_TILES : t1, kvalid, part, ep);
+}
+
+// The epilogue operands of the oc block of kvalid channels starting at channel c0 (of all
+// K = G x KG), whose output starts at out + out_off. A partial block's scale/shift are copied
+// into `pad` with zeros after kvalid.
+struct EpiPad {
+  alignas(64) float scale[OCB];
+  alignas(64) float shift[OCB];
+};
+ALT_INLINE Epi epi_block(const float* scale, const float* shift, const float* res, int64_t c0,
+                         int64_t kvalid, int64_t out_off, EpiPad& pad) {
+  Epi ep{nullptr, nullptr, nullptr};
+  if constexpr (HAS_SCALE || HAS_SHIFT) {
+    if (kvalid == OCB) {
+      if constexpr (HAS_SCALE) ep.scale = scale + c0;
+      if constexpr (HAS_SHIFT) ep.shift = shift + c0;
+    } else {
+      for (int64_t k = 0; k < OCB; ++k) {
+        if constexpr (HAS_SCALE) pad.scale[k] = k < kvalid ? scale[c0 + k] : 0.0f;
+        if constexpr (HAS_SHIFT) pad.shift[k] = k < kvalid ? shift[c0 + k] : 0.0f;
+      }
+      ep.scale = pad.scale;
+      ep.shift = pad.shift;
+    }
+  }
+  if constexpr (HAS_RES) ep.res = res + out_off;
+  return ep;
 }
 
 // Packed input row (n, g, cb, hp): Wp x ICB with zeros for padding and missing channels.
@@ -391,11 +495,14 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
   const float* lhs = static_cast<const float*>(inputs[0]);
   const float* rhs = static_cast<const float*>(inputs[1]);
   float* out = static_cast<float*>(outputs[0]);
-  float* ws = (PACK_IN || WEIGHTS != W_INPLACE) ? static_cast<float*>(outputs[1]) : nullptr;
+  float* ws = (PACK_IN || PACK_W) ? static_cast<float*>(outputs[1]) : nullptr;
+  const float* scale = HAS_SCALE ? static_cast<const float*>(inputs[IN_SCALE]) : nullptr;
+  const float* shift = HAS_SHIFT ? static_cast<const float*>(inputs[IN_SHIFT]) : nullptr;
+  const float* res = HAS_RES ? static_cast<const float*>(inputs[IN_RES]) : nullptr;
 
   // 1. packing ahead: input rows and (WEIGHTS == W_AHEAD) weight panels in one parallel loop
   constexpr int64_t IN_ITEMS = PACK_IN ? N * G * CGB * HP : 0;
-  constexpr int64_t W_ITEMS = WEIGHTS == W_AHEAD ? G * KGB * CGB : 0;
+  constexpr int64_t W_ITEMS = WEIGHTS == W_AHEAD && PACK_W ? G * KGB * CGB : 0;
   if constexpr (IN_ITEMS + W_ITEMS > 0) {
     alt_parallel_for(rt, IN_ITEMS + W_ITEMS, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
@@ -407,7 +514,7 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
     });
   }
   const float* in = PACK_IN ? ws + WS_IN : lhs;
-  const float* wt = WEIGHTS == W_INPLACE ? rhs : ws + WS_W;
+  const float* wt = PACK_W ? ws + WS_W : rhs;
 
   // 2. compute
   if constexpr (WEIGHTS == W_FUSED) {
@@ -417,11 +524,16 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
     alt_parallel_for(rt, G * KGB, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t g = i / KGB, kb = i % KGB;
-        for (int64_t cb = 0; cb < CGB; ++cb) pack_weight_panel(rhs, ws, i * CGB + cb);
+        if constexpr (PACK_W)
+          for (int64_t cb = 0; cb < CGB; ++cb) pack_weight_panel(rhs, ws, i * CGB + cb);
         const int64_t kvalid = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
-        for (int64_t n = 0; n < N; ++n)
-          tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB,
-                out + n * OUT_N + (g * KG + kb * OCB) * OUT_K, 0, NT, kvalid);
+        const int64_t c0 = g * KG + kb * OCB;
+        EpiPad pad;
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t oo = n * OUT_N + c0 * OUT_K;
+          tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB, out + oo, 0, NT, kvalid,
+                epi_block(scale, shift, res, c0, kvalid, oo, pad));
+        }
       }
     });
   } else {
@@ -441,8 +553,10 @@ extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
         const int64_t n = ng / G, g = ng % G;
         const int64_t kvalid = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
         const int64_t t0 = pc * CHUNK_TILES, t1 = t0 + CHUNK_TILES < NT ? t0 + CHUNK_TILES : NT;
-        tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB,
-              out + n * OUT_N + (g * KG + kb * OCB) * OUT_K, t0, t1, kvalid);
+        const int64_t c0 = g * KG + kb * OCB, oo = n * OUT_N + c0 * OUT_K;
+        EpiPad pad;
+        tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB, out + oo, t0, t1, kvalid,
+              epi_block(scale, shift, res, c0, kvalid, oo, pad));
       }
     });
   }

@@ -1,7 +1,9 @@
 """General 2-D convolution family: any dimension numbers, strides, padding, rhs dilation, groups.
 
-Entry points: FAMILY (Conv2dFamily: match/flops/default_knobs/validate/render/lower),
-Conv2dSpec, Conv2dKnobs. The kernel is the direct-convolution template codegen/conv2d.cc.
+Entry points: FAMILY (Conv2dFamily: match/flops/default_knobs/validate/render/lower/
+pack_weights), Conv2dSpec, Conv2dKnobs. The kernel is the direct-convolution template
+codegen/conv2d.cc; its inputs are [lhs, rhs (or the packed weights if Spec.prepacked),
+*Spec.epilogue.inputs()], the epilogue's channel is the output channel K.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
+from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
 _WEIGHT_MODES = {"inplace": 0, "ahead": 1, "fused": 2}  # the template's W_* constants
@@ -27,6 +30,10 @@ class Conv2dSpec:
 
     lhs_spec / rhs_spec / out_spec are jax's ConvDimensionNumbers tuples: the positions in the
     operand's shape of (N, C, H, W), (O, I, KH, KW) and (N, K, OH, OW).
+    epilogue: what the kernel applies to its output tile before the store (match() leaves the
+      identity; the planner sets it): scale/shift are float32 vectors of K (all groups,
+      k = g * K/G + j), residual has the result's shape and layout.
+    prepacked: the kernel's rhs input is pack_weights(spec, knobs, rhs), not the rhs.
     """
 
     n: int
@@ -45,6 +52,8 @@ class Conv2dSpec:
     lhs_spec: tuple[int, int, int, int]
     rhs_spec: tuple[int, int, int, int]
     out_spec: tuple[int, int, int, int]
+    epilogue: Epilogue = Epilogue()
+    prepacked: bool = False
 
     @property
     def cg(self) -> int:
@@ -174,8 +183,9 @@ class Conv2dFamily:
         # each panel in the packing core's L2 but parallelises only over (group, oc block),
         # so use it when there are enough oc blocks and the weights are big (>= 1 MiB: the
         # 256@14 and 512@7 layers, ~3-5% faster there).
+        # Prepacked weights leave nothing to fuse: chunked items spread the work better.
         weight_bytes = 4 * spec.k * spec.cg * window
-        fused = spec.groups * kgb >= 8 and weight_bytes >= (1 << 20)
+        fused = spec.groups * kgb >= 8 and weight_bytes >= (1 << 20) and not spec.prepacked
         # about 64 items in the pool (dynamic chunks balance 2 cores), >= 2 tiles per item
         chunk = n_tiles if fused else max(2, -(-n_tiles * spec.n * spec.groups * kgb // 64))
         chunk = min(chunk, n_tiles)
@@ -203,6 +213,10 @@ class Conv2dFamily:
 
     def validate(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa) -> None:
         vw = isa.vector_floats
+        if not isinstance(spec.epilogue, Epilogue):
+            raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
+        if not isinstance(spec.prepacked, bool):
+            raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
         for name in ("ic_block", "oc_vecs", "ow_tile", "chunk_tiles", "ic_chunk"):
             v = getattr(knobs, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -282,12 +296,13 @@ class Conv2dFamily:
             i_c, i_w, i_h, i_cb, i_g, i_n = lc, lw, lh, icb * lc, spec.cg * lc, ln
             in_floats = 0
         if knobs.weights != "inplace":
+            # the packed panels (pack_weights' layout): G, KGB, CGB, KH, KW, ICB, OCB
             w_ic, w_kw = ocb, icb * ocb
             w_kh = spec.kw * w_kw
             w_cb = spec.kh * w_kh
             w_kb = cgb * w_cb
             w_g = kgb * w_kb
-            w_floats = g * w_g
+            w_floats = 0 if spec.prepacked else g * w_g
         else:
             w_ic, w_kw, w_kh, w_cb, w_kb, w_g = ri, rw, rh, icb * ri, ocb, spec.kg
             w_floats = 0
@@ -305,7 +320,10 @@ class Conv2dFamily:
             WEIGHTS=_WEIGHT_MODES[knobs.weights], OC_OUTER=knobs.oc_outer,
             CGB=cgb, KGB=kgb, HP=hp, WP=wp, WS_IN=ws_in, WS_W=ws_w,
             I_C=i_c, I_W=i_w, I_H=i_h, I_CB=i_cb, I_G=i_g, I_N=i_n,
-            W_IC=w_ic, W_KW=w_kw, W_KH=w_kh, W_CB=w_cb, W_KB=w_kb, W_G=w_g)
+            W_IC=w_ic, W_KW=w_kw, W_KH=w_kh, W_CB=w_cb, W_KB=w_kb, W_G=w_g,
+            PREPACKED=spec.prepacked, ACT=spec.epilogue.activation_code,
+            HAS_SCALE=spec.epilogue.scale, HAS_SHIFT=spec.epilogue.shift,
+            HAS_RESIDUAL=spec.epilogue.residual)
         for key, v in values.items():
             if not isinstance(v, bool):
                 R.check_int(key, v, 0, 2**40)
@@ -316,18 +334,64 @@ class Conv2dFamily:
 
         self.validate(spec, knobs, isa)
         values, ws_bytes = self._values(spec, knobs, isa)
+        # the spec's repr includes its epilogue and prepacked flag
         digest = hashlib.sha256(repr((spec, knobs, isa.name)).encode()).hexdigest()[:16]
         values["SYMBOL"] = f"alt_conv2d_{digest}"
         code = R.render(R.load_template(_TEMPLATE), values)
         return runtime.KernelSource(symbol=values["SYMBOL"], code=code, workspace_bytes=ws_bytes)
 
     def lower(self, spec: Conv2dSpec, kernel, operands: Sequence) -> Sequence:
+        """operands: [lhs, rhs (packed if spec.prepacked), *spec.epilogue.inputs()]."""
         import jax
 
         from alt_jax import runtime
 
+        names = ("lhs", "rhs") + spec.epilogue.inputs()
+        if len(operands) != len(names):
+            raise ValueError(f"conv2d kernel takes {len(names)} operands {names}, "
+                             f"got {len(operands)}")
+        k_shape = (spec.k,)
+        for name, x in zip(names, operands):
+            want = {"lhs": spec.lhs_shape, "scale": k_shape, "shift": k_shape,
+                    "residual": spec.out_shape,
+                    "rhs": None if spec.prepacked else spec.rhs_shape}.get(name)
+            if want is not None and tuple(x.shape) != tuple(want):
+                raise ValueError(f"conv2d operand {name} has shape {tuple(x.shape)}, the kernel "
+                                 f"reads {tuple(want)}")
+            if np.dtype(x.dtype) != np.float32:
+                raise ValueError(f"conv2d operand {name} has dtype {x.dtype}, needs float32")
         out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
         return runtime.ffi_call(kernel, list(operands), [out])
+
+    # ---- constant weights ----
+    def packed_weight_shape(self, spec: Conv2dSpec, knobs: Conv2dKnobs,
+                            isa: device.Isa | None = None) -> tuple:
+        """Shape of pack_weights' result: (G, KGB, CGB, KH, KW, ICB, OCB), or the rhs shape
+        for weights="inplace" (read where it is)."""
+        if knobs.weights == "inplace":
+            return tuple(spec.rhs_shape)
+        isa = isa or device.detect_isa()
+        icb, ocb = knobs.ic_block, knobs.oc_vecs * isa.vector_floats
+        return (spec.groups, -(-spec.kg // ocb), -(-spec.cg // icb), spec.kh, spec.kw, icb, ocb)
+
+    def pack_weights(self, spec: Conv2dSpec, knobs: Conv2dKnobs, rhs, isa: device.Isa | None = None):
+        """The rhs (original layout, array or tracer) rearranged with jnp into the panels the
+        kernel reads when spec.prepacked: G, K/oc_block, C/ic_block, KH, KW, ic_block, oc_block
+        with zero-padded channels (oc_block = oc_vecs x the ISA's lanes; isa defaults to this
+        host's, which is what render uses in the planner). weights="inplace" reads the rhs in
+        place, so it comes back unchanged."""
+        import jax.numpy as jnp
+
+        if knobs.weights == "inplace":
+            return rhs
+        isa = isa or device.detect_isa()
+        g, kgb, cgb, kh, kw, icb, ocb = self.packed_weight_shape(spec, knobs, isa)
+        w = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_spec)  # O, I, KH, KW
+        w = w.reshape(g, spec.kg, spec.cg, kh, kw)
+        w = jnp.pad(w, ((0, 0), (0, kgb * ocb - spec.kg), (0, cgb * icb - spec.cg), (0, 0),
+                        (0, 0)))
+        w = w.reshape(g, kgb, ocb, cgb, icb, kh, kw)
+        return jnp.transpose(w, (0, 1, 3, 5, 6, 4, 2))
 
 
 FAMILY = Conv2dFamily()
