@@ -1,7 +1,8 @@
 """The implementations a benchmark times side by side with alt_jax, each a callable taking the
 jax function's own arguments and carrying the thread settings it ran with.
 
-Entry points: Peer, xla_peer(fn), onnxruntime_peer(fn, params, *inputs, threads), PeerUnavailable.
+Entry points: Peer, xla_peer(fn), xla_eigen_peer(fn, *args), onnxruntime_peer(fn, params,
+*inputs, threads, spinning), PeerUnavailable.
 """
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def xla_peer(fn: Callable) -> Peer:
     settings = {"impl": "jax.jit", "jax": jax.__version__, "intra_op_threads": os.cpu_count(),
                 "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     return Peer("xla", jax.jit(fn), settings)
+
+
+# XLA:CPU's default path goes through YNNPACK; this option sends it down its older Eigen
+# path, which is faster on this machine (ANCHORS.md: ResNet-50 NHWC 73 vs 129 ms).
+EIGEN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def xla_eigen_peer(fn: Callable, *args) -> Peer:
+    """jax.jit(fn) compiled for these args' shapes with XLA's legacy Eigen path."""
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=EIGEN_OPTIONS)
+    settings = {"impl": "jax.jit (eigen)", "jax": jax.__version__,
+                "intra_op_threads": os.cpu_count(), "compiler_options": EIGEN_OPTIONS}
+    return Peer("xla_eigen", compiled, settings)
 
 
 def _import_onnxruntime():

@@ -61,3 +61,12 @@ def test_op_suites_report_multiplicity_and_flops():
     assert literature == {"C2D", "GRP", "DEP", "DIL", "GMM", "TBG"}
     with pytest.raises(ValueError, match="choose from"):
         suites.build_suite("nope")
+
+
+def test_xla_eigen_peer_matches_jax_jit():
+    from benchmarks import peers
+    model = models.build("tiny_cnn")
+    args = (model.params, *model.inputs)
+    eigen = peers.xla_eigen_peer(model.apply, *args)
+    timing.check_close("eigen", eigen(*args), jax.jit(model.apply)(*args), 1e-5)
+    assert eigen.settings["compiler_options"] == peers.EIGEN_OPTIONS

@@ -17,6 +17,7 @@ import pytest
 from jax import lax
 
 from alt_jax import device, runtime
+from epilogue_cases import EPILOGUES
 from alt_jax.ops import conv2d
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
@@ -309,14 +310,7 @@ def test_narrow_isas_match_lax(isa, tmp_path):
 
 # ---- fused epilogue: y = act(acc * scale[k] + shift[k] + residual) ----
 
-EPI_COMBOS = [
-    Epilogue(shift=True),
-    Epilogue(scale=True, shift=True),
-    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
-    Epilogue(shift=True, activation="gelu_tanh"),
-    Epilogue(scale=True, shift=True, activation="relu6"),
-    Epilogue(activation="silu"),
-    Epilogue(activation="gelu_erf"),
+EPI_COMBOS = EPILOGUES + [
     Epilogue(scale=True, residual=True, activation="gelu_erf"),
 ]
 # residual with the remaining activations (each store path's residual handling is covered above)

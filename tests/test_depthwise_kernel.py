@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from alt_jax import device, runtime
+from epilogue_cases import EPILOGUES as COMMON_EPILOGUES
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.depthwise import FAMILY, DepthwiseKnobs
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
@@ -281,14 +282,7 @@ def test_symbols_differ_per_variant_and_spec_is_hashable():
 
 # ---- fused epilogue: y = act(conv * scale[k] + shift[k] + residual) ----
 
-EPILOGUES = [
-    Epilogue(shift=True),
-    Epilogue(scale=True, shift=True),
-    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
-    Epilogue(shift=True, activation="gelu_tanh"),
-    Epilogue(scale=True, shift=True, activation="relu6"),
-    Epilogue(activation="silu"),
-    Epilogue(activation="gelu_erf"),
+EPILOGUES = COMMON_EPILOGUES + [
     Epilogue(residual=True, activation="silu"),
 ]
 assert {e.activation for e in EPILOGUES} == set(ACTIVATIONS)

@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 from alt_jax import device, runtime
+from epilogue_cases import EPILOGUES as COMMON_EPILOGUES
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 from alt_jax.ops.matmul import FAMILY, MatmulKnobs
@@ -283,14 +284,7 @@ def test_defaults_validate_and_symbols_differ():
 
 # ----------------------------------------------------------------- fused epilogue
 W = ISA.vector_floats
-EPILOGUES = [
-    Epilogue(shift=True),
-    Epilogue(scale=True, shift=True),
-    Epilogue(scale=True, shift=True, residual=True, activation="relu"),
-    Epilogue(shift=True, activation="gelu_tanh"),
-    Epilogue(scale=True, shift=True, activation="relu6"),
-    Epilogue(activation="silu"),
-    Epilogue(activation="gelu_erf"),
+EPILOGUES = COMMON_EPILOGUES + [
     Epilogue(residual=True),
     Epilogue(scale=True, residual=True, activation="gelu_erf"),
 ]

@@ -489,8 +489,7 @@ void pack_weight_panel(const float* ALT_RESTRICT src, float* ALT_RESTRICT ws, in
 
 }  // namespace
 
-// runtime.py compiles with -fvisibility=hidden: the entry point must be exported explicitly
-extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
+ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
     const alt_runtime* rt, const void* const* inputs, void* const* outputs) {
   const float* lhs = static_cast<const float*>(inputs[0]);
   const float* rhs = static_cast<const float*>(inputs[1]);

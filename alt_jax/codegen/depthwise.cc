@@ -366,8 +366,7 @@ void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64
 
 }  // namespace
 
-// Kernels build with -fvisibility=hidden: the entry point is the one exported symbol.
-extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
+ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
     const alt_runtime* rt, const void* const* inputs, void* const* outputs) {
   const float* lhs = static_cast<const float*>(inputs[0]);
   const float* rhs = static_cast<const float*>(inputs[1]);

@@ -447,7 +447,7 @@ void run_task(const Buffers& x, int64_t t, float* slice) {
 
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@(
+ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
     const alt_runtime* runtime, const void* const* inputs, void* const* outputs) {
   // Without a runtime alt_parallel_for runs inline: below ~1 MFLOP waking the pool costs
   // more than the work.
