@@ -15,8 +15,8 @@ import numpy as np
 
 from alt_jax import device
 from alt_jax.codegen import render as R
-from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
+from alt_jax.ops.base import KnobError
+from alt_jax.ops.conv_common import ConvOperands, read_conv
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
@@ -25,7 +25,7 @@ _MAX_UNROLLED_FMAS = 512  # ic_block x ow_tile x oc_vecs per tile body: compile 
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv2dSpec:
+class Conv2dSpec(ConvOperands):
     """One convolution, canonical: logical sizes plus where each logical dim lives.
 
     lhs_spec / rhs_spec / out_spec are jax's ConvDimensionNumbers tuples: the positions in the
@@ -64,31 +64,12 @@ class Conv2dSpec:
         return self.k // self.groups
 
     @property
-    def lhs_shape(self):
-        return physical_shape(self.lhs_spec, (self.n, self.c, self.h, self.w))
+    def dim_orders(self):
+        return self.lhs_spec, self.rhs_spec, self.out_spec
 
     @property
-    def rhs_shape(self):
-        return physical_shape(self.rhs_spec, (self.k, self.cg, self.kh, self.kw))
-
-    @property
-    def out_shape(self):
-        return physical_shape(self.out_spec, (self.n, self.k, self.oh, self.ow))
-
-    @property
-    def lhs_strides(self):
-        """Element strides of (N, C, H, W) in the dense lhs."""
-        return logical_strides(self.lhs_spec, self.lhs_shape)
-
-    @property
-    def rhs_strides(self):
-        """Element strides of (O, I, KH, KW) in the dense rhs."""
-        return logical_strides(self.rhs_spec, self.rhs_shape)
-
-    @property
-    def out_strides(self):
-        """Element strides of (N, K, OH, OW) in the dense output."""
-        return logical_strides(self.out_spec, self.out_shape)
+    def rhs_in_channels(self) -> int:
+        return self.cg
 
 
 @dataclasses.dataclass(frozen=True, order=True)

@@ -1,8 +1,8 @@
 """What the conv families share: reading a conv_general_dilated equation into canonical
 geometry, with the refusals every conv kernel makes, and placing logical dims in arrays.
 
-Entry points: ConvGeometry, read_conv(eqn), physical_shape(order, logical),
-logical_strides(order, shape).
+Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
+conv spec), physical_shape(order, logical), logical_strides(order, shape).
 """
 from __future__ import annotations
 
@@ -26,6 +26,40 @@ def logical_strides(order, shape) -> tuple:
     """Element strides of the logical dims (at axes `order`) in a dense row-major `shape`."""
     dense = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
     return tuple(dense[axis] for axis in order)
+
+
+class ConvOperands:
+    """Shapes and element strides of a conv's dense operands, derived from the spec's logical
+    sizes (n, c, h, w, k, kh, kw, oh, ow) and where its logical dims live. A spec mixing this
+    in provides `dim_orders` -> (lhs, rhs, out) axis positions of (N, C, H, W), (O, I, KH, KW),
+    (N, K, OH, OW), and `rhs_in_channels` (input channels per group)."""
+
+    @property
+    def lhs_shape(self):
+        return physical_shape(self.dim_orders[0], (self.n, self.c, self.h, self.w))
+
+    @property
+    def rhs_shape(self):
+        return physical_shape(self.dim_orders[1], (self.k, self.rhs_in_channels, self.kh, self.kw))
+
+    @property
+    def out_shape(self):
+        return physical_shape(self.dim_orders[2], (self.n, self.k, self.oh, self.ow))
+
+    @property
+    def lhs_strides(self):
+        """Element strides of (N, C, H, W) in the dense lhs."""
+        return logical_strides(self.dim_orders[0], self.lhs_shape)
+
+    @property
+    def rhs_strides(self):
+        """Element strides of (O, I, KH, KW) in the dense rhs."""
+        return logical_strides(self.dim_orders[1], self.rhs_shape)
+
+    @property
+    def out_strides(self):
+        """Element strides of (N, K, OH, OW) in the dense output."""
+        return logical_strides(self.dim_orders[2], self.out_shape)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,14 @@ from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
-from alt_jax.ops.conv_common import logical_strides, physical_shape, read_conv
+from alt_jax.ops.conv_common import ConvOperands, read_conv
 
 _TEMPLATE = "depthwise.cc"
 _MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
 
 
 @dataclasses.dataclass(frozen=True, order=True)
-class DepthwiseSpec:
+class DepthwiseSpec(ConvOperands):
     """One depthwise conv, canonical: sizes, window, and each operand's dimension order.
 
     lhs_order / out_order give the array axis holding (batch, channel, row, column);
@@ -56,31 +56,10 @@ class DepthwiseSpec:
         return self.c * self.mult
 
     @property
-    def lhs_shape(self):
-        return physical_shape(self.lhs_order, (self.n, self.c, self.h, self.w))
+    def dim_orders(self):
+        return self.lhs_order, self.rhs_order, self.out_order
 
-    @property
-    def rhs_shape(self):
-        return physical_shape(self.rhs_order, (self.k, 1, self.kh, self.kw))
-
-    @property
-    def out_shape(self):
-        return physical_shape(self.out_order, (self.n, self.k, self.oh, self.ow))
-
-    @property
-    def lhs_strides(self):
-        """Element strides of (n, c, h, w) in the dense lhs."""
-        return logical_strides(self.lhs_order, self.lhs_shape)
-
-    @property
-    def rhs_strides(self):
-        """Element strides of (k, 1, kh, kw) in the dense rhs."""
-        return logical_strides(self.rhs_order, self.rhs_shape)
-
-    @property
-    def out_strides(self):
-        """Element strides of (n, k, oh, ow) in the dense output."""
-        return logical_strides(self.out_order, self.out_shape)
+    rhs_in_channels = 1  # one input channel per group
 
 
 @dataclasses.dataclass(frozen=True, order=True)
