@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -22,9 +21,6 @@ from alt_jax import jaxpr_pass
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 
 _AFFINE = {lax.add_p: "add", lax.sub_p: "sub", lax.mul_p: "mul", lax.div_p: "div"}
-_POINTWISE = {lax.add_p, lax.sub_p, lax.mul_p, lax.div_p, lax.max_p, lax.min_p, lax.neg_p,
-              lax.exp_p, lax.tanh_p, lax.logistic_p, lax.erf_p, lax.integer_pow_p, lax.pow_p,
-              lax.sqrt_p, lax.rsqrt_p, lax.abs_p, lax.convert_element_type_p}
 _MAX_REGION = 16        # pointwise equations an activation may take
 _PROBE = np.linspace(-8.0, 8.0, 4001, dtype=np.float32)
 
@@ -116,6 +112,10 @@ _NUMPY = {
     lax.erf_p: _erf, lax.sqrt_p: np.sqrt, lax.rsqrt_p: lambda a: 1 / np.sqrt(a),
     lax.abs_p: np.abs, lax.convert_element_type_p: lambda a: a,
 }
+
+
+# What an activation region may contain: exactly what the probe can evaluate.
+_POINTWISE = set(_NUMPY) | {lax.integer_pow_p, lax.pow_p}
 
 
 def _numpy_eval(eqns, env: dict) -> None:

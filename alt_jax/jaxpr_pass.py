@@ -1,7 +1,7 @@
 """Re-evaluates a jaxpr with planned equations replaced by kernel calls.
 
 Entry points: evaluate(jaxpr, consts, args, replacements), Group, SKIP, inline_calls(closed),
-subjaxprs(eqn), walk(jaxpr).
+differentiable_as(primal, original), subjaxprs(eqn), walk(jaxpr).
 Shaped like jax.core.eval_jaxpr: an environment, one loop over equations, higher-order
 rules keyed by primitive object; every other equation is re-bound unchanged. Works on
 jax 0.10 (ClosedJaxpr) and 0.12 (Jaxpr with .consts): sub-jaxprs are read through
@@ -160,14 +160,20 @@ def _remat(eqn, invals, replacements):
                           policy=eqn.params["policy"])(*invals)
 
 
+def differentiable_as(primal: Callable, original: Callable) -> Callable:
+    """primal (a rewritten computation: a kernel call, a rewritten body), differentiated as
+    original (what it replaces): the tangent is original's JVP, so the user's custom rules,
+    and jvp / grad / vmap, see exactly what they saw before the rewrite."""
+    call = jax.custom_jvp(primal)
+    call.defjvp(lambda primals, tangents: (call(*primals),
+                                           jax.jvp(original, primals, tangents)[1]))
+    return call
+
+
 def _custom_jvp(eqn, invals, replacements):
-    # Primal through the rewritten body; derivatives from the original equation, so the
-    # user's custom rule is what differentiation sees.
     body = _fn(eqn.params["call_jaxpr"], replacements)
-    original = functools.partial(_bind_tuple, eqn)
-    wrapped = jax.custom_jvp(lambda *a: tuple(body(*a)))
-    wrapped.defjvp(lambda primals, tangents: (wrapped(*primals),
-                                              jax.jvp(original, primals, tangents)[1]))
+    wrapped = differentiable_as(lambda *a: tuple(body(*a)),
+                                functools.partial(_bind_tuple, eqn))
     return wrapped(*invals)
 
 

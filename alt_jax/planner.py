@@ -72,7 +72,8 @@ class PlanOptions:
 class OpDecision:
     where: str                   # position in the program, e.g. "jit(block)/eqn 3"
     primitive: str
-    signature: str               # operand and result types, e.g. "f32[1,3,8,8], f32[4,3,3,3] -> f32[1,4,6,6]"
+    signature: str               # operand and result types, e.g.
+    #                              "f32[1,3,8,8], f32[4,3,3,3] -> f32[1,4,6,6]"
     family: Optional[str] = None
     spec: Any = None
     knobs: Any = None
@@ -116,7 +117,8 @@ class Plan:
         for d in self.decisions:
             lines.append(f"  [{d.where}] {d.primitive} {d.signature}  ({d.flops / 1e6:.2f} MFLOP)")
             if d.on_kernel:
-                lines.append(f"      kernel: {d.family} {d.kernel.symbol} knobs ({d.knobs_from}): {d.knobs}")
+                lines.append(f"      kernel: {d.family} {d.kernel.symbol} "
+                             f"knobs ({d.knobs_from}): {d.knobs}")
                 epi = getattr(d.spec, "epilogue", None)
                 extras = ([f"fused epilogue {epi.describe()}"] if epi and not epi.is_identity
                           else []) + (["weights packed once"] if getattr(d.spec, "prepacked",
@@ -135,7 +137,8 @@ class Plan:
 
 
 def _type(aval) -> str:
-    return f"{aval.dtype.name.replace('float', 'f').replace('int', 'i')}[{','.join(map(str, aval.shape))}]"
+    dtype = aval.dtype.name.replace("float", "f").replace("int", "i")
+    return f"{dtype}[{','.join(map(str, aval.shape))}]"
 
 
 def _signature(eqn) -> str:
@@ -154,19 +157,9 @@ def _walk_with_where(jaxpr, prefix: str = ""):
 
 
 def make_replacement(eqn, lower: Callable) -> jaxpr_pass.Replacement:
-    """eqn's outputs from lower(operands), differentiable: the tangent is the original
-    equation's (lax) JVP, so jvp, grad and vmap keep working through the kernel call."""
-    def original(*ops):
-        return tuple(jaxpr_pass._bind(eqn, ops))
-
-    @jax.custom_jvp
-    def call(*ops):
-        return tuple(lower(ops))
-
-    @call.defjvp
-    def call_jvp(primals, tangents):
-        return call(*primals), jax.jvp(original, primals, tangents)[1]
-
+    """eqn's outputs from lower(operands), differentiable through eqn's own (lax) JVP."""
+    call = jaxpr_pass.differentiable_as(lambda *ops: tuple(lower(ops)),
+                                        lambda *ops: tuple(jaxpr_pass._bind(eqn, ops)))
     return lambda invals: list(call(*invals))
 
 
@@ -330,9 +323,7 @@ def _group(eqn, match, prop, family=None, spec=None, knobs=None, kernel=None, is
             ops.append(propagate.convert(read(r), perm_of[r], out_perm))
         return family.lower(spec, kernel, ops)[0]
 
-    call = jax.custom_jvp(kernel_call)
-    call.defjvp(lambda primals, tangents: (call(*primals),
-                                           jax.jvp(original, primals, tangents)[1]))
+    call = jaxpr_pass.differentiable_as(kernel_call, original)
     return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -150,14 +150,12 @@ class Propagation:
             else:  # a broadcast operand (size-1 dims): transposing it is cheap
                 plans.append((p, target))
         self.perms[eqn.outvars[0]] = target
-        physical_shape = tuple(eqn.outvars[0].aval.shape[a] for a in target)
 
         def run(invals, eqn=eqn, plans=plans, target=target):
             ins = [x if plan is None else convert(x, *plan) for x, plan in zip(invals, plans)]
             if eqn.primitive is P.custom_jvp_call_p:
                 return [_pointwise_call_on(eqn, ins[0], target)]
             return jaxpr_pass._bind(eqn, ins)
-        del physical_shape
         self.replacements[id(eqn)] = run
 
     def _windowed(self, eqn) -> None:
@@ -217,20 +215,12 @@ def _pointwise_call_on(eqn, x, perm):
     runs its body on the physical array; the derivative is the original rule's, taken on the
     logical layout, so permuting never changes gradients."""
     body = eqn.params["call_jaxpr"]
-    inverse = tuple(perm.index(a) for a in range(len(perm)))
+    logical = tuple(range(len(perm)))
 
-    def original_logical(xl):
-        return jaxpr_pass._bind(eqn, [xl])[0]
-
-    @jax.custom_jvp
-    def f(xp):
+    def on_physical(xp):
         return jaxpr_pass.evaluate(body, jaxpr_pass._consts(body), [xp], {}, inline=True)[0]
 
-    @f.defjvp
-    def f_jvp(primals, tangents):
-        (xp,), (tp,) = primals, tangents
-        _, tl = jax.jvp(original_logical, (jnp.transpose(xp, inverse),),
-                        (jnp.transpose(tp, inverse),))
-        return f(xp), jnp.transpose(tl, perm)
+    def original(xp):  # physical in and out, through the original call on the logical layout
+        return convert(jaxpr_pass._bind(eqn, [convert(xp, perm, logical)])[0], logical, perm)
 
-    return f(x)
+    return jaxpr_pass.differentiable_as(on_physical, original)(x)

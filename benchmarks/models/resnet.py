@@ -5,7 +5,6 @@ Entry point: build(depth, layout, batch) -> Model. 224x224 RGB input, 1000 class
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks.models.common import (Layout, Model, Params, batch_norm, conv,
                                       global_avg_pool, max_pool)
