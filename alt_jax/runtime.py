@@ -201,17 +201,21 @@ def register_ffi_target() -> None:
         _registered = True
 
 
-def ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence) -> list:
+def ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence,
+             aliases: dict | None = None) -> list:
     """The kernel as a jax op: operands in, one value per out_aval out.
 
     The workspace is not an XLA buffer: the handler hands the kernel its calling thread's
     reusable arena (csrc/core/workspace.h), so large workspaces cost no page faults per call.
+    aliases {operand index: output index}: that output is written into the operand's buffer
+    (XLA copies the operand first if anything else still needs it).
     """
     import jax
 
     register_ffi_target()
     result_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals]
-    call = jax.ffi.ffi_call(FFI_TARGET, result_shapes, vmap_method="sequential")
+    call = jax.ffi.ffi_call(FFI_TARGET, result_shapes, vmap_method="sequential",
+                            input_output_aliases=dict(aliases) if aliases else None)
     outs = call(*operands, lib=kernel.lib, sym=kernel.symbol,
                 workspace_bytes=np.int64(kernel.workspace_bytes))
     return list(outs)

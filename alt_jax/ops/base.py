@@ -28,6 +28,10 @@ class OpFamily(Protocol):
 
     name: str
     primitive: Any  # the jax primitive object this family rewrites (matched by identity)
+    # True when the kernels read each residual element before writing the output element at
+    # the same offset, and nothing else there: the output may then be written into the
+    # residual's buffer (lower(..., reuse_residual=True)). Families without it say False.
+    residual_in_place: bool
 
     def match(self, eqn) -> Any:
         """Spec for a jaxpr equation, or raise Unsupported(reason)."""
@@ -44,10 +48,12 @@ class OpFamily(Protocol):
     def render(self, spec, knobs, isa):
         """runtime.KernelSource for spec with knobs."""
 
-    def lower(self, spec, kernel, operands: Sequence[Any]) -> Sequence[Any]:
+    def lower(self, spec, kernel, operands: Sequence[Any],
+              reuse_residual: bool = False) -> Sequence[Any]:
         """jax values of the equation's outputs, computed by the built kernel.
 
         operands are the equation's input values (jax arrays or tracers). Most families
         call runtime.ffi_call(kernel, operands, out_avals) directly; a family may reshape
-        or transpose with jnp around it.
+        or transpose with jnp around it. reuse_residual (residual_in_place families only):
+        the output is written into the residual operand's buffer.
         """

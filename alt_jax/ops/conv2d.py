@@ -106,6 +106,9 @@ class Conv2dKnobs:
 
 class Conv2dFamily:
     name = "conv2d"
+    # partial sums wait on the stack, and every store path reads the residual element just
+    # before writing the output element at the same offset
+    residual_in_place = True
 
     @property
     def primitive(self):
@@ -321,8 +324,10 @@ class Conv2dFamily:
         code = R.render(R.load_template(_TEMPLATE), values)
         return runtime.KernelSource(symbol=values["SYMBOL"], code=code, workspace_bytes=ws_bytes)
 
-    def lower(self, spec: Conv2dSpec, kernel, operands: Sequence) -> Sequence:
-        """operands: [lhs, rhs (packed if spec.prepacked), *spec.epilogue.inputs()]."""
+    def lower(self, spec: Conv2dSpec, kernel, operands: Sequence,
+              reuse_residual: bool = False) -> Sequence:
+        """operands: [lhs, rhs (packed if spec.prepacked), *spec.epilogue.inputs()];
+        reuse_residual writes the result into the residual's buffer."""
         import jax
 
         from alt_jax import runtime
@@ -342,7 +347,8 @@ class Conv2dFamily:
             if np.dtype(x.dtype) != np.float32:
                 raise ValueError(f"conv2d operand {name} has dtype {x.dtype}, needs float32")
         out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, list(operands), [out])
+        return runtime.ffi_call(kernel, list(operands), [out],
+                                spec.epilogue.output_aliases(reuse_residual))
 
     # ---- constant weights ----
     def packed_weight_shape(self, spec: Conv2dSpec, knobs: Conv2dKnobs,

@@ -83,6 +83,9 @@ class DepthwiseKnobs:
 
 class DepthwiseFamily:
     name = "depthwise"
+    # one pass per tile; every store path reads the residual element before writing the
+    # output element at the same offset
+    residual_in_place = True
 
     @property
     def primitive(self):
@@ -266,8 +269,9 @@ class DepthwiseFamily:
         code = render_mod.render(render_mod.load_template(_TEMPLATE), values)
         return runtime.KernelSource(symbol=symbol, code=code, workspace_bytes=ws)
 
-    def lower(self, spec: DepthwiseSpec, kernel, operands):
-        """operands: [lhs, rhs or its packed panels, *epilogue inputs] (see the header)."""
+    def lower(self, spec: DepthwiseSpec, kernel, operands, reuse_residual: bool = False):
+        """operands: [lhs, rhs or its packed panels, *epilogue inputs] (see the header);
+        reuse_residual writes the result into the residual's buffer."""
         import jax
 
         from alt_jax import runtime
@@ -277,7 +281,8 @@ class DepthwiseFamily:
             raise ValueError(f"depthwise kernel takes {len(names)} operands {names}, "
                              f"got {len(operands)}")
         out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, list(operands), [out])
+        return runtime.ffi_call(kernel, list(operands), [out],
+                                spec.epilogue.output_aliases(reuse_residual))
 
     # ---- reference (tests, tuner checks) ----
     def reference(self, spec: DepthwiseSpec, lhs, rhs):

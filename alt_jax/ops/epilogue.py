@@ -39,6 +39,15 @@ class Epilogue:
         """Names of the extra kernel inputs, in order."""
         return tuple(n for n in ("scale", "shift", "residual") if getattr(self, n))
 
+    def output_aliases(self, reuse_residual: bool, leading: int = 2) -> dict | None:
+        """ffi_call aliases writing the output (index 0) into the residual operand, which
+        follows `leading` operands and the other epilogue inputs; None when not reusing."""
+        if not reuse_residual:
+            return None
+        if not self.residual:
+            raise ValueError("reuse_residual=True needs an epilogue with a residual")
+        return {leading + len(self.inputs()) - 1: 0}
+
     def describe(self) -> str:
         parts = [p for p in ("scale", "shift", "residual") if getattr(self, p)]
         if self.activation != "none":

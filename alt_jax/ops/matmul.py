@@ -125,6 +125,9 @@ class MatmulFamily:
     """OpFamily for jax.lax.dot_general_p (see ops/base.py)."""
 
     name = "matmul"
+    # K split into kc blocks accumulates in C, overwriting the residual before the last
+    # block reads it: the output never shares the residual's buffer
+    residual_in_place = False
 
     @property
     def primitive(self):
@@ -379,7 +382,8 @@ class MatmulFamily:
         code = rn.render(template, {"SYMBOL": symbol, **values})
         return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
 
-    def lower(self, spec: MatmulSpec, kernel, operands: Sequence) -> Sequence:
+    def lower(self, spec: MatmulSpec, kernel, operands: Sequence,
+              reuse_residual: bool = False) -> Sequence:
         """operands: [lhs, rhs, scale?, shift?, residual?] (Epilogue.inputs() order); with
         spec.prepacked the rhs is pack_weights' output and is passed through untouched."""
         import jax
@@ -387,6 +391,9 @@ class MatmulFamily:
 
         from alt_jax import runtime
 
+        if reuse_residual:
+            raise ValueError("matmul kernels cannot write into the residual's buffer "
+                             "(residual_in_place is False)")
         names = spec.epilogue.inputs()
         if len(operands) != 2 + len(names):
             raise ValueError(f"matmul lower: expected lhs, rhs{''.join(', ' + n for n in names)}"
