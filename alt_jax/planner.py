@@ -345,16 +345,18 @@ def _last_uses(jaxpr) -> dict:
     return last
 
 
-def _reuses_residual(family, match, position, last_use, program_inputs) -> bool:
+def _reuses_residual(family, eqn, match, position, last_use, program_inputs) -> bool:
     """Write the kernel's result into the residual's buffer? When the group, which runs at
     `position`, is the residual's last reader (a ResNet block's input is read by its first
     conv and then by the add) and the residual is an intermediate of the program, XLA needs
     no copy and the output lines are in cache already (1x1 64->256@56 + residual + relu,
     2 threads: 0.92-1.20 ms in place vs 1.31-1.51 ms into a fresh buffer). Elsewhere XLA
-    would copy the residual first; correct, but no gain."""
+    would copy the residual first; correct, but no gain. Never when the residual is also the
+    kernel's input (y = conv(x) + x): tiles written early would clobber inputs still unread."""
     r = match.residual
     return (r is not None and getattr(family, "residual_in_place", False)
-            and r not in program_inputs and last_use.get(r, -1) <= position)
+            and r not in program_inputs and r not in eqn.invars
+            and last_use.get(r, -1) <= position)
 
 
 def _refine_for(match, prepack: bool):
@@ -436,7 +438,7 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             _, match = groups[id(eqn)]
             last = match.eqns[-1] if match.eqns else eqn
             if kernel is not None:
-                reuse = _reuses_residual(family, match, position[id(last)], last_use,
+                reuse = _reuses_residual(family, eqn, match, position[id(last)], last_use,
                                          program_inputs)
                 if reuse:
                     decision = dataclasses.replace(
