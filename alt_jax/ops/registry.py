@@ -1,7 +1,8 @@
 """Which operator families may rewrite which primitive, in the order they are tried.
 
-Entry point: families_for(primitive). A more specialised family comes first (depthwise
-before the general conv) and may decline with Unsupported so the next one is tried.
+Entry point: families_for(primitive). A more specialised family comes first (depthwise,
+then Winograd for 3x3 stride-1 convs, before the general direct conv) and may decline with
+Unsupported so the next one is tried.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import importlib
 from jax import lax
 
 _FAMILY_MODULES = {
-    lax.conv_general_dilated_p: ("alt_jax.ops.depthwise", "alt_jax.ops.conv2d"),
+    lax.conv_general_dilated_p: ("alt_jax.ops.depthwise", "alt_jax.ops.winograd",
+                                 "alt_jax.ops.conv2d"),
     lax.dot_general_p: ("alt_jax.ops.matmul",),
 }
 
