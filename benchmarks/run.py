@@ -19,6 +19,7 @@ from absl import app, flags
 
 import alt_jax
 from alt_jax import _core, device
+from alt_jax.ops import registry
 from benchmarks import models, peers, suites, timing
 
 FLAGS = flags.FLAGS
@@ -38,8 +39,9 @@ flags.DEFINE_string("records", None, "tuning records: adds an 'alt_jax tuned' co
 flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with prepare(), so "
                   "they are packed once (as onnxruntime's session does); jax.jit still takes "
                   "them as arguments. --noprepare passes them as arguments to alt_jax too")
-flags.DEFINE_bool("ablations", False, "add alt_jax columns with one graph optimisation off: "
-                  "no layout propagation, no epilogue fusion, no weight packing")
+flags.DEFINE_bool("ablations", False, "add alt_jax columns with one optimisation off: no "
+                  "layout propagation, no epilogue fusion, no weight packing, no Winograd "
+                  "(3x3 convs on the direct template)")
 flags.DEFINE_integer("batch", 1, "batch size for models")
 flags.DEFINE_integer("repeat", 10, "interleaved timing rounds per workload")
 flags.DEFINE_float("min_round_ms", 50.0, "minimum duration of one round per implementation")
@@ -96,9 +98,12 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
     if records:
         impls["alt_jax tuned"] = _alt_jax(model, records=records)
     if FLAGS.ablations:
-        for label, switch in (("no propagation", "propagate"), ("no fusion", "fuse"),
-                              ("no weight packing", "pack_weights")):
-            impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **{switch: False})
+        for label, options in (("no propagation", dict(propagate=False)),
+                               ("no fusion", dict(fuse=False)),
+                               ("no weight packing", dict(pack_weights=False)),
+                               ("no Winograd", dict(families=registry.family_table(
+                                   exclude=("winograd",))))):
+            impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)
     return impls
 
 

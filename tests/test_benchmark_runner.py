@@ -20,7 +20,8 @@ def test_runner_smoke_tiny_model(tmp_path):
     env = dict(os.environ, ALT_JAX_CACHE_DIR=str(tmp_path / "kernels"))
     cmd = [sys.executable, "-m", "benchmarks.run", "--suite=models", "--models=tiny_cnn",
            "--layouts=nhwc,nchw", "--repeat=1", "--min_round_ms=1",
-           "--peers=xla,onnxruntime", f"--json_out={out_json}", f"--plot_out={out_png}"]
+           "--peers=xla,onnxruntime", "--ablations",
+           f"--json_out={out_json}", f"--plot_out={out_png}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "alt_jax vs jax.jit: geomean" in proc.stdout
@@ -36,6 +37,8 @@ def test_runner_smoke_tiny_model(tmp_path):
         assert "jax.jit" in ours["speedup_vs"]
         assert ("onnxruntime" in ours["speedup_vs"]) == have_ort
         assert row["alt_jax_ops_on_kernels"][1] == 3
+        assert {f"alt_jax ({a})" for a in ("no propagation", "no fusion", "no weight packing",
+                                           "no Winograd")} <= set(row["impls"])
     assert "jax.jit" in report["thread_settings"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.stat().st_size > 1000
@@ -70,3 +73,15 @@ def test_xla_eigen_peer_matches_jax_jit():
     eigen = peers.xla_eigen_peer(model.apply, *args)
     timing.check_close("eigen", eigen(*args), jax.jit(model.apply)(*args), 1e-5)
     assert eigen.settings["compiler_options"] == peers.EIGEN_OPTIONS
+
+
+def test_family_table_drops_only_the_excluded_family():
+    from jax import lax
+
+    from alt_jax.ops import registry
+    full = registry.family_table()
+    without = registry.family_table(exclude=("winograd",))
+    conv = lax.conv_general_dilated_p
+    assert [f.name for f in full[conv]] == ["depthwise", "winograd", "conv2d"]
+    assert [f.name for f in without[conv]] == ["depthwise", "conv2d"]
+    assert without[lax.dot_general_p] == full[lax.dot_general_p]

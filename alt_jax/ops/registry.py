@@ -22,3 +22,10 @@ _FAMILY_MODULES = {
 def families_for(primitive) -> tuple:
     """The OpFamily objects (each module's FAMILY) for primitive; () if none."""
     return tuple(importlib.import_module(m).FAMILY for m in _FAMILY_MODULES.get(primitive, ()))
+
+
+def family_table(exclude=()) -> dict:
+    """primitive -> families in the order tried, without the families named in exclude: the
+    `families=` option of alt_jax.optimize (benchmark ablations, e.g. no Winograd)."""
+    return {prim: tuple(f for f in families_for(prim) if f.name not in exclude)
+            for prim in _FAMILY_MODULES}
