@@ -114,34 +114,41 @@ void input_transform(const float* ALT_RESTRICT lhs, float* ALT_RESTRICT ws, int6
   }
 }
 
-// U panels of oc block kb: G g G^T for its OCB output channels and every input channel.
+// U panels of oc block kb: G g G^T for its OCB output channels and every input channel,
+// VW output channels at a time (vector loads when they are contiguous in the rhs, e.g. HWIO).
 // G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1]
 void filter_transform(const float* ALT_RESTRICT rhs, float* ALT_RESTRICT u, int64_t kb) {
+  const V half = vbroadcast<VW>(0.5f);
   for (int64_t ci = 0; ci < CP; ++ci)
-    for (int64_t o = 0; o < OCB; ++o) {
-      const int64_t k = kb * OCB + o;
-      float r[4][4];
-      if (k < K && ci < C) {
-        float g[3][3], t[4][3];
-        for (int a = 0; a < 3; ++a)
-          for (int b = 0; b < 3; ++b) g[a][b] = rhs[k * RHS_O + ci * RHS_I + a * RHS_H + b * RHS_W];
-        for (int b = 0; b < 3; ++b) {  // G g
-          t[0][b] = g[0][b];
-          t[1][b] = 0.5f * (g[0][b] + g[1][b] + g[2][b]);
-          t[2][b] = 0.5f * (g[0][b] - g[1][b] + g[2][b]);
-          t[3][b] = g[2][b];
+    for (int64_t o0 = 0; o0 < OCB; o0 += VW) {
+      const int64_t k0 = kb * OCB + o0;
+      V g[3][3];
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+          const float* p = rhs + k0 * RHS_O + ci * RHS_I + a * RHS_H + b * RHS_W;
+          if (RHS_O == 1 && ci < C && k0 + VW <= K) {
+            g[a][b] = vload<VW>(p);
+          } else {
+            alignas(64) float t[VW];
+            for (int i = 0; i < VW; ++i) t[i] = ci < C && k0 + i < K ? p[i * RHS_O] : 0.0f;
+            g[a][b] = vload<VW>(t);
+          }
         }
-        for (int a = 0; a < 4; ++a) {  // (G g) G^T
-          r[a][0] = t[a][0];
-          r[a][1] = 0.5f * (t[a][0] + t[a][1] + t[a][2]);
-          r[a][2] = 0.5f * (t[a][0] - t[a][1] + t[a][2]);
-          r[a][3] = t[a][2];
-        }
-      } else {
-        for (int a = 0; a < 4; ++a)
-          for (int b = 0; b < 4; ++b) r[a][b] = 0.0f;
+      V t[4][3], r[4][4];
+      for (int b = 0; b < 3; ++b) {  // G g
+        t[0][b] = g[0][b];
+        t[1][b] = half * (g[0][b] + g[1][b] + g[2][b]);
+        t[2][b] = half * (g[0][b] - g[1][b] + g[2][b]);
+        t[3][b] = g[2][b];
       }
-      for (int xi = 0; xi < 16; ++xi) u[(xi * KB + kb) * UPANEL + ci * OCB + o] = r[xi / 4][xi % 4];
+      for (int a = 0; a < 4; ++a) {  // (G g) G^T
+        r[a][0] = t[a][0];
+        r[a][1] = half * (t[a][0] + t[a][1] + t[a][2]);
+        r[a][2] = half * (t[a][0] - t[a][1] + t[a][2]);
+        r[a][3] = t[a][2];
+      }
+      for (int xi = 0; xi < 16; ++xi)
+        vstore<VW>(u + (xi * KB + kb) * UPANEL + ci * OCB + o0, r[xi / 4][xi % 4]);
     }
 }
 
