@@ -11,12 +11,10 @@ import dataclasses
 import hashlib
 from typing import Sequence
 
-import numpy as np
-
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError
-from alt_jax.ops.conv_common import ConvOperands, read_conv
+from alt_jax.ops.conv_common import ConvOperands, lower_conv, read_conv
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
@@ -328,27 +326,7 @@ class Conv2dFamily:
               reuse_residual: bool = False) -> Sequence:
         """operands: [lhs, rhs (packed if spec.prepacked), *spec.epilogue.inputs()];
         reuse_residual writes the result into the residual's buffer."""
-        import jax
-
-        from alt_jax import runtime
-
-        names = ("lhs", "rhs") + spec.epilogue.inputs()
-        if len(operands) != len(names):
-            raise ValueError(f"conv2d kernel takes {len(names)} operands {names}, "
-                             f"got {len(operands)}")
-        k_shape = (spec.k,)
-        for name, x in zip(names, operands):
-            want = {"lhs": spec.lhs_shape, "scale": k_shape, "shift": k_shape,
-                    "residual": spec.out_shape,
-                    "rhs": None if spec.prepacked else spec.rhs_shape}.get(name)
-            if want is not None and tuple(x.shape) != tuple(want):
-                raise ValueError(f"conv2d operand {name} has shape {tuple(x.shape)}, the kernel "
-                                 f"reads {tuple(want)}")
-            if np.dtype(x.dtype) != np.float32:
-                raise ValueError(f"conv2d operand {name} has dtype {x.dtype}, needs float32")
-        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, list(operands), [out],
-                                spec.epilogue.output_aliases(reuse_residual))
+        return lower_conv("conv2d", spec, kernel, operands, reuse_residual)
 
     # ---- constant weights ----
     def packed_weight_shape(self, spec: Conv2dSpec, knobs: Conv2dKnobs,

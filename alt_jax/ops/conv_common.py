@@ -2,7 +2,8 @@
 geometry, with the refusals every conv kernel makes, and placing logical dims in arrays.
 
 Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
-conv spec), physical_shape(order, logical), logical_strides(order, shape).
+conv spec), lower_conv (the checked FFI call of a conv kernel), physical_shape(order,
+logical), logical_strides(order, shape).
 """
 from __future__ import annotations
 
@@ -137,3 +138,30 @@ def read_conv(eqn) -> ConvGeometry:
     return ConvGeometry(n=n, c=c, h=h, w=w, k=k, ci=ci, kh=kh, kw=kw, oh=oh, ow=ow,
                         stride=stride, padding=padding, dilation=dilation, groups=groups,
                         lhs_spec=ls, rhs_spec=rs, out_spec=os_)
+
+
+def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False) -> list:
+    """The kernel's FFI call on [lhs, rhs (whatever the kernel reads when spec.prepacked),
+    *spec.epilogue.inputs()], each checked for the shape and dtype the kernel reads (a
+    mismatch is a ValueError naming the family and operand); reuse_residual writes the result
+    into the residual's buffer."""
+    import jax
+
+    from alt_jax import runtime
+
+    names = ("lhs", "rhs") + spec.epilogue.inputs()
+    if len(operands) != len(names):
+        raise ValueError(f"{family} kernel takes {len(names)} operands {names}, "
+                         f"got {len(operands)}")
+    for name, x in zip(names, operands):
+        want = {"lhs": spec.lhs_shape, "scale": (spec.k,), "shift": (spec.k,),
+                "residual": spec.out_shape,
+                "rhs": None if spec.prepacked else spec.rhs_shape}.get(name)
+        if want is not None and tuple(x.shape) != tuple(want):
+            raise ValueError(f"{family} operand {name} has shape {tuple(x.shape)}, the kernel "
+                             f"reads {tuple(want)}")
+        if np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"{family} operand {name} has dtype {x.dtype}, needs float32")
+    out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+    return runtime.ffi_call(kernel, list(operands), [out],
+                            spec.epilogue.output_aliases(reuse_residual))

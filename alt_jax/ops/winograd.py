@@ -19,7 +19,7 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import ConvOperands, read_conv
+from alt_jax.ops.conv_common import ConvOperands, lower_conv, read_conv
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
@@ -182,26 +182,7 @@ class WinogradFamily:
               reuse_residual: bool = False) -> Sequence:
         """operands: [lhs, rhs (U if spec.prepacked), *spec.epilogue.inputs()]; a filter
         that is not prepacked is transformed by the kernel, on every call."""
-        import jax
-
-        from alt_jax import runtime
-
-        names = ("lhs", "rhs") + spec.epilogue.inputs()
-        if len(operands) != len(names):
-            raise ValueError(f"winograd kernel takes {len(names)} operands {names}, "
-                             f"got {len(operands)}")
-        for name, x in zip(names, operands):
-            want = {"lhs": spec.lhs_shape, "scale": (spec.k,), "shift": (spec.k,),
-                    "residual": spec.out_shape,
-                    "rhs": None if spec.prepacked else spec.rhs_shape}.get(name)
-            if want is not None and tuple(x.shape) != tuple(want):
-                raise ValueError(f"winograd operand {name} has shape {tuple(x.shape)}, the "
-                                 f"kernel reads {tuple(want)}")
-            if np.dtype(x.dtype) != np.float32:
-                raise ValueError(f"winograd operand {name} has dtype {x.dtype}, needs float32")
-        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, list(operands), [out],
-                                spec.epilogue.output_aliases(reuse_residual))
+        return lower_conv("winograd", spec, kernel, operands, reuse_residual)
 
     # ---- weights ----
     def packed_weight_shape(self, spec: WinogradSpec, knobs: WinogradKnobs,
