@@ -323,9 +323,7 @@ def _group(eqn, match, prop, family=None, spec=None, knobs=None, kernel=None, is
         if epi is not None and epi.residual:
             r = match.residual
             ops.append(propagate.convert(read(r), perm_of[r], out_perm))
-        if reuse_residual:
-            return family.lower(spec, kernel, ops, reuse_residual=True)[0]
-        return family.lower(spec, kernel, ops)[0]
+        return family.lower(spec, kernel, ops, reuse_residual=reuse_residual)[0]
 
     call = jaxpr_pass.differentiable_as(kernel_call, original)
     return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])

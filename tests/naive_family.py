@@ -73,7 +73,9 @@ class NaiveMatmul:
         code = _SOURCE % dict(sym=sym, m=spec.m, k=spec.k, n=spec.n, rows=knobs.rows_per_task)
         return runtime.KernelSource(sym, code)
 
-    def lower(self, spec, kernel, operands):
+    residual_in_place = False  # no epilogue, so never a residual
+
+    def lower(self, spec, kernel, operands, reuse_residual=False):
         out = jax.ShapeDtypeStruct((spec.m, spec.n), np.float32)
         return runtime.ffi_call(kernel, operands, [out])
 
