@@ -14,7 +14,7 @@ from typing import Sequence
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError
-from alt_jax.ops.conv_common import ConvOperands, lower_conv, read_conv
+from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
@@ -195,17 +195,8 @@ class Conv2dFamily:
 
     def validate(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa) -> None:
         vw = isa.vector_floats
-        if not isinstance(spec.epilogue, Epilogue):
-            raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
-        if not isinstance(spec.prepacked, bool):
-            raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
-        for name in ("ic_block", "oc_vecs", "ow_tile", "chunk_tiles", "ic_chunk"):
-            v = getattr(knobs, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise KnobError(f"{name}={v!r} must be an int")
-        for name in ("pack_input", "oc_outer"):
-            if not isinstance(getattr(knobs, name), bool):
-                raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+        check_types(spec, knobs, ints=("ic_block", "oc_vecs", "ow_tile", "chunk_tiles",
+                                       "ic_chunk"), bools=("pack_input", "oc_outer"))
         if knobs.weights not in _WEIGHT_MODES:
             raise KnobError(f"weights={knobs.weights!r} must be one of {sorted(_WEIGHT_MODES)}")
         if not 1 <= knobs.ic_block <= min(64, spec.cg):

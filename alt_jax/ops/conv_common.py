@@ -2,8 +2,9 @@
 geometry, with the refusals every conv kernel makes, and placing logical dims in arrays.
 
 Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
-conv spec), lower_conv (the checked FFI call of a conv kernel), physical_shape(order,
-logical), logical_strides(order, shape).
+conv spec), check_types (the type checks each conv family's validate starts with),
+lower_conv (the checked FFI call of a conv kernel), physical_shape(order, logical),
+logical_strides(order, shape).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import dataclasses
 import numpy as np
 from jax import lax
 
-from alt_jax.ops.base import Unsupported
+from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.epilogue import Epilogue
 
 
 def physical_shape(order, logical) -> tuple:
@@ -165,3 +167,20 @@ def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False
     out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
     return runtime.ffi_call(kernel, list(operands), [out],
                             spec.epilogue.output_aliases(reuse_residual))
+
+
+def check_types(spec, knobs, ints=(), bools=()) -> None:
+    """KnobError unless spec.epilogue is an Epilogue, spec.prepacked a bool, the knobs named
+    in ints ints (a bool is not one) and those in bools bools: knobs come from records
+    files too, so their types are checked before their values are."""
+    if not isinstance(spec.epilogue, Epilogue):
+        raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
+    if not isinstance(spec.prepacked, bool):
+        raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
+    for name in ints:
+        v = getattr(knobs, name)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise KnobError(f"{name}={v!r} must be an int")
+    for name in bools:
+        if not isinstance(getattr(knobs, name), bool):
+            raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import numpy as np
 
 from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
-from alt_jax.ops.conv_common import ConvOperands, read_conv
+from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
 
 _TEMPLATE = "depthwise.cc"
 _MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
@@ -178,17 +177,8 @@ class DepthwiseFamily:
     def validate(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, isa: device_mod.Isa) -> None:
         vw = isa.vector_floats
         cb = knobs.c_block
-        if not isinstance(spec.epilogue, Epilogue):
-            raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
-        if not isinstance(spec.prepacked, bool):
-            raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
-        for name in ("c_block", "ow_tile", "oh_rows"):
-            v = getattr(knobs, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise KnobError(f"{name}={v!r} must be an int")
-        for name in ("pack", "c_inner"):
-            if not isinstance(getattr(knobs, name), bool):
-                raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+        check_types(spec, knobs, ints=("c_block", "ow_tile", "oh_rows"),
+                    bools=("pack", "c_inner"))
         if cb < vw or cb % vw or cb > 4 * vw:
             raise KnobError(f"c_block={cb} must be a multiple of {isa.name}'s vector width {vw}, "
                             f"from {vw} to {4 * vw}")
@@ -272,17 +262,7 @@ class DepthwiseFamily:
     def lower(self, spec: DepthwiseSpec, kernel, operands, reuse_residual: bool = False):
         """operands: [lhs, rhs or its packed panels, *epilogue inputs] (see the header);
         reuse_residual writes the result into the residual's buffer."""
-        import jax
-
-        from alt_jax import runtime
-
-        names = ("lhs", "rhs") + spec.epilogue.inputs()
-        if len(operands) != len(names):
-            raise ValueError(f"depthwise kernel takes {len(names)} operands {names}, "
-                             f"got {len(operands)}")
-        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.ffi_call(kernel, list(operands), [out],
-                                spec.epilogue.output_aliases(reuse_residual))
+        return lower_conv("depthwise", spec, kernel, operands, reuse_residual)
 
     # ---- reference (tests, tuner checks) ----
     def reference(self, spec: DepthwiseSpec, lhs, rhs):

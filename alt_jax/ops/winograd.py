@@ -19,7 +19,7 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import ConvOperands, lower_conv, read_conv
+from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
@@ -122,16 +122,7 @@ class WinogradFamily:
         return knobs
 
     def validate(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa) -> None:
-        if not isinstance(spec.epilogue, Epilogue):
-            raise KnobError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
-        if not isinstance(spec.prepacked, bool):
-            raise KnobError(f"spec.prepacked={spec.prepacked!r} must be a bool")
-        for name in ("tile_block", "oc_vecs"):
-            v = getattr(knobs, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise KnobError(f"{name}={v!r} must be an int")
-        if not isinstance(knobs.kb_outer, bool):
-            raise KnobError(f"kb_outer={knobs.kb_outer!r} must be a bool")
+        check_types(spec, knobs, ints=("tile_block", "oc_vecs"), bools=("kb_outer",))
         if not 1 <= knobs.tile_block <= 16:
             raise KnobError(f"tile_block={knobs.tile_block} must be in [1, 16]")
         if not 1 <= knobs.oc_vecs <= 4:
@@ -163,7 +154,8 @@ class WinogradFamily:
             VW=vw, N=spec.n, C=spec.c, H=spec.h, IW=spec.w, K=spec.k, OH=spec.oh, OW=spec.ow,
             PT=pt, PB=pb, PL=pl, PR=pr, LHS_N=ln, LHS_C=lc, LHS_H=lh, LHS_W=lw,
             RHS_O=ro, RHS_I=ri, RHS_H=rh, RHS_W=rw, OUT_N=on, OUT_K=ok, OUT_H=oh, OUT_W=ow,
-            PREPACKED=spec.prepacked, TILE_BLOCK=knobs.tile_block, OC_VECS=knobs.oc_vecs, KB_OUTER=knobs.kb_outer,
+            PREPACKED=spec.prepacked, TILE_BLOCK=knobs.tile_block, OC_VECS=knobs.oc_vecs,
+            KB_OUTER=knobs.kb_outer,
             TH=-(-spec.oh // 2), TW=-(-spec.ow // 2), CP=cp, KB=kb, NTB=ntb,
             ACT=spec.epilogue.activation_code, HAS_SCALE=spec.epilogue.scale,
             HAS_SHIFT=spec.epilogue.shift, HAS_RESIDUAL=spec.epilogue.residual)
