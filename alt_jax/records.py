@@ -1,8 +1,16 @@
 """Tuning records: append-only JSON lines keyed by device fingerprint and workload.
 
 Entry points: RecordStore(path).append / .best_knobs / .records / .compact, workload_key,
-SCHEMA_VERSION. Records hold decisions (family, workload, knobs, times), never code: kernels
-are rebuilt from them, and every knob read back is validated by its template.
+SCHEMA_VERSION, check_record. Records hold decisions (family, workload, knobs, times), never
+code: kernels are rebuilt from them, and every knob read back is validated by its template.
+
+A records file is input, like any file a user hands us: a line that is not a well-formed
+record of this schema (not JSON, not an object, not UTF-8, a field of the wrong type) is
+skipped, and each file gets one warning with the counts and the first line numbers; a path
+that cannot be read is warned about and reads as empty. Nothing malformed reaches a family.
+Look-ups stream the file once per (path, mtime, size, device) per process and keep only the
+best record per workload for that device, so a large file costs about what its matching
+lines cost, and every optimize() after the first reuses the index.
 """
 from __future__ import annotations
 
@@ -12,9 +20,10 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "invalid", "build_error", "run_error", "timeout", "wrong_result")
@@ -48,63 +57,193 @@ def make_record(family: str, spec, knobs, device: str, times_s: Iterable[float],
     }
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def _is_knob_value(v) -> bool:
+    """Knob values are JSON scalars, or flat lists of them (tuples in the dataclass)."""
+    if v is None or isinstance(v, _SCALARS):
+        return True
+    return isinstance(v, list) and all(isinstance(x, _SCALARS) for x in v)
+
+
+def _is_time(t) -> bool:
+    return isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")
+
+
+def check_record(rec) -> Optional[str]:
+    """None if rec is a well-formed record of this schema, else what is wrong with it."""
+    if not isinstance(rec, dict):
+        return f"a JSON {type(rec).__name__}, not an object"
+    for name in ("family", "workload_key", "device", "status"):
+        if not isinstance(rec.get(name), str):
+            return f"{name!r} is missing or not a string"
+    if rec["status"] not in STATUSES:
+        return f"status {rec['status']!r} is not one of {STATUSES}"
+    knobs = rec.get("knobs")
+    if not isinstance(knobs, dict) or not all(isinstance(k, str) and _is_knob_value(v)
+                                              for k, v in knobs.items()):
+        return "'knobs' is not an object of scalar (or flat list) values"
+    times = rec.get("times_s")
+    if not isinstance(times, list) or not all(_is_time(t) for t in times):
+        return "'times_s' is not a list of non-negative finite numbers"
+    return None
+
+
+@dataclasses.dataclass
+class _Skipped:
+    """Lines of one file that were not used, for its one warning."""
+
+    counts: dict = dataclasses.field(default_factory=dict)  # reason -> count
+    first_lines: list = dataclasses.field(default_factory=list)
+
+    def add(self, lineno: int, reason: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if len(self.first_lines) < 10:
+            self.first_lines.append(lineno)
+
+    def warn(self, path: str) -> None:
+        if not self.counts:
+            return
+        total = sum(self.counts.values())
+        kinds = "; ".join(f"{n} {why}" for why, n in sorted(self.counts.items()))
+        warnings.warn(f"alt_jax records {path}: skipped {total} malformed line(s) ({kinds}); "
+                      f"first at line(s) {self.first_lines}. Re-tune or compact the file to "
+                      f"clean it.", stacklevel=4)
+
+
+def _stat_key(path: str):
+    """(mtime_ns, size, inode) of path; None if there is no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        warnings.warn(f"alt_jax records {path}: cannot be read ({e}); no tuning records used",
+                      stacklevel=4)
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _stream(path: str, skipped: _Skipped, needle: Optional[bytes] = None) -> Iterator[dict]:
+    """Well-formed records of path, one line at a time. Lines without `needle` (the JSON text
+    of the device looked up) cannot match: they are only checked to be UTF-8 text shaped like
+    a JSON object (cheap, C speed), not parsed."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        warnings.warn(f"alt_jax records {path}: cannot be read ({e}); no tuning records used",
+                      stacklevel=4)
+        return
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            if needle is not None and needle not in line:
+                why = _not_object_shaped(line)
+                if why:
+                    skipped.add(lineno, why)
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped.add(lineno, "not UTF-8")
+                continue
+            except (json.JSONDecodeError, RecursionError):
+                skipped.add(lineno, "not JSON")
+                continue
+            if isinstance(rec, dict) and rec.get("schema_version") != SCHEMA_VERSION:
+                continue  # another schema's record: not ours to read, not malformed
+            why = check_record(rec)
+            if why is not None:
+                skipped.add(lineno, why)
+                continue
+            yield rec
+
+
+def _not_object_shaped(line: bytes) -> Optional[str]:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    if not (line.startswith(b"{") and line.endswith(b"}")):
+        return "not a JSON object"
+    return None
+
+
+def _time(rec) -> float:
+    return statistics.median(rec["times_s"])
+
+
+def _better(rec, than) -> bool:
+    return than is None or _time(rec) < _time(than)
+
+
+# (path, device) -> (stat key, {(family, workload_key): best ok record}); shared by every
+# RecordStore of the process so that each optimize() does not re-read the same file.
+_INDEX: dict = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def _device_index(path: str, device: str) -> dict:
+    key = _stat_key(path)
+    if key is None:
+        return {}
+    with _INDEX_LOCK:
+        hit = _INDEX.get((path, device))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    best: dict = {}
+    skipped = _Skipped()
+    needle = json.dumps(device).encode()
+    for rec in _stream(path, skipped, needle):
+        if rec["device"] != device or rec["status"] != "ok" or not rec["times_s"]:
+            continue
+        k = (rec["family"], rec["workload_key"])
+        if _better(rec, best.get(k)):
+            best[k] = rec
+    skipped.warn(path)
+    with _INDEX_LOCK:
+        _INDEX[(path, device)] = (key, best)
+    return best
+
+
 class RecordStore:
     """One JSONL file. Appends are single O_APPEND writes; compaction is temp + rename."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._cache: list[dict] | None = None
-        self._mtime = None
+        self.path = os.path.abspath(os.fspath(path))
 
     def records(self) -> list[dict]:
-        """All well-formed records of the current schema (bad lines are skipped, warned)."""
-        try:
-            mtime = os.stat(self.path).st_mtime_ns
-        except FileNotFoundError:
+        """All well-formed records of the current schema (bad lines skipped, one warning)."""
+        if _stat_key(self.path) is None:
             return []
-        if self._cache is not None and self._mtime == mtime:
-            return self._cache
-        out = []
-        with open(self.path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    warnings.warn(f"{self.path}:{lineno}: not JSON, skipped")
-                    continue
-                if rec.get("schema_version") != SCHEMA_VERSION:
-                    continue
-                out.append(rec)
-        self._cache, self._mtime = out, mtime
+        skipped = _Skipped()
+        out = list(_stream(self.path, skipped))
+        skipped.warn(self.path)
         return out
 
     def append(self, record: dict) -> None:
+        why = check_record(record)
+        if why is not None:
+            raise ValueError(f"not a well-formed record: {why}")
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write: concurrent appenders never interleave a line
             os.fsync(fd)
         finally:
             os.close(fd)
-        self._cache = None
 
     def best(self, family: str, spec, device: str) -> dict | None:
         """The fastest ok record for this workload on this device, or None."""
-        key = workload_key(family, spec)
-        best, best_time = None, None
-        for rec in self.records():
-            if (rec.get("family"), rec.get("workload_key"), rec.get("device")) != \
-                    (family, key, device) or rec.get("status") != "ok" or not rec.get("times_s"):
-                continue
-            t = statistics.median(rec["times_s"])
-            if best_time is None or t < best_time:
-                best, best_time = rec, t
-        return best
+        return _device_index(self.path, device).get((family, workload_key(family, spec)))
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:
+        """The best record's knobs as knobs_type, or None (no record, or knobs that do not
+        fit the type: warned). The caller still validates them against the spec."""
         rec = self.best(family, spec, device)
         if rec is None:
             return None
@@ -114,24 +253,33 @@ class RecordStore:
                           f"expected {sorted(fields)}; ignored (re-tune to refresh it)")
             return None
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["knobs"].items()}
-        return knobs_type(**values)
+        try:
+            return knobs_type(**values)
+        except (TypeError, ValueError) as e:
+            warnings.warn(f"{self.path}: record for {family} has knobs {values} that "
+                          f"{knobs_type.__name__} refuses ({e}); ignored")
+            return None
 
     def compact(self) -> None:
         """Rewrites the file keeping only the best ok record per (family, workload, device)."""
         keep: dict = {}
         for rec in self.records():
-            if rec.get("status") != "ok" or not rec.get("times_s"):
+            if rec["status"] != "ok" or not rec["times_s"]:
                 continue
             k = (rec["family"], rec["workload_key"], rec["device"])
-            if k not in keep or statistics.median(rec["times_s"]) < \
-                    statistics.median(keep[k]["times_s"]):
+            if _better(rec, keep.get(k)):
                 keep[k] = rec
-        directory = os.path.dirname(os.path.abspath(self.path))
+        directory = os.path.dirname(self.path)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".records-")
-        with os.fdopen(fd, "w") as f:
-            for rec in keep.values():
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        self._cache = None
+        try:
+            with os.fdopen(fd, "w") as f:
+                for rec in keep.values():
+                    f.write(json.dumps(rec, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
