@@ -35,6 +35,13 @@ def _isa(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "alt_jax", "kernels")
@@ -45,6 +52,9 @@ OPTIONS = {
     for o in (
         Option("cache_dir", "ALT_JAX_CACHE_DIR", None, str,
                "where compiled kernels are cached (default: ~/.cache/alt_jax/kernels)"),
+        Option("cache_max_mb", "ALT_JAX_CACHE_MAX_MB", 1024, _positive_int,
+               "size bound of the kernel cache in MiB; least recently used kernels are "
+               "evicted after a build goes over it (never one this process has loaded)"),
         Option("cxx", "ALT_JAX_CXX", None, str,
                "C++ compiler for generated kernels (default: $CXX, then g++, c++, clang++)"),
         Option("isa", "ALT_JAX_ISA", "", _isa,
