@@ -27,6 +27,8 @@ extern "C" XLA_FFI_Error* AltJaxKernel(XLA_FFI_CallFrame* call_frame);
 namespace alt_jax {
 
 double MeasureFmaPeak(int num_threads, double seconds);
+std::string DispatchTraceJson();  // ffi_handler.cc
+uint32_t CallingThreadMxcsr();    // ffi_handler.cc
 
 ThreadPool* ThreadPool::ForThreads(int num_threads) {
   static std::mutex mu;
@@ -57,10 +59,11 @@ struct HostCall {
   std::vector<py::buffer_info> infos;  // keep the buffers alive and pinned
   std::vector<const void*> inputs;
   std::vector<void*> outputs;
+  std::unique_ptr<WorkspaceLease> workspace;  // held for all the calls made with this
   alt_runtime rt{};
 };
 
-// The workspace comes from the calling thread's arena (workspace.h), as under XLA.
+// The workspace is leased from the process's pool (workspace.h), as under XLA.
 void Prepare(HostCall& call, const std::vector<py::buffer>& inputs,
              const std::vector<py::buffer>& outputs, int num_threads, int64_t workspace_bytes) {
   for (const auto& b : inputs) {
@@ -71,14 +74,19 @@ void Prepare(HostCall& call, const std::vector<py::buffer>& inputs,
     call.infos.push_back(b.request(/*writable=*/true));
     call.outputs.push_back(call.infos.back().ptr);
   }
-  if (workspace_bytes > 0) call.outputs.push_back(ThreadWorkspace(workspace_bytes));
+  if (workspace_bytes > 0) {
+    call.workspace = std::make_unique<WorkspaceLease>(static_cast<size_t>(workspace_bytes));
+    call.outputs.push_back(call.workspace->data());
+  }
   num_threads = std::max(1, num_threads);
   call.rt.impl = ThreadPool::ForThreads(num_threads);
   call.rt.num_threads = num_threads;
   call.rt.parallel_for = &OwnPoolParallelFor;
 }
 
+// The caller works on the kernel too (parallel.h), so it takes XLA's float mode as well.
 int32_t Invoke(alt_kernel_fn fn, const HostCall& call) {
+  ScopedXlaFloatMode float_mode;
   return fn(&call.rt, call.inputs.data(), call.outputs.data());
 }
 
@@ -94,6 +102,35 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("num_threads") = 2, py::arg("seconds") = 1.0,
      "Measured fp32 FMA GFLOP/s of num_threads threads (an FMA = 2 flops).");
   m.def("abi_version", [] { return ALT_JAX_ABI_VERSION; });
+  m.def("dispatch_trace", [] { return DispatchTraceJson(); },
+        "JSON {symbol: {calls, seconds, first_call}} of the FFI handler's kernel calls; "
+        "recorded only when ALT_JAX_TRACE_DISPATCH=1 (benchmarks/process_spread.py).");
+  m.def("workspace_stats", [] {
+    WorkspaceStats s = WorkspacePool::Instance().Stats();
+    py::dict d;
+    d["retained_bytes"] = s.retained_bytes;
+    d["leased_bytes"] = s.leased_bytes;
+    d["buffers"] = s.buffers;
+    d["maps"] = s.maps;
+    d["unmaps"] = s.unmaps;
+    return d;
+  }, "The kernel workspace pool (csrc/core/workspace.h): bytes mapped (retained_bytes), "
+     "lent to running calls (leased_bytes), buffer count, maps and unmaps since start.");
+  m.def("workspace_trim", [](int64_t idle_ms) { WorkspacePool::Instance().Trim(idle_ms); },
+        py::arg("idle_ms") = 0,
+        "Unmaps free workspaces above the retained size that have been idle >= idle_ms "
+        "(0: all of them now); kernel calls do this on their own with the policy's idle_ms.");
+  m.def("workspace_policy", [](py::object retain_bytes, py::object idle_ms) {
+    WorkspacePolicy p = WorkspacePool::Instance().Policy();
+    if (!retain_bytes.is_none()) p.retain_bytes = retain_bytes.cast<size_t>();
+    if (!idle_ms.is_none()) p.idle_ms = idle_ms.cast<int64_t>();
+    WorkspacePool::Instance().SetPolicy(p);
+    return py::make_tuple(p.retain_bytes, p.idle_ms);
+  }, py::arg("retain_bytes") = py::none(), py::arg("idle_ms") = py::none(),
+     "Sets what is given (retained size in bytes kept forever; idle ms after which a larger "
+     "free workspace is unmapped) and returns the policy (retain_bytes, idle_ms).");
+  m.def("mxcsr", [] { return CallingThreadMxcsr(); },
+        "The calling thread's MXCSR (x86; 0 elsewhere): bit 15 FTZ, bit 6 DAZ.");
   m.def("ffi_handler", [] {
     return py::capsule(reinterpret_cast<void*>(&AltJaxKernel));
   }, "PyCapsule of the XLA FFI handler for target 'alt_jax_kernel'.");

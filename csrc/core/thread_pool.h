@@ -1,6 +1,7 @@
 // A small persistent thread pool for running kernels outside XLA (tests, tuning
-// measurements): the same parallel_for contract as XLA's intra-op pool.
-// Entry points: ThreadPool::Schedule, ThreadPool::ForThreads.
+// measurements): the same parallel_for contract as XLA's intra-op pool, and the same
+// floating-point mode (XLA's threads flush denormals: ScopedXlaFloatMode).
+// Entry points: ThreadPool::Schedule, ThreadPool::ForThreads, ScopedXlaFloatMode.
 #ifndef ALT_JAX_CORE_THREAD_POOL_H_
 #define ALT_JAX_CORE_THREAD_POOL_H_
 
@@ -11,7 +12,32 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 namespace alt_jax {
+
+// The MXCSR XLA's threads run with: flush-to-zero (bit 15) and denormals-are-zero (bit 6),
+// set by tsl's thread pools on every thread they start (measured: MXCSR 0x9fe2 on the
+// threads that call our kernels and on all intra-op pool threads, in 8 of 8 processes; the
+// Python main thread has 0x1fa2). Host runs take the same mode so that a kernel computes
+// and times there as it does under XLA (a denormal operand costs ~100 cycles without DAZ).
+class ScopedXlaFloatMode {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  static constexpr unsigned kFlushDenormals = 0x8040;
+  ScopedXlaFloatMode() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | kFlushDenormals); }
+  ~ScopedXlaFloatMode() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  ScopedXlaFloatMode() {}
+#endif
+  ScopedXlaFloatMode(const ScopedXlaFloatMode&) = delete;
+  ScopedXlaFloatMode& operator=(const ScopedXlaFloatMode&) = delete;
+};
 
 class ThreadPool {
  public:
@@ -38,6 +64,7 @@ class ThreadPool {
 
  private:
   void Loop() {
+    ScopedXlaFloatMode float_mode;
     for (;;) {
       std::function<void()> task;
       {
