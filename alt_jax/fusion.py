@@ -3,8 +3,8 @@ an optional residual add and a pointwise activation that follow it in a flat jax
 
 Entry points: find_epilogue(jaxpr, anchor, channel_axis, uses) -> EpilogueMatch | None,
 uses_of(jaxpr), EpilogueMatch.scale_shift(values) (the folded per-channel vectors).
-Activations are recognised by what they compute, not by how they are spelled: a pointwise
-region is probed on a grid of values and compared with each template activation.
+The activation is recognised by alt_jax.activations: a known spelling whose values agree
+with the template's everywhere a wide probe looks (NaN, inf, float32 max included).
 """
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
-from jax.extend.core import primitives as P
 
-from alt_jax import jaxpr_pass
-from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
+from alt_jax import activations, jaxpr_pass
+from alt_jax.ops.epilogue import Epilogue
 
 _AFFINE = {lax.add_p: "add", lax.sub_p: "sub", lax.mul_p: "mul", lax.div_p: "div"}
 _MAX_REGION = 16        # pointwise equations an activation may take
-_PROBE = np.linspace(-8.0, 8.0, 4001, dtype=np.float32)
 
 
 @dataclasses.dataclass
@@ -85,82 +83,6 @@ def _per_channel(v, like, channel_axis: int) -> bool:
             all(s == 1 for i, s in enumerate(shape) if i != channel_axis))
 
 
-def _pointwise(eqn) -> bool:
-    if eqn.primitive in _POINTWISE:
-        return len(eqn.outvars) == 1
-    if eqn.primitive is P.custom_jvp_call_p:  # e.g. jax.nn.relu: pointwise body, user JVP
-        body = jaxpr_pass._open(eqn.params["call_jaxpr"])
-        return len(eqn.invars) == 1 and all(
-            _pointwise(e) or (e.primitive is P.jit_p and all(
-                _pointwise(x) for x in jaxpr_pass._open(e.params["jaxpr"]).eqns))
-            for e in body.eqns)
-    return False
-
-
-def _erf(x):
-    import math
-    return np.vectorize(math.erf, otypes=[np.float64])(x)
-
-
-# Pointwise primitives evaluated in numpy (float64) for probing: planning runs while jax is
-# tracing, where jax ops would be staged, not computed.
-_NUMPY = {
-    lax.add_p: lambda a, b: a + b, lax.sub_p: lambda a, b: a - b,
-    lax.mul_p: lambda a, b: a * b, lax.div_p: lambda a, b: a / b,
-    lax.max_p: np.maximum, lax.min_p: np.minimum, lax.neg_p: np.negative,
-    lax.exp_p: np.exp, lax.tanh_p: np.tanh, lax.logistic_p: lambda a: 1 / (1 + np.exp(-a)),
-    lax.erf_p: _erf, lax.sqrt_p: np.sqrt, lax.rsqrt_p: lambda a: 1 / np.sqrt(a),
-    lax.abs_p: np.abs, lax.convert_element_type_p: lambda a: a,
-}
-
-
-# What an activation region may contain: exactly what the probe can evaluate.
-_POINTWISE = set(_NUMPY) | {lax.integer_pow_p, lax.pow_p}
-
-
-def _numpy_eval(eqns, env: dict) -> None:
-    for eqn in eqns:
-        ins = [np.asarray(v.val, np.float64) if isinstance(v, jcore.Literal) else env[v]
-               for v in eqn.invars]
-        if eqn.primitive is lax.integer_pow_p:
-            out = ins[0] ** eqn.params["y"]
-        elif eqn.primitive is lax.pow_p:
-            out = ins[0] ** ins[1]
-        elif eqn.primitive in (P.custom_jvp_call_p, P.jit_p):
-            body = jaxpr_pass._open(eqn.params["call_jaxpr" if eqn.primitive is
-                                                P.custom_jvp_call_p else "jaxpr"])
-            inner = dict(zip(body.invars, ins))
-            _numpy_eval(body.eqns, inner)
-            out = inner[body.outvars[0]] if not isinstance(body.outvars[0], jcore.Literal) \
-                else np.asarray(body.outvars[0].val, np.float64)
-        else:
-            out = _NUMPY[eqn.primitive](*ins)
-        env[eqn.outvars[0]] = np.asarray(out, np.float64)
-
-
-def _activation_of(region, start_var) -> Optional[str]:
-    """Which template activation the region computes from start_var, if any."""
-    env = {start_var: _PROBE.astype(np.float64)}
-    try:
-        with np.errstate(all="ignore"):
-            _numpy_eval(region, env)
-    except KeyError:  # a primitive (or a non-scalar operand) the probe cannot evaluate
-        return None
-    got = np.broadcast_to(env[region[-1].outvars[0]], _PROBE.shape)
-    x = _PROBE.astype(np.float64)
-    erf = _erf(x / np.sqrt(2.0))
-    references = {
-        "relu": np.maximum(x, 0), "relu6": np.clip(x, 0, 6),
-        "gelu_tanh": 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
-        "gelu_erf": 0.5 * x * (1 + erf), "silu": x / (1 + np.exp(-x)),
-    }
-    for name in ACTIVATIONS[1:]:
-        want = references[name]
-        if np.all(np.abs(got - want) <= 2e-5 * np.maximum(1.0, np.abs(want))):
-            return name
-    return None
-
-
 def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
                   taken: frozenset = frozenset()) -> Optional[EpilogueMatch]:
     """The longest fusable chain after anchor (a conv/dot equation) in flat jaxpr, or None.
@@ -209,7 +131,7 @@ def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
         reads = [v for v in e.invars if isinstance(v, jcore.Var)]
         if not any(v in inside for v in reads):
             continue
-        if not _pointwise(e) or not all(v in inside or _is_scalar(v) for v in reads):
+        if not activations.is_pointwise(e) or not all(v in inside or _is_scalar(v) for v in reads):
             break
         region.append(e)
         inside.update(e.outvars)
@@ -226,7 +148,7 @@ def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
         # every value made inside the region (and cur) is used only inside it, but the last
         if any(uses.get(v, 0) != inner_uses.get(v, 0) for v in produced if v is not last):
             continue
-        name = _activation_of(prefix, cur)
+        name = activations.recognise(prefix, cur)
         if name is not None:
             activation, absorbed, cur = name, absorbed + prefix, last
             break

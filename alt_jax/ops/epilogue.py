@@ -5,6 +5,10 @@ Order, fixed for every template: y = act(acc * scale[k] + shift[k] + residual[..
 scale/shift are per-output-channel float32 vectors of length K (BN's folded affine, or a
 bias as shift); residual has the result's shape and layout. The kernel's extra inputs come
 after its operands, in the order of Epilogue.inputs().
+At every float32 value a fused activation gives what jax.jit gives for Epilogue.reference:
+the same NaNs, infinities and signs of zero, relu / relu6 exactly, the others to ~1e-6
+(csrc/include/alt_jax/epilogue.h, tests/test_fusion_soundness.py). Which jaxpr regions are
+taken for an activation: alt_jax/activations.py.
 """
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 // output tile while it is still in registers. Entry points: alt_activate<W, ACT>(v),
 // ALT_ACT_* codes (same order as alt_jax/ops/epilogue.py ACTIVATIONS).
 // exp/tanh/erf are polynomial approximations accurate to a few 1e-7 absolute, vectorised
-// with GCC vector extensions (W = 1 falls back to <cmath>).
+// with GCC vector extensions (W = 1 falls back to <cmath>). At the edges every activation
+// gives what XLA gives for the unfused jnp program: NaN in -> NaN out, exp overflows to inf
+// (so silu(-inf) = -inf * 0 = NaN, silu(-huge) = -0), relu(-0) = +0.
 #ifndef ALT_JAX_EPILOGUE_H_
 #define ALT_JAX_EPILOGUE_H_
 
@@ -54,11 +56,19 @@ template <>
 ALT_INLINE float alt_vmin<1>(float a, float b) { return a != a || a < b ? a : b; }
 
 // e^x: x = n ln2 + r, |r| <= ln2/2; e^r by a degree-6 polynomial; 2^n built in the exponent.
+// x is clamped to [ln FLT_MIN, 89], so n <= 128, and n = 128 builds the bit pattern of +inf:
+// from x = 127.5 ln2 (88.38; IEEE overflows at 88.72) e^x is inf, so silu(-inf) =
+// -inf / inf = NaN and silu(-huge) = -0 as XLA gives them (an activation moves by < 1e-36
+// for that early overflow). Below ln FLT_MIN e^x stays FLT_MIN, which every activation
+// absorbs (1 + e^x rounds to 1) without denormal slow paths. NaN stays NaN. No select on x
+// at the end: keeping x live spills the unrolled epilogue tiles (a 1x1 conv + silu: 2.3x).
+#define ALT_EXP_LO -87.33654022216797f  // ln FLT_MIN, rounded up to a float
+#define ALT_EXP_HI 89.0f                // n = round(89 / ln2) = 128: +inf
 template <int W>
 ALT_INLINE typename altv<W>::type alt_vexp(typename altv<W>::type x) {
   typedef typename altv<W>::type V;
   typedef typename alt_vi<W>::type I;
-  x = alt_vmin<W>(alt_vmax<W>(x, vbroadcast<W>(-87.3f)), vbroadcast<W>(88.3f));
+  x = alt_vmin<W>(alt_vmax<W>(x, vbroadcast<W>(ALT_EXP_LO)), vbroadcast<W>(ALT_EXP_HI));
   V fn = x * 1.44269504088896341f;
   I n = __builtin_convertvector(fn + (fn >= 0 ? vbroadcast<W>(0.5f) : vbroadcast<W>(-0.5f)), I);
   V nf = __builtin_convertvector(n, V);
@@ -106,9 +116,11 @@ ALT_INLINE typename altv<W>::type alt_activate(typename altv<W>::type v) {
   if constexpr (ACT == ALT_ACT_NONE) {
     return v;
   } else if constexpr (ACT == ALT_ACT_RELU) {
-    return alt_vmax<W>(v, V{});
+    // + 0: -0 becomes +0 as XLA's max(-0, 0) gives it (vmaxps returns -0 there); NaN and
+    // every other value pass unchanged. Without -ffast-math the add is kept.
+    return alt_vmax<W>(v, V{}) + 0.0f;
   } else if constexpr (ACT == ALT_ACT_RELU6) {
-    return alt_vmin<W>(alt_vmax<W>(v, V{}), vbroadcast<W>(6.0f));
+    return alt_vmin<W>(alt_vmax<W>(v, V{}) + 0.0f, vbroadcast<W>(6.0f));
   } else if constexpr (ACT == ALT_ACT_GELU_TANH) {
     V inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
     return 0.5f * v * (1.0f + alt_vtanh<W>(inner));
