@@ -113,7 +113,8 @@ def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
         kind = _AFFINE[e.primitive]
         if _per_channel(other, cur, channel_axis) and (kind in ("add", "mul") or a is cur):
             affine.append((kind, other))
-        elif kind == "add" and tuple(other.aval.shape) == tuple(cur.aval.shape):
+        elif (kind == "add" and isinstance(other, jcore.Var)
+              and tuple(other.aval.shape) == tuple(cur.aval.shape)):
             residual = other
         else:
             break

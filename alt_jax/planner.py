@@ -3,14 +3,14 @@
 Entry points: PlanOptions, make_plan(jaxpr, options) -> Plan, Plan (str() is the explain
 table), OpDecision, FallbackWarning, DEFAULT_MIN_FLOPS.
 Knobs come from tuning records when one matches this device, else the family's heuristic;
-both pass the family's validate(). Kernels are built in parallel; a build failure sends the
-op to XLA with one FallbackWarning.
+both pass the family's validate(). Kernels are built in parallel; a build failure, knobs
+that fail validate(), or any other failure of a family while planning one op (match, knobs,
+render, packing weights) sends that op to XLA with one FallbackWarning.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import inspect
 import os
 import warnings
@@ -156,10 +156,31 @@ def _walk_with_where(jaxpr, prefix: str = ""):
             yield from _walk_with_where(sub, f"{prefix}{name}/")
 
 
-def make_replacement(eqn, lower: Callable) -> jaxpr_pass.Replacement:
-    """eqn's outputs from lower(operands), differentiable through eqn's own (lax) JVP."""
-    call = jaxpr_pass.differentiable_as(lambda *ops: tuple(lower(ops)),
-                                        lambda *ops: tuple(jaxpr_pass._bind(eqn, ops)))
+def _guarded(family, spec, lhs, rhs, on_kernel: Callable, in_xla: Callable):
+    """on_kernel() where the family vouches for these operand values, else in_xla().
+
+    A family whose kernel computes what XLA computes only for some values (Winograd's
+    transforms overflow near the float range and spread one inf over a tile; a kernel that
+    skips padded taps never forms XLA's 0 * inf) says so with safe_operands(spec, lhs, rhs):
+    None (always), a Python bool (decided now, e.g. from constant weights) or a traced bool
+    (decided per call: both branches are compiled, the kernel runs unless values need XLA)."""
+    check = getattr(family, "safe_operands", None)
+    ok = None if check is None else check(spec, lhs, rhs)
+    if ok is None or ok is True:
+        return on_kernel()
+    if ok is False:
+        return in_xla()
+    return lax.cond(ok, on_kernel, in_xla)
+
+
+def make_replacement(eqn, family, spec, kernel) -> jaxpr_pass.Replacement:
+    """eqn's outputs from the family's kernel, differentiable through eqn's own (lax) JVP."""
+    original = lambda *ops: tuple(jaxpr_pass._bind(eqn, ops))
+
+    def primal(*ops):
+        return _guarded(family, spec, ops[0], ops[1],
+                        lambda: tuple(family.lower(spec, kernel, ops)), lambda: original(*ops))
+    call = jaxpr_pass.differentiable_as(primal, original)
     return lambda invals: list(call(*invals))
 
 
@@ -167,41 +188,53 @@ def _choose(eqn, where: str, options: PlanOptions, refine=None):
     """An OpDecision without a kernel yet, plus the family/source to build (or None).
 
     refine(family, spec) -> spec may add what the graph around eqn allows (a fused
-    epilogue, prepacked weights) before knobs are chosen and the kernel is rendered."""
+    epilogue, prepacked weights) before knobs are chosen and the kernel is rendered.
+    Families are tried in order; one that cannot take the op (Unsupported), whose heuristic
+    knobs fail its own validate() (KnobError: e.g. a workspace over the limit), or that
+    fails in any other way while planning (a bug must cost one op its kernel, never the
+    program) passes the op to the next; the reasons of all of them explain the fallback."""
     base = dict(where=where, primitive=eqn.primitive.name, signature=_signature(eqn))
     reasons = []
     for family in options.families_for(eqn.primitive):
         try:
-            spec = family.match(eqn)
+            return _choose_with(family, eqn, base, options, refine)
         except Unsupported as e:
             reasons.append(f"{family.name}: {e}")
-            continue
-        flops = family.flops(spec)
-        if flops < options.min_flops:
-            return OpDecision(**base, family=family.name, spec=spec, flops=flops,
-                              reason=f"too small for a kernel to pay ({flops} flops < "
-                                     f"min_flops={options.min_flops})"), None
-        if refine is not None:
-            spec = refine(family, spec)
-        knobs, knobs_from = None, "heuristic"
-        if options.records is not None:
-            knobs = options.records.best_knobs(family.name, spec, device.fingerprint(),
-                                               type(family.default_knobs(spec, options.isa)))
-            knobs_from = "records"
-        try:
-            if knobs is not None:
-                family.validate(spec, knobs, options.isa)
         except KnobError as e:
-            warnings.warn(f"alt_jax: tuning record for {eqn.primitive.name} {base['signature']} "
-                          f"is not valid here ({e}); using the heuristic")
-            knobs = None
-        if knobs is None:
-            knobs, knobs_from = family.default_knobs(spec, options.isa), "heuristic"
-            family.validate(spec, knobs, options.isa)
-        src = family.render(spec, knobs, options.isa)
-        return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
-                          knobs_from=knobs_from, flops=flops), (family, src)
+            reasons.append(f"{family.name}: no valid knobs ({e})")
+        except Exception as e:  # noqa: BLE001 - any planning failure means XLA, said why
+            reasons.append(f"{family.name}: planning failed: {type(e).__name__}: {e}")
     return OpDecision(**base, reason="; ".join(reasons) or "no template"), None
+
+
+def _choose_with(family, eqn, base: dict, options: PlanOptions, refine):
+    """_choose for one family; raises Unsupported / KnobError / anything when it cannot."""
+    spec = family.match(eqn)
+    flops = family.flops(spec)
+    if flops < options.min_flops:
+        return OpDecision(**base, family=family.name, spec=spec, flops=flops,
+                          reason=f"too small for a kernel to pay ({flops} flops < "
+                                 f"min_flops={options.min_flops})"), None
+    if refine is not None:
+        spec = refine(family, spec)
+    knobs = None
+    if options.records is not None:
+        knobs = options.records.best_knobs(family.name, spec, device.fingerprint(),
+                                           type(family.default_knobs(spec, options.isa)))
+    try:
+        if knobs is not None:
+            family.validate(spec, knobs, options.isa)
+    except Exception as e:  # noqa: BLE001 - records are input: any refusal means heuristic
+        warnings.warn(f"alt_jax: tuning record for {eqn.primitive.name} {base['signature']} "
+                      f"is not valid here ({e}); using the heuristic")
+        knobs = None
+    knobs_from = "records"
+    if knobs is None:
+        knobs, knobs_from = family.default_knobs(spec, options.isa), "heuristic"
+        family.validate(spec, knobs, options.isa)
+    src = family.render(spec, knobs, options.isa)
+    return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
+                      knobs_from=knobs_from, flops=flops), (family, src)
 
 
 def _fall_back(decision: OpDecision, options: PlanOptions) -> None:
@@ -243,7 +276,7 @@ def _fuses_epilogues(eqn, options: PlanOptions) -> bool:
     for family in options.families_for(eqn.primitive):
         try:
             spec = family.match(eqn)
-        except Unsupported:
+        except Exception:  # noqa: BLE001 - Unsupported, or a failure _choose reports
             continue
         return "epilogue" in {f.name for f in dataclasses.fields(spec)}
     return False
@@ -269,11 +302,22 @@ def _find_groups(flat, options: PlanOptions) -> dict:
     return groups
 
 
-def _group(eqn, match, prop, family=None, spec=None, knobs=None, kernel=None, isa=None,
+def _pack_now(family, spec, knobs, isa, rhs):
+    """A constant rhs in the layout the kernel (spec.prepacked, knobs) reads: packed once,
+    at plan time. The packed layout depends on the ISA the kernel was rendered for."""
+    takes_isa = "isa" in inspect.signature(family.pack_weights).parameters
+    with jax.ensure_compile_time_eval():
+        if takes_isa:
+            return family.pack_weights(spec, knobs, rhs, isa=isa)
+        return family.pack_weights(spec, knobs, rhs)
+
+
+def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=None,
            reuse_residual=False):
     """One call computing eqn and its absorbed epilogue on physical (permuted) arrays: the
     kernel when there is one, else the original equations between layout conversions.
     Differentiable through the original equations (their JVP, user rules included).
+    packed_rhs: the constant rhs packed for the kernel (spec.prepacked).
     reuse_residual: the kernel writes its result into the residual's buffer."""
     members = [eqn, *match.eqns]
     produced = {v for e in members for v in e.outvars}
@@ -297,35 +341,42 @@ def _group(eqn, match, prop, family=None, spec=None, knobs=None, kernel=None, is
         return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [original(*vals)])
 
     epi = getattr(spec, "epilogue", None)
-    n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)] if epi else 0
-    # The packed layout depends on the ISA the kernel was rendered for (panel widths).
-    takes_isa = "isa" in inspect.signature(family.pack_weights).parameters \
-        if hasattr(family, "pack_weights") else False
-    pack = (lambda w: family.pack_weights(spec, knobs, w, isa=isa)) if takes_isa else \
-        (lambda w: family.pack_weights(spec, knobs, w))
     kernel_in = prop.kernel_in_perm[id(eqn)]
 
     def kernel_call(*vals):
         env = dict(zip(invars, vals))
         perm_of = dict(zip(invars, in_perms))
         read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+        # a Literal (a scalar constant; unhashable on jax 0.10) has its logical layout
+        perm = lambda v: perm_of[v] if isinstance(v, jcore.Var) else logical(v)
         lhs_var, rhs_var = eqn.invars[0], eqn.invars[1]
-        lhs = propagate.convert(read(lhs_var), perm_of.get(lhs_var, logical(lhs_var)), kernel_in)
-        rhs = propagate.convert(read(rhs_var), perm_of.get(rhs_var, logical(rhs_var)),
-                                logical(rhs_var))
+        lhs = propagate.convert(read(lhs_var), perm(lhs_var), kernel_in)
         if getattr(spec, "prepacked", False):
-            with jax.ensure_compile_time_eval():  # a constant: pack it now, once
-                rhs = pack(rhs)
+            rhs = packed_rhs
+        else:
+            rhs = propagate.convert(read(rhs_var), perm(rhs_var),
+                                    logical(rhs_var))
         ops = [lhs, rhs]
         if epi is not None and (epi.scale or epi.shift):
-            scale, shift = match.scale_shift([read(v) for _, v in match.affine], n_channels)
+            # only matched when the result has a channel axis (fusion.find_epilogue)
+            n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)]
+            # the per-channel operands flattened in their logical layout, as the chain reads them
+            affine = [propagate.convert(read(v), perm(v), logical(v))
+                      if isinstance(v, jcore.Var) else read(v) for _, v in match.affine]
+            scale, shift = match.scale_shift(affine, n_channels)
             ops += ([scale] if epi.scale else []) + ([shift] if epi.shift else [])
         if epi is not None and epi.residual:
             r = match.residual
             ops.append(propagate.convert(read(r), perm_of[r], out_perm))
         return family.lower(spec, kernel, ops, reuse_residual=reuse_residual)[0]
 
-    call = jaxpr_pass.differentiable_as(kernel_call, original)
+    def guarded_call(*vals):
+        env = dict(zip(invars, vals))
+        read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+        return _guarded(family, spec, read(eqn.invars[0]), read(eqn.invars[1]),
+                        lambda: kernel_call(*vals), lambda: original(*vals))
+
+    call = jaxpr_pass.differentiable_as(guarded_call, original)
     return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])
 
 
@@ -411,7 +462,8 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             if eqn.primitive is conv:
                 view = prop.kernel_eqn_view(eqn, prop.kernel_in_perm[id(eqn)],
                                             prop.kernel_out_perm[id(eqn)])
-            prepack = options.pack_weights and eqn.invars[1] in constvars
+            rhs = eqn.invars[1]  # a Literal (a scalar constant) is never packed
+            prepack = options.pack_weights and isinstance(rhs, jcore.Var) and rhs in constvars
             decision, build = _choose(view, where, options, _refine_for(match, prepack))
             decision = dataclasses.replace(decision, signature=_signature(eqn),
                                            layouts=_layout_text(eqn, prop))
@@ -420,9 +472,10 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
         chosen.append((eqn, decision, build))
 
     built = _build_all(chosen, options)
+    consts = dict(zip(jaxpr_pass._open(flat).constvars, jaxpr_pass._consts(flat)))
     decisions, replacements = [], {}
     for eqn, decision, build in chosen:
-        kernel = None
+        kernel, packed_rhs = None, None
         if build is not None:
             family, src = build
             result = built[src.symbol]
@@ -432,6 +485,15 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             else:
                 kernel = result
                 decision = dataclasses.replace(decision, kernel=result)
+        if kernel is not None and getattr(decision.spec, "prepacked", False):
+            try:
+                packed_rhs = _pack_now(family, decision.spec, decision.knobs, options.isa,
+                                       consts[eqn.invars[1]])
+            except Exception as e:  # noqa: BLE001 - the op runs in XLA, said why
+                kernel = None
+                decision = dataclasses.replace(
+                    decision, kernel=None,
+                    reason=f"{family.name}: packing its weights failed: {type(e).__name__}: {e}")
         if id(eqn) in groups:
             _, match = groups[id(eqn)]
             last = match.eqns[-1] if match.eqns else eqn
@@ -441,16 +503,15 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                 if reuse:
                     decision = dataclasses.replace(
                         decision, layouts=decision.layouts + ", over its residual's buffer")
-                group = _group(eqn, match, prop, family, decision.spec, decision.knobs, kernel,
-                               options.isa, reuse)
+                group = _group(eqn, match, prop, family, decision.spec, kernel, packed_rhs,
+                               reuse)
             else:
                 group = _group(eqn, match, prop)
             for member in [eqn, *match.eqns]:
                 replacements[id(member)] = jaxpr_pass.SKIP
             replacements[id(last)] = group
         elif kernel is not None:
-            lower = functools.partial(family.lower, decision.spec, kernel)
-            replacements[id(eqn)] = make_replacement(eqn, lower)
+            replacements[id(eqn)] = make_replacement(eqn, family, decision.spec, kernel)
         if not decision.on_kernel and not decision.reason.startswith("too small"):
             _fall_back(decision, options)
         decisions.append(decision)

@@ -77,15 +77,14 @@ class Propagation:
 
     def perm(self, v) -> tuple:
         if isinstance(v, jcore.Literal):
-            return ()
+            return _identity(len(v.aval.shape))
         return self.perms.get(v, _identity(len(v.aval.shape)))
 
     def run(self, choose_out_perm: Callable) -> "Propagation":
         for eqn in self.jaxpr.eqns:
             if id(eqn) in self.groups:
                 out_var = self.groups[id(eqn)]
-                lhs = eqn.invars[0]
-                self.kernel_in_perm[id(eqn)] = self.perm(lhs)
+                self.kernel_in_perm[id(eqn)] = self._kernel_reads(eqn)
                 perm = choose_out_perm(eqn)
                 self.kernel_out_perm[id(eqn)] = perm
                 self.perms[out_var] = perm
@@ -98,6 +97,23 @@ class Propagation:
                 self.conversions.append(Conversion("output", tuple(v.aval.shape), self.perm(v),
                                                    _identity(len(v.aval.shape))))
         return self
+
+    def _kernel_reads(self, eqn) -> tuple:
+        """The perm a group's kernel reads its lhs in: a 2-D conv reads its lhs in whatever
+        layout it is kept (kernel_eqn_view renames the axes); every other kernel (matmul,
+        other conv ranks) reads the logical layout, so a permuted lhs is converted back,
+        as is a permuted rhs (weights are always read logically)."""
+        lhs_perm = self.perm(eqn.invars[0])
+        reads_any = (eqn.primitive is lax.conv_general_dilated_p
+                     and len(eqn.params["dimension_numbers"].lhs_spec) == 4)
+        wanted = lhs_perm if reads_any else _identity(len(lhs_perm))
+        for v, want in zip(eqn.invars[:2], (wanted, None)):
+            have = self.perm(v)
+            want = _identity(len(have)) if want is None else want
+            if have != want:
+                self.conversions.append(Conversion(eqn.primitive.name, tuple(v.aval.shape),
+                                                   have, want))
+        return wanted
 
     def finish(self, outs) -> list:
         """The program's outputs converted to their logical layouts."""
@@ -124,7 +140,7 @@ class Propagation:
         if eqn.primitive is not P.custom_jvp_call_p or len(eqn.invars) != 1:
             return False
         body = jaxpr_pass._open(eqn.params["call_jaxpr"])
-        return all(e.primitive in _ELEMENTWISE or e.primitive is P.jit_p for e in body.eqns)
+        return _pointwise_body(body, set(body.invars))
 
     def _full(self, eqn):
         out_shape = tuple(eqn.outvars[0].aval.shape)
@@ -208,6 +224,27 @@ class Propagation:
             primitive=eqn.primitive, params=dict(eqn.params, dimension_numbers=new_dn),
             invars=[phys(lhs, in_perm), types.SimpleNamespace(aval=rhs)],
             outvars=[phys(out, out_perm)])
+
+
+def _pointwise_body(body, derived: set) -> bool:
+    """Whether body computes each element from the same element of the values in `derived`
+    alone, so that running it on a permuted array permutes its result: only elementwise
+    primitives (through nested jit bodies too), and every operand of rank > 0 comes from
+    `derived` (a closed-over full-size constant, or a value from a transpose or reduction,
+    would be combined with the permuted array position by position: a wrong result)."""
+    for e in body.eqns:
+        ins = [v for v in e.invars if isinstance(v, jcore.Var)]
+        if any(v not in derived and len(v.aval.shape) > 0 for v in ins):
+            return False
+        if e.primitive is P.jit_p:
+            inner = jaxpr_pass._open(e.params["jaxpr"])
+            inner_derived = {iv for iv, ov in zip(inner.invars, e.invars) if ov in derived}
+            if not _pointwise_body(inner, inner_derived):
+                return False
+        elif e.primitive not in _ELEMENTWISE:
+            return False
+        derived.update(e.outvars)
+    return True
 
 
 def _pointwise_call_on(eqn, x, perm):

@@ -57,3 +57,10 @@ class OpFamily(Protocol):
         or transpose with jnp around it. reuse_residual (residual_in_place families only):
         the output is written into the residual operand's buffer.
         """
+
+    # Optional. A family whose kernel matches XLA only for some operand values defines
+    #   safe_operands(spec, lhs, rhs) -> None | bool | traced bool scalar
+    # (lhs as the kernel reads it, rhs unpacked; reductions over them do not depend on the
+    # layout): None = always safe; a Python bool = decided at trace time (concrete operands,
+    # e.g. constant weights, are checked with numpy); a traced bool = decided per call, the
+    # planner then runs the op in XLA (lax.cond) on the calls where it is False.
