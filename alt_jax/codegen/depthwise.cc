@@ -8,8 +8,9 @@
 // per call into the workspace (tiny), or, when PREPACKED, given in that layout as inputs[1]
 // (alt_jax/ops/depthwise.py pack_weights, run once on constant weights). The input is
 // either read in place (PACK=false: channels are unit-stride; border rows clip the kernel
-// rows, border columns take a bounds-checked path per pixel) or each task copies the input
-// rows it needs, zero-padded and channel-blocked, into its own workspace slot first
+// rows, border columns take a bounds-checked path per pixel; both add the skipped padded
+// taps' 0 * w, so a non-finite weight on padding gives XLA's NaN) or each task copies the
+// input rows it needs, zero-padded and channel-blocked, into its own workspace slot first
 // (PACK=true: any layout, any multiplier, no bounds checks in the hot loop, and the copy is
 // still in L1/L2 when it is read).
 // The output is written directly in the equation's layout, after the fused epilogue
@@ -216,15 +217,39 @@ ALT_INLINE void store(float* ALT_RESTRICT op, int64_t k0, int64_t kvalid, vf (&a
     for (int t = t0; t < TT; ++t) op[j * OS_K + t * OS_W] = buf[t][j];
 }
 
-// Tiles output columns [lo, hi) of one row; ip0/op0 point at column 0 of the row.
+// XLA multiplies the padded taps too, and 0 * w is NaN for an infinite or NaN weight (+-0
+// otherwise). The in-place path skips padded taps, so it adds their 0 * w instead: `pad`
+// holds that sum for the kernel rows outside [kh0, kh1) (a zero vector unless a weight
+// there is not finite), added to every tile of a border row.
+ALT_INLINE void skipped_rows(const float* ALT_RESTRICT wp, int64_t kh0, int64_t kh1,
+                             vf (&pad)[V]) {
+  for (int v = 0; v < V; ++v) pad[v] = vzero<VW>();
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    if (kh >= kh0 && kh < kh1) continue;
+    for (int64_t kw = 0; kw < KW; ++kw)
+      for (int v = 0; v < V; ++v)
+        pad[v] = vfma<VW>(vzero<VW>(), vload<VW>(wp + (kh * KW + kw) * CB + v * VW), pad[v]);
+  }
+}
+
+template <int TT>
+ALT_INLINE void add_skipped(vf (&acc)[TT][V], const vf* pad) {
+  if (pad == nullptr) return;
+  for (int t = 0; t < TT; ++t)
+    for (int v = 0; v < V; ++v) acc[t][v] += pad[v];
+}
+
+// Tiles output columns [lo, hi) of one row; ip0/op0 point at column 0 of the row. pad:
+// the skipped rows' 0 * w (skipped_rows), or null when the row skips none.
 template <int64_t IRS, int64_t ICS>
 ALT_INLINE void row_tiles(const float* ip0, const float* wp, float* op0, int64_t k0,
                           int64_t kvalid, int64_t lo, int64_t hi, int64_t kh0, int64_t kh1,
-                          const Epi& e) {
+                          const vf* pad, const Epi& e) {
   int64_t ow = lo;
   for (; ow + T <= hi; ow += T) {
     vf acc[T][V];
     tile<T, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
+    add_skipped<T>(acc, pad);
     store<T>(op0 + ow * OS_W, k0, kvalid, acc, e);
   }
   if (ow == hi) return;
@@ -232,29 +257,35 @@ ALT_INLINE void row_tiles(const float* ip0, const float* wp, float* op0, int64_t
     ow = hi - T;
     vf acc[T][V];
     tile<T, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
+    add_skipped<T>(acc, pad);
     store<T>(op0 + ow * OS_W, k0, kvalid, acc, e);
     return;
   }
   for (; ow < hi; ++ow) {
     vf acc[1][V];
     tile<1, IRS, ICS>(ip0 + ow * SW * ICS, wp, kh0, kh1, acc);
+    add_skipped<1>(acc, pad);
     store<1>(op0 + ow * OS_W, k0, kvalid, acc, e);
   }
 }
 
-// One output pixel with bounds checks (in-place input only: the padded border).
+// One output pixel with bounds checks (in-place input only: the padded border). A padded
+// tap contributes 0 * w, as in XLA (NaN for a weight that is not finite).
 ALT_INLINE void pixel_checked(const float* in_nk, const float* wp, float* op, int64_t oh,
                               int64_t ow, int64_t k0, const Epi& e) {
   vf acc[1][V];
   for (int v = 0; v < V; ++v) acc[0][v] = vzero<VW>();
   for (int64_t kh = 0; kh < KH; ++kh) {
     const int64_t ih = oh * SH - PT + kh * DH;
-    if (ih < 0 || ih >= H) continue;
     for (int64_t kw = 0; kw < KW; ++kw) {
       const int64_t iw = ow * SW - PL + kw * DW;
-      if (iw < 0 || iw >= W) continue;
-      const float* tap = in_nk + ih * LS_H + iw * LS_W;
       const float* wt = wp + (kh * KW + kw) * CB;
+      if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+        for (int v = 0; v < V; ++v)
+          acc[0][v] = vfma<VW>(vzero<VW>(), vload<VW>(wt + v * VW), acc[0][v]);
+        continue;
+      }
+      const float* tap = in_nk + ih * LS_H + iw * LS_W;
       for (int v = 0; v < V; ++v)
         acc[0][v] = vfma<VW>(vload<VW>(tap + v * VW), vload<VW>(wt + v * VW), acc[0][v]);
     }
@@ -343,7 +374,7 @@ void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64
       pack_rows(in_n, dst, b, oh0 * SH - PT, (oh1 - oh0 - 1) * SH + (KH - 1) * DH + 1);
       for (int64_t oh = oh0; oh < oh1; ++oh)
         row_tiles<WP * CB, CB>(dst + (oh - oh0) * SH * WP * CB, wp, out_nk + oh * OS_H, k0,
-                               kvalid, 0, OW, 0, KH, e);
+                               kvalid, 0, OW, 0, KH, nullptr, e);
     } else {
       const float* in_nk = in_n + k0;  // LS_C == 1
       for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -356,7 +387,11 @@ void run_task(const float* lhs, const float* wpk, float* out, float* slot, int64
           pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow, k0, e);
         // ip0 is the (virtual) input of column 0's top-left tap; only columns >= OW_LO are read
         const float* ip0 = in_nk + (oh * SH - PT) * LS_H - PL * LS_W;
-        row_tiles<LS_H, LS_W>(ip0, wp, op, k0, kvalid, OW_LO, OW_HI, kh0, kh1, e);
+        vf pad[V];
+        const bool skips = kh0 > 0 || kh1 < KH;
+        if (skips) skipped_rows(wp, kh0, kh1, pad);
+        row_tiles<LS_H, LS_W>(ip0, wp, op, k0, kvalid, OW_LO, OW_HI, kh0, kh1,
+                              skips ? pad : nullptr, e);
         for (int64_t ow = OW_HI; ow < OW; ++ow)
           pixel_checked(in_nk, wp, op + ow * OS_W, oh, ow, k0, e);
       }

@@ -184,3 +184,18 @@ def check_types(spec, knobs, ints=(), bools=()) -> None:
     for name in bools:
         if not isinstance(getattr(knobs, name), bool):
             raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
+
+
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def all_within(x, limit: float):
+    """all |x| <= limit (False if x holds a NaN): a bool for a concrete array, else a traced
+    bool. Not max |x| <= limit: XLA's CPU max reduction drops NaNs (jax 0.10: a NaN in a
+    16384-element array gives the max of the rest, or -inf when it is the last element)."""
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(x, jax.core.Tracer):
+        return jnp.all(jnp.abs(x) <= np.float32(limit))
+    return bool(np.all(np.abs(np.asarray(x, np.float32)) <= np.float32(limit)))

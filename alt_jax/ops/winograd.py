@@ -19,13 +19,43 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
+from alt_jax.ops.conv_common import (ConvOperands, all_within, check_types, lower_conv,
+                                     read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
 # G of F(2x2, 3x3): U = G g G^T turns a 3x3 filter into the 4x4 one the tiles multiply by.
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
               np.float32)
+# Values the transforms can take without overflowing. With |input| <= X and |filter| <= W:
+#   input transform B^T d B: every entry sums 4 inputs with signs ............. <= 4 X
+#   filter transform G g G^T: partial sums (g0 + g1 + g2, then the same over rows of G g)
+#     <= 4.5 W before the halvings, entries <= 2.25 W
+#   the 16 GEMMs over C channels, every partial sum ............... <= C 4X 2.25W = 9 C X W
+#   output transform A^T M A: 3 then 3 terms of M ............................. <= 81 C X W
+# so with 81 C X W, 4 X and 4.5 W below FLT_MAX / 2 (a factor 2 for the rounding of all of
+# the above and of the bounds) nothing overflows, XLA's own sums (<= 9 C X W) are finite as
+# well, and the two agree up to rounding. Outside the bounds they need not: an inf or a value
+# near 3e38 turns into inf - inf over a whole tile, and a NaN fails every <= test.
+_FLT_MAX = float(np.finfo(np.float32).max)
+_INPUT_LIMIT = _FLT_MAX / (2 * 4)
+_FILTER_LIMIT = _FLT_MAX / (2 * 4.5)
+
+
+def _product_limit(c: int) -> float:
+    """The largest max|input| * max|filter| whose transforms cannot overflow over c channels."""
+    return _FLT_MAX / (2 * 81 * c)
+
+
+def _concrete_max_abs(x):
+    """max |x| of a concrete array (NaN if it holds one), None for a tracer."""
+    import jax
+
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return float(np.max(np.abs(np.asarray(x, np.float32))))
+
+
 # Where the transform pays (measured on the 2-core Zen3 dev VM, see default_knobs): enough
 # tiles per image to fill the GEMM rows and enough channels to amortise the transforms.
 MIN_CHANNELS = 64
@@ -111,6 +141,22 @@ class WinogradFamily:
     def flops(self, spec: WinogradSpec) -> int:
         """The convolution's own flops (what it replaces), not the fewer the kernel runs."""
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.c * 9
+
+    # ---- operand values ----
+    def safe_operands(self, spec: WinogradSpec, lhs, rhs):
+        """Whether the transforms stay within float range for these values (see _INPUT_LIMIT):
+        a bool when the operands are concrete or a constant filter already decides, else a
+        traced bool (the planner then runs XLA on the calls where it is False). A constant
+        filter is checked once, here, and bounds the input by its own max |w|; a traced one
+        is bounded like the input, by sqrt of the product limit (6e16 at C = 512)."""
+        limit = _product_limit(spec.c)
+        w = _concrete_max_abs(rhs)
+        if w is None:
+            both = min(_INPUT_LIMIT, _FILTER_LIMIT, float(np.sqrt(limit)))
+            return all_within(lhs, both) & all_within(rhs, both)
+        if not w <= _FILTER_LIMIT:  # NaN fails too
+            return False
+        return all_within(lhs, min(_INPUT_LIMIT, limit / w) if w > 0 else _INPUT_LIMIT)
 
     # ---- knobs ----
     def default_knobs(self, spec: WinogradSpec, isa: device.Isa) -> WinogradKnobs:
