@@ -511,8 +511,8 @@ def ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence,
              aliases: dict | None = None) -> list:
     """The kernel as a jax op: operands in, one value per out_aval out.
 
-    The workspace is not an XLA buffer: the handler hands the kernel its calling thread's
-    reusable arena (csrc/core/workspace.h), so large workspaces cost no page faults per call.
+    The workspace is not an XLA buffer: the handler hands the kernel a buffer of the shared
+    workspace pool (csrc/core/workspace.h), so large workspaces cost no page faults per call.
     aliases {operand index: output index}: that output is written into the operand's buffer
     (XLA copies the operand first if anything else still needs it).
     """

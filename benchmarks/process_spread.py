@@ -67,8 +67,10 @@ def child_measure(model_name: str, layout: str, repeat: int, min_round_ms: float
     want = jax.jit(model.apply)(*args)
     timing.check_close("alt_jax", impls["alt_jax"](*args), want, 1e-4)
     config = timing.MeasureConfig(warmup=3, repeat=repeat, min_round_ms=min_round_ms)
-    t = timing.interleaved(impls, args, config)
+    with timing.OthersLoad() as load:
+        t = timing.interleaved(impls, args, config)
     report = {"pid": os.getpid(), "medians_ms": {k: v.median * 1e3 for k, v in t.items()},
+              "others_cpu_share": load.others_share, "steal_share": load.steal_share,
               "mxcsr_main": hex(_core.mxcsr()), "threads": _thread_cpus()}
     if control:
         report["xla_over_alt"] = timing.median_ratio(t["jax.jit"], t["alt_jax"])
@@ -102,11 +104,13 @@ def spread(values) -> dict:
 
 def summarize(reports) -> str:
     lines = [f"{'process':>8} {'alt_jax ms':>11} {'jax.jit ms':>11} {'xla/alt':>8} "
-             f"{'main mxcsr':>10}"]
+             f"{'others %':>9} {'steal %':>8} {'main mxcsr':>10}"]
     for r in reports:
         m = r["medians_ms"]
         lines.append(f"{r['pid']:>8} {m['alt_jax']:11.3f} {m.get('jax.jit', float('nan')):11.3f} "
-                     f"{r.get('xla_over_alt', float('nan')):8.2f} {r['mxcsr_main']:>10}")
+                     f"{r.get('xla_over_alt', float('nan')):8.2f} "
+                     f"{100 * r.get('others_cpu_share', float('nan')):9.1f} "
+                     f"{100 * r.get('steal_share', float('nan')):8.1f} {r['mxcsr_main']:>10}")
     s = spread(r["medians_ms"]["alt_jax"] for r in reports)
     lines.append(f"alt_jax across {len(reports)} processes: median {s['median']:.3f} ms, "
                  f"min {s['min']:.3f}, max {s['max']:.3f}, max/min {s['max_over_min']:.2f}")

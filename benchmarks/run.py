@@ -120,9 +120,15 @@ def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records
         want = impls[REFERENCE](*args)
         for name, fn in impls.items():  # a mismatch is an error, never a row
             timing.check_close(f"{model.name} [{name}]", fn(*args), want, rtol)
-        t = timing.interleaved(impls, args, config)
+        with timing.OthersLoad() as load:
+            t = timing.interleaved(impls, args, config)
         flops = model.flops
-        row = {"workload": model.name, "count": count, "flops": flops, "impls": {}}
+        row = {"workload": model.name, "count": count, "flops": flops, "impls": {},
+               "others_cpu_share": load.others_share, "steal_share": load.steal_share}
+        if load.others_share + load.steal_share > 0.05:  # a core lost costs alt_jax most
+            notes.append(f"{model.name}: other processes took "
+                         f"{100 * (load.others_share + load.steal_share):.0f}% of the "
+                         f"machine while it was timed; its times are not representative")
         for name, tm in t.items():
             row["impls"][name] = {"median_ms": tm.median * 1e3, "min_ms": tm.low * 1e3,
                                   "max_ms": tm.high * 1e3,

@@ -2,12 +2,13 @@
 interleaved round-robin in one process, and report medians and per-round ratios.
 
 Entry points: MeasureConfig (frozen), check_close, interleaved(fns, config) -> {name: Timing},
-median_ratio, geomean.
+median_ratio, geomean, OthersLoad (how much of the machine other processes took meanwhile).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from typing import Callable, Mapping
@@ -97,3 +98,34 @@ def median_ratio(base: Timing, other: Timing) -> float:
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def _machine_cpu_seconds() -> tuple:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+class OthersLoad:
+    """How much of the machine others took while a block ran: CPU time of every other
+    process plus the hypervisor's steal, as a share of (cores x wall time). A process
+    that was timed while others held a core is told apart from one that was slow by
+    itself."""
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.own0 = sum(os.times()[:2])
+        self.busy0, self.steal0 = _machine_cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        own = sum(os.times()[:2]) - self.own0
+        busy, steal = _machine_cpu_seconds()
+        capacity = wall * (os.cpu_count() or 1)
+        self.others_share = max(0.0, busy - self.busy0 - own) / capacity
+        self.steal_share = (steal - self.steal0) / capacity
+        return False

@@ -85,3 +85,27 @@ def test_family_table_drops_only_the_excluded_family():
     assert [f.name for f in full[conv]] == ["depthwise", "winograd", "conv2d"]
     assert [f.name for f in without[conv]] == ["depthwise", "conv2d"]
     assert without[lax.dot_general_p] == full[lax.dot_general_p]
+
+
+def test_others_load_sees_another_process_holding_a_core():
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks import timing
+
+    busy = subprocess.Popen([sys.executable, "-c",
+                             "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    try:
+        time.sleep(0.3)  # let it start
+        with timing.OthersLoad() as load:
+            time.sleep(0.8)
+    finally:
+        busy.wait()
+    # one busy process on this machine's cores: about 1 / cores of it, whatever else runs
+    assert load.others_share + load.steal_share >= 0.6 / (os.cpu_count() or 1)
+    with timing.OthersLoad() as own:
+        t = time.perf_counter()
+        while time.perf_counter() - t < 0.3:
+            pass
+    assert own.others_share < 0.6 / (os.cpu_count() or 1)  # our own work is not "others"
