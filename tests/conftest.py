@@ -12,3 +12,14 @@ def kernel_cache(tmp_path_factory):
     from alt_jax import runtime
 
     return runtime.KernelCache(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture
+def optimize(kernel_cache):
+    """alt_jax.optimize on the session's kernel cache, every op on a kernel (min_flops=0)."""
+    import alt_jax
+
+    def make(fn, **kw):
+        kw.setdefault("min_flops", 0)
+        return alt_jax.optimize(fn, cache=kernel_cache, **kw)
+    return make

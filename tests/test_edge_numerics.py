@@ -59,6 +59,20 @@ def _optimize(fn, cache):
     return alt_jax.optimize(fn, cache=cache, min_flops=0, fallback="error", records=False)
 
 
+def _assert_on_the_kernel(fn, family, x, w, cache):
+    """fn's one op runs on family's kernel: the optimized result is bit-identical to that
+    kernel run directly (so a guard chose the kernel), and close to XLA's."""
+    opt = _optimize(fn, cache)
+    decision, = opt.plan_for(x, w).decisions
+    assert decision.family == family and decision.on_kernel
+    direct = np.full(decision.spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(decision.kernel, [x, w], [direct])
+    got = np.asarray(opt(x, w))
+    np.testing.assert_array_equal(got, direct)
+    assert_same_numerics(got, jax.jit(fn)(x, w))
+    return opt
+
+
 def _families(opt, *args) -> list:
     return [d.family if d.on_kernel else None for d in opt.plan_for(*args).decisions]
 
@@ -159,14 +173,7 @@ def test_winograd_guard_is_static_for_constant_weights():
 def test_winograd_normal_values_run_on_the_kernel(cache):
     """Bit-identical to the kernel run directly (so the guard chose it), close to XLA."""
     x, w = _winograd_case(seed=1)
-    opt = _optimize(_winograd_fn, cache)
-    decision, = opt.plan_for(x, w).decisions
-    assert decision.family == "winograd" and decision.on_kernel
-    direct = np.full(decision.spec.out_shape, np.nan, np.float32)
-    runtime.run_numpy(decision.kernel, [x, w], [direct])
-    got = np.asarray(opt(x, w))
-    np.testing.assert_array_equal(got, direct)
-    assert_same_numerics(got, jax.jit(_winograd_fn)(x, w))
+    _assert_on_the_kernel(_winograd_fn, "winograd", x, w, cache)
     const = _optimize(lambda x: _winograd_fn(x, w), cache)
     assert _families(const, x) == ["winograd"]
     assert_same_numerics(const(x), jax.jit(_winograd_fn)(x, w))
@@ -257,14 +264,7 @@ def test_depthwise_normal_values_run_on_the_kernel(cache):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 16, 16, 32)).astype(np.float32)
     w = rng.standard_normal((3, 3, 1, 32)).astype(np.float32)
-    opt = _optimize(_depthwise_nhwc, cache)
-    decision, = opt.plan_for(x, w).decisions
-    assert decision.family == "depthwise" and decision.on_kernel
-    direct = np.full(decision.spec.out_shape, np.nan, np.float32)
-    runtime.run_numpy(decision.kernel, [x, w], [direct])
-    got = np.asarray(opt(x, w))
-    np.testing.assert_array_equal(got, direct)
-    assert_same_numerics(got, jax.jit(_depthwise_nhwc)(x, w))
+    _assert_on_the_kernel(_depthwise_nhwc, "depthwise", x, w, cache)
 
 
 # ---- direct conv2d and matmul: padding is materialised / there is none; pinned here ----

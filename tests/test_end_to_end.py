@@ -17,14 +17,6 @@ def _normal(*shape, scale=1.0):
     return (RNG.standard_normal(shape) * scale).astype(np.float32)
 
 
-@pytest.fixture
-def optimize(kernel_cache):
-    def make(fn, **kw):
-        kw.setdefault("min_flops", 0)
-        return alt_jax.optimize(fn, cache=kernel_cache, **kw)
-    return make
-
-
 def _rel_err(got, want):
     got, want = np.asarray(got), np.asarray(want)
     return np.abs(got - want).max() / max(1.0, np.abs(want).max())

@@ -290,7 +290,7 @@ def test_cases_are_reproducible_from_kind_and_seed():
     for kind in fuzz_programs.KINDS:
         a, b = fuzz_programs.make_case(kind, 7), fuzz_programs.make_case(kind, 7)
         assert a == b
-        (fa, xa), (fb, xb) = a.build(), b.build()
+        (_, xa), (_, xb) = a.build(), b.build()
         for u, v in zip(xa, xb):
             np.testing.assert_array_equal(u, v)
         assert fuzz_programs.make_case(kind, 8).code != a.code

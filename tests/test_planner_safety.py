@@ -32,14 +32,6 @@ def _conv(x, w):
     return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NCHW)
 
 
-@pytest.fixture
-def optimize(kernel_cache):
-    def make(fn, **kw):
-        kw.setdefault("min_flops", 0)
-        return alt_jax.optimize(fn, cache=kernel_cache, **kw)
-    return make
-
-
 def _fallback_messages(caught) -> list:
     return [str(w.message) for w in caught if issubclass(w.category, planner.FallbackWarning)]
 
