@@ -102,10 +102,5 @@ def test_others_load_sees_another_process_holding_a_core():
             time.sleep(0.8)
     finally:
         busy.wait()
-    # one busy process on this machine's cores: about 1 / cores of it, whatever else runs
+    # one busy process on this machine's cores: about 1 / cores of it, more if others run
     assert load.others_share + load.steal_share >= 0.6 / (os.cpu_count() or 1)
-    with timing.OthersLoad() as own:
-        t = time.perf_counter()
-        while time.perf_counter() - t < 0.3:
-            pass
-    assert own.others_share < 0.6 / (os.cpu_count() or 1)  # our own work is not "others"
