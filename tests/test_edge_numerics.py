@@ -295,25 +295,45 @@ def test_matmul_special_values(cache):
     assert_same_numerics(opt(a, b), jax.jit(fn)(a, b))
 
 
-# XLA's own answer for a non-finite weight on a padded 1x1 conv depends on how it rewrites
-# that conv, which depends on the context: the same conv gives 0 (a multiply, then a pad of
-# the output) or 0 * inf = NaN on the padded rows, e.g. 112 NaNs as a program and 52 inside a
-# lax.cond branch (jax 0.10.2). There is no fixed XLA answer to copy there, so the kernels
-# keep IEEE semantics: a padded tap contributes 0 * w.
-@pytest.mark.parametrize("c,k", [(1, 1), (2, 3), (8, 8)])
-def test_padded_1x1_conv_with_an_inf_weight_forms_zero_times_inf(cache, c, k):
+# A padded 1x1 conv with a non-finite weight: XLA rewrites some such convs into a
+# multiply and a pad of the output (0 on the padded rows, where a conv forms 0 * inf =
+# NaN): always with <= 2 input channels per group, and for others depending on the program
+# around the conv. The direct families send them to XLA
+# (conv_common.finite_weights_if_padded_1x1); larger windows stay on the kernels.
+@pytest.mark.parametrize("c,k,kh", [(1, 1, 1), (2, 3, 1), (8, 8, 1), (3, 5, 3)])
+@pytest.mark.parametrize("as_constant", [False, True])
+def test_padded_conv_with_an_inf_weight_matches_xla(cache, c, k, kh, as_constant):
     rng = np.random.default_rng(c * 10 + k)
     x = rng.standard_normal((1, 6, 5, c)).astype(np.float32)
-    w = rng.standard_normal((1, 1, c, k)).astype(np.float32)
+    w = rng.standard_normal((kh, kh, c, k)).astype(np.float32)
     w[0, 0, 0, 0] = -np.inf
     fn = lambda x, w: _conv(x, w, NHWC, padding=((1, 0), (0, 2)))
-    opt = _optimize(fn, cache)
-    assert all(_families(opt, x, w))
-    got = np.asarray(opt(x, w))
-    assert np.isnan(got[0, 0, :, 0]).all() and np.isnan(got[0, :, -2:, 0]).all()
-    inner = got[0, 1:, :-2]
-    want = np.asarray(jax.jit(fn)(x, w))[0, 1:, :-2]
-    if np.isfinite(want).any():
-        assert_same_numerics(inner, want)
-    else:  # one channel: every output is +-inf
-        np.testing.assert_array_equal(inner, want)
+    want = np.asarray(jax.jit(fn)(x, w))
+    opt = _optimize(lambda x: fn(x, w), cache) if as_constant else _optimize(fn, cache)
+    got = np.asarray(opt(x) if as_constant else opt(x, w))
+    for special in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(special(got), special(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["conv2d", "depthwise"])
+def test_direct_conv_guard_only_checks_padded_1x1_convs(family):
+    from alt_jax.ops import conv2d
+    fam = {"conv2d": conv2d.FAMILY, "depthwise": depthwise.FAMILY}[family]
+    c = 4
+
+    def spec_of(kh, padding):
+        w = np.ones((kh, kh, 1 if family == "depthwise" else c, c), np.float32)
+        groups = c if family == "depthwise" else 1
+        eqn = jax.make_jaxpr(lambda x: _conv(x, w, NHWC, padding=padding, groups=groups))(
+            np.ones((1, 6, 6, c), np.float32)).eqns[0]
+        return fam.match(eqn), w
+
+    bad = lambda w: np.where(np.arange(w.size).reshape(w.shape) == 0, np.inf, w)
+    for kh, padding in ((1, ((0, 0), (0, 0))), (3, ((1, 1), (1, 1)))):
+        spec, w = spec_of(kh, padding)
+        assert fam.safe_operands(spec, None, bad(w)) is None
+    spec, w = spec_of(1, ((1, 0), (0, 0)))
+    assert fam.safe_operands(spec, None, bad(w)) is False
+    assert fam.safe_operands(spec, None, w) is True

@@ -178,10 +178,15 @@ _TRUNCATED_CHILD = textwrap.dedent("""
 
 
 def test_a_truncated_library_does_not_kill_later_processes(tmp_path):
-    lib = _good_build(tmp_path, _src(rows=4))  # cache "a", built and verified
+    # Built by a child process: had this process loaded it, truncating the file would
+    # damage this process's own mapping (SIGBUS at its next touch, e.g. at exit).
+    code = _TRUNCATED_CHILD.format(tests=os.path.dirname(__file__), cache=str(tmp_path / "a"))
+    built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert built.returncode == 0 and built.stdout.split() == ["0", "1"], built.stderr[-2000:]
+    lib = runtime.KernelCache(tmp_path / "a").path_for(_src(rows=4))
     with open(lib, "r+b") as f:  # damage as a full disk or a crash mid-write would
         f.truncate(os.path.getsize(lib) // 2)
-    code = _TRUNCATED_CHILD.format(tests=os.path.dirname(__file__), cache=str(tmp_path / "a"))
     for expected in ("1 1", "0 0"):  # the first process rebuilds, the next one just loads
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120)

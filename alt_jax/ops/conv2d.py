@@ -14,7 +14,8 @@ from typing import Sequence
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError
-from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
+from alt_jax.ops.conv_common import (ConvOperands, check_types, finite_weights_if_padded_1x1,
+                                     lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
@@ -121,6 +122,11 @@ class Conv2dFamily:
             n=g.n, c=g.c, h=g.h, w=g.w, k=g.k, kh=g.kh, kw=g.kw, oh=g.oh, ow=g.ow,
             stride=g.stride, padding=g.padding, dilation=g.dilation, groups=g.groups,
             lhs_spec=g.lhs_spec, rhs_spec=g.rhs_spec, out_spec=g.out_spec)
+
+    def safe_operands(self, spec: Conv2dSpec, lhs, rhs):
+        """A padded 1x1 conv with a non-finite weight runs in XLA (see
+        conv_common.finite_weights_if_padded_1x1: XLA's own answer there is its rewrite's)."""
+        return finite_weights_if_padded_1x1(spec, rhs)
 
     def flops(self, spec: Conv2dSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw

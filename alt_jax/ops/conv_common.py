@@ -199,3 +199,18 @@ def all_within(x, limit: float):
     if isinstance(x, jax.core.Tracer):
         return jnp.all(jnp.abs(x) <= np.float32(limit))
     return bool(np.all(np.abs(np.asarray(x, np.float32)) <= np.float32(limit)))
+
+
+def finite_weights_if_padded_1x1(spec, rhs):
+    """safe_operands of the direct conv families. On padded taps a conv forms 0 * w (NaN
+    for a non-finite weight), and so do the kernels. But XLA rewrites some 1x1 convs into
+    a multiply and a pad of the output, which gives 0 on the padded rows instead: always
+    for <= 2 input channels per group (jax 0.10.2), and for others depending on the
+    program around the conv (the same grouped 1x1 conv gave 112 NaNs as a program and 52
+    inside a lax.cond branch). So a padded 1x1 conv with a non-finite weight runs in XLA;
+    larger windows keep the kernel (XLA forms the NaN there, as measured over 1-8 channels,
+    groups and windows up to 3x3). Constant weights are decided now; weights passed as
+    arguments cost one pass over them per call, and only for padded 1x1 convs."""
+    if (spec.kh, spec.kw) != (1, 1) or not any(lo or hi for lo, hi in spec.padding):
+        return None
+    return all_within(rhs, _FLT_MAX)

@@ -15,7 +15,8 @@ from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
-from alt_jax.ops.conv_common import ConvOperands, check_types, lower_conv, read_conv
+from alt_jax.ops.conv_common import (ConvOperands, check_types, finite_weights_if_padded_1x1,
+                                     lower_conv, read_conv)
 
 _TEMPLATE = "depthwise.cc"
 _MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
@@ -102,6 +103,11 @@ class DepthwiseFamily:
                              oh=g.oh, ow=g.ow, stride=g.stride, dilation=g.dilation,
                              padding=g.padding, lhs_order=g.lhs_spec, rhs_order=g.rhs_spec,
                              out_order=g.out_spec)
+
+    def safe_operands(self, spec: DepthwiseSpec, lhs, rhs):
+        """A padded 1x1 conv with a non-finite weight runs in XLA (see
+        conv_common.finite_weights_if_padded_1x1: XLA's own answer there is its rewrite's)."""
+        return finite_weights_if_padded_1x1(spec, rhs)
 
     def flops(self, spec: DepthwiseSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw
