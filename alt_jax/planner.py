@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import inspect
 import os
+import re
 import warnings
 from typing import Any, Callable, Optional
 
@@ -237,13 +238,30 @@ def _choose_with(family, eqn, base: dict, options: PlanOptions, refine):
                       knobs_from=knobs_from, flops=flops), (family, src)
 
 
-def _fall_back(decision: OpDecision, options: PlanOptions) -> None:
-    message = (f"alt_jax: {decision.primitive} {decision.signature} at [{decision.where}] "
-               f"runs in XLA: {decision.reason}")
-    if options.fallback == "error":
-        raise FallbackError(message)
-    if options.fallback == "warn":
-        warnings.warn(FallbackWarning(message), stacklevel=4)
+_KERNEL_NAME = re.compile(r"kernel alt_\w+?_[0-9a-f]{16}\b")
+
+
+def _op_text(decision: OpDecision) -> str:
+    return f"{decision.primitive} {decision.signature} at [{decision.where}]"
+
+
+def _fall_back(decisions: list, options: PlanOptions) -> None:
+    """One FallbackWarning per reason: ops that fall back for the same reason (an unusable
+    kernel cache, a missing compiler) are named in one warning, not one warning each."""
+    by_reason: dict = {}
+    for d in decisions:  # kernel names differ per op, the cause does not
+        by_reason.setdefault(_KERNEL_NAME.sub("its kernel", d.reason), []).append(d)
+    for reason, same in by_reason.items():
+        if len(same) == 1:
+            message = f"alt_jax: {_op_text(same[0])} runs in XLA: {reason}"
+        else:
+            named = "; ".join(_op_text(d) for d in same[:3])
+            more = f" and {len(same) - 3} more" if len(same) > 3 else ""
+            message = f"alt_jax: {len(same)} ops run in XLA ({named}{more}): {reason}"
+        if options.fallback == "error":
+            raise FallbackError(message)
+        if options.fallback == "warn":
+            warnings.warn(FallbackWarning(message), stacklevel=4)
 
 
 def _layout_text(eqn, prop) -> str:
@@ -512,9 +530,9 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             replacements[id(last)] = group
         elif kernel is not None:
             replacements[id(eqn)] = make_replacement(eqn, family, decision.spec, kernel)
-        if not decision.on_kernel and not decision.reason.startswith("too small"):
-            _fall_back(decision, options)
         decisions.append(decision)
+    _fall_back([d for d in decisions if not d.on_kernel and not d.reason.startswith("too small")],
+               options)
     for key, run in prop.replacements.items():
         replacements.setdefault(key, run)
     return Plan(decisions, replacements, flat, prop)

@@ -309,6 +309,25 @@ def test_an_unusable_cache_falls_back_to_xla_with_one_warning(tmp_path, monkeypa
     assert not optimized.plan_for(x, w).rewritten
 
 
+def test_ops_that_fall_back_for_one_reason_share_one_warning(tmp_path, monkeypatch):
+    cache = runtime.KernelCache(_unusable(tmp_path, monkeypatch, "under_a_regular_file"))
+    two_convs = lambda x, w, v: _conv(jax.nn.relu(_conv(x, w)), v)
+    optimized = alt_jax.optimize(two_convs, cache=cache, min_flops=0)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 4, 8)).astype(np.float32)
+    v = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = optimized(x, w, v)
+    monkeypatch.undo()
+    fallbacks = [str(c.message) for c in caught
+                 if issubclass(c.category, alt_jax.FallbackWarning)]
+    assert len(fallbacks) == 1 and "2 ops run in XLA" in fallbacks[0], fallbacks
+    assert "kernel cache" in fallbacks[0]
+    np.testing.assert_allclose(got, jax.jit(two_convs)(x, w, v), rtol=1e-5, atol=1e-5)
+
+
 # ---- Durability: data on disk before the name, the name on disk after the rename.
 
 def test_library_and_digest_are_fsynced_before_rename_and_directory_after(tmp_path,
