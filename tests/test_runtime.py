@@ -57,9 +57,10 @@ def test_missing_compiler_falls_back_with_one_warning_and_right_answer(tmp_path)
         warnings.simplefilter("always")
         got = optimized(a, b)
     fallbacks = [c for c in caught if issubclass(c.category, alt_jax.FallbackWarning)]
-    assert len(fallbacks) == 2  # one per op; both name the op and the reason
-    assert all("kernel build failed" in str(w.message) and "dot_general" in str(w.message)
-               for w in fallbacks)
+    assert len(fallbacks) == 1  # one per reason: it names both ops and the reason
+    message = str(fallbacks[0].message)
+    assert "2 ops run in XLA" in message and message.count("dot_general") == 2
+    assert "kernel build failed" in message and "no-such-g++" in message
     np.testing.assert_allclose(got[0], a @ b, rtol=1e-5)
     np.testing.assert_allclose(got[1], (2 * a) @ b, rtol=1e-5)
     assert not optimized.plan_for(a, b).rewritten
