@@ -186,7 +186,7 @@ def check_types(spec, knobs, ints=(), bools=()) -> None:
             raise KnobError(f"{name}={getattr(knobs, name)!r} must be a bool")
 
 
-_FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def all_within(x, limit: float):
@@ -213,4 +213,4 @@ def finite_weights_if_padded_1x1(spec, rhs):
     arguments cost one pass over them per call, and only for padded 1x1 convs."""
     if (spec.kh, spec.kw) != (1, 1) or not any(lo or hi for lo, hi in spec.padding):
         return None
-    return all_within(rhs, _FLT_MAX)
+    return all_within(rhs, FLT_MAX)

@@ -19,8 +19,8 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import (ConvOperands, all_within, check_types, lower_conv,
-                                     read_conv)
+from alt_jax.ops.conv_common import (FLT_MAX, ConvOperands, all_within, check_types,
+                                     lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
@@ -37,14 +37,13 @@ _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.
 # the above and of the bounds) nothing overflows, XLA's own sums (<= 9 C X W) are finite as
 # well, and the two agree up to rounding. Outside the bounds they need not: an inf or a value
 # near 3e38 turns into inf - inf over a whole tile, and a NaN fails every <= test.
-_FLT_MAX = float(np.finfo(np.float32).max)
-_INPUT_LIMIT = _FLT_MAX / (2 * 4)
-_FILTER_LIMIT = _FLT_MAX / (2 * 4.5)
+_INPUT_LIMIT = FLT_MAX / (2 * 4)
+_FILTER_LIMIT = FLT_MAX / (2 * 4.5)
 
 
 def _product_limit(c: int) -> float:
     """The largest max|input| * max|filter| whose transforms cannot overflow over c channels."""
-    return _FLT_MAX / (2 * 81 * c)
+    return FLT_MAX / (2 * 81 * c)
 
 
 def _concrete_max_abs(x):
