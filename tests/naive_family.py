@@ -1,9 +1,11 @@
 """A deliberately simple matmul family for testing the pass, planner and runtime on their
 own, without the real kernel templates: 2-D row-major f32 dot only, one scalar loop nest.
-Entry point: NAIVE_MATMUL (an OpFamily)."""
+Entry points: NAIVE_MATMUL (an OpFamily), child_build_script (a fresh process that builds
+and runs its kernels: for cache tests across processes)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -82,3 +84,28 @@ class NaiveMatmul:
 
 NAIVE_MATMUL = NaiveMatmul()
 FAMILIES = {lax.dot_general_p: (NAIVE_MATMUL,)}
+
+
+def child_build_script(cache_dir, spec: NaiveSpec = NaiveSpec(4, 8, 8), rows=(1,),
+                       then: str = "print(cache.builds)") -> str:
+    """Python source for a fresh process: builds the naive kernel for spec with each
+    rows_per_task in `rows` into a KernelCache at cache_dir (its paths in `libs`), runs each
+    on ones and checks the result, then runs the statement `then` (e.g. printing counters).
+    A library only the child loaded is one the test process can damage without harm."""
+    return "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})",
+        "import numpy as np",
+        "from alt_jax import runtime",
+        "from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec",
+        f"cache = runtime.KernelCache({str(cache_dir)!r})",
+        f"spec = NaiveSpec({spec.m}, {spec.k}, {spec.n})",
+        "libs = []",
+        f"for rows in {tuple(rows)!r}:",
+        "    k = cache.build(NAIVE_MATMUL.render(spec, NaiveKnobs(rows), None))",
+        "    libs.append(k.lib)",
+        "    c = np.zeros((spec.m, spec.n), np.float32)",
+        "    runtime.run_numpy(k, [np.ones((spec.m, spec.k), np.float32),",
+        "                          np.ones((spec.k, spec.n), np.float32)], [c])",
+        "    assert (c == spec.k).all()",
+        then, ""])

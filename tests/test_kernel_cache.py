@@ -21,7 +21,7 @@ from jax import lax
 
 import alt_jax
 from alt_jax import config, runtime
-from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec
+from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec, child_build_script
 
 OTHER_UID = 4242  # tests run as root here, so chown can make a file someone else's
 
@@ -161,26 +161,11 @@ def test_a_planted_library_is_not_loaded_and_its_constructor_never_runs(tmp_path
     _check_matmul(kernel)
 
 
-_TRUNCATED_CHILD = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from alt_jax import config, runtime
-    from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec
-    import numpy as np
-    cache = runtime.KernelCache({cache!r})
-    k = cache.build(NAIVE_MATMUL.render(NaiveSpec(4, 8, 8), NaiveKnobs(4), None))
-    a, b = np.ones((4, 8), np.float32), np.ones((8, 8), np.float32)
-    c = np.zeros((4, 8), np.float32)
-    runtime.run_numpy(k, [a, b], [c])
-    assert (c == 8).all()
-    print(cache.rejected, cache.builds)
-""")
-
-
 def test_a_truncated_library_does_not_kill_later_processes(tmp_path):
     # Built by a child process: had this process loaded it, truncating the file would
     # damage this process's own mapping (SIGBUS at its next touch, e.g. at exit).
-    code = _TRUNCATED_CHILD.format(tests=os.path.dirname(__file__), cache=str(tmp_path / "a"))
+    code = child_build_script(tmp_path / "a", rows=(4,),
+                              then="print(cache.rejected, cache.builds)")
     built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=120)
     assert built.returncode == 0 and built.stdout.split() == ["0", "1"], built.stderr[-2000:]
@@ -356,25 +341,13 @@ def test_library_and_digest_are_fsynced_before_rename_and_directory_after(tmp_pa
 
 # ---- The size bound.
 
-_BUILD_CHILD = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from alt_jax import config, runtime
-    from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec
-    cache = runtime.KernelCache({cache!r})
-    for rows in {rows!r}:
-        print(cache.build(NAIVE_MATMUL.render(NaiveSpec(4, 8, 8), NaiveKnobs(rows), None)).lib)
-""")
-
-
 def _size(lib):
     return os.path.getsize(lib) + os.path.getsize(_digest(lib))
 
 
 def test_the_cache_is_bounded_and_evicts_least_recently_used_never_loaded(tmp_path):
     # Built by another process, so that this one has loaded none of them yet.
-    code = _BUILD_CHILD.format(tests=os.path.dirname(__file__), cache=str(tmp_path),
-                               rows=[1, 2, 3])
+    code = child_build_script(tmp_path, rows=(1, 2, 3), then="print(*libs)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

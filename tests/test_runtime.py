@@ -13,7 +13,7 @@ import pytest
 import alt_jax
 from alt_jax import runtime
 from alt_jax.codegen import render
-from naive_family import FAMILIES, NAIVE_MATMUL, NaiveKnobs, NaiveSpec
+from naive_family import FAMILIES, NAIVE_MATMUL, NaiveKnobs, NaiveSpec, child_build_script
 
 
 def _src(m=4, k=8, n=8, rows=1):
@@ -66,24 +66,9 @@ def test_missing_compiler_falls_back_with_one_warning_and_right_answer(tmp_path)
     assert not optimized.plan_for(a, b).rewritten
 
 
-_CHILD = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from alt_jax import runtime
-    from naive_family import NAIVE_MATMUL, NaiveKnobs, NaiveSpec
-    import numpy as np
-    cache = runtime.KernelCache({cache!r})
-    k = cache.build(NAIVE_MATMUL.render(NaiveSpec(16, 32, 24), NaiveKnobs(3), None))
-    a, b = np.ones((16, 32), np.float32), np.ones((32, 24), np.float32)
-    c = np.zeros((16, 24), np.float32)
-    runtime.run_numpy(k, [a, b], [c])
-    assert (c == 32).all()
-    print("built", cache.builds)
-""")
-
-
 def test_two_processes_building_the_same_kernel_both_succeed(tmp_path):
-    code = _CHILD.format(tests=os.path.dirname(__file__), cache=str(tmp_path))
+    code = child_build_script(tmp_path, NaiveSpec(16, 32, 24), rows=(3,),
+                              then='print("built", cache.builds)')
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
