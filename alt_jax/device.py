@@ -73,6 +73,7 @@ def detect_isa() -> Isa:
 
 
 @functools.lru_cache(maxsize=None)
-def fingerprint() -> str:
-    """Names this device for tuning records: CPU model, ISA and core count."""
-    return f"cpu:{_cpu_model()}|isa={detect_isa().name}|cores={os.cpu_count()}"
+def fingerprint(isa: Isa | None = None) -> str:
+    """Names this device for tuning records: CPU model, the ISA kernels are generated for
+    (this host's, detect_isa(), unless given) and core count."""
+    return f"cpu:{_cpu_model()}|isa={(isa or detect_isa()).name}|cores={os.cpu_count()}"

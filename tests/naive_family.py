@@ -12,7 +12,7 @@ import numpy as np
 from jax import lax
 
 from alt_jax import runtime
-from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.base import Axis, KnobError, Space, Unsupported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ int32_t %(sym)s(const alt_runtime* rt, const void* const* in, void* const* out) 
 class NaiveMatmul:
     name = "naive_matmul"
     primitive = lax.dot_general_p
+    knobs_type = NaiveKnobs
 
     def match(self, eqn):
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -63,8 +64,15 @@ class NaiveMatmul:
     def flops(self, spec):
         return 2 * spec.m * spec.k * spec.n
 
+    def prefers(self, spec):
+        return True
+
     def default_knobs(self, spec, isa):
         return NaiveKnobs()
+
+    def space(self, spec, isa):
+        rows = {r for r in (1, 2, 4, 8, 16) if r <= spec.m} | {spec.m, NaiveKnobs().rows_per_task}
+        return Space(self.name, NaiveKnobs, (Axis("rows_per_task", tuple(sorted(rows)), "loop"),))
 
     def validate(self, spec, knobs, isa):
         if not 1 <= knobs.rows_per_task <= spec.m:
@@ -76,6 +84,14 @@ class NaiveMatmul:
         return runtime.KernelSource(sym, code)
 
     residual_in_place = False  # no epilogue, so never a residual
+
+    def pack_weights(self, spec, knobs, rhs, isa):
+        return rhs  # the kernel reads the rhs as it is (the spec has no prepacked field)
+
+    def kernel_inputs(self, spec, knobs, operands, isa):
+        if len(operands) != 2:
+            raise ValueError(f"naive matmul takes lhs, rhs, got {len(operands)} operands")
+        return list(operands)
 
     def lower(self, spec, kernel, operands, reuse_residual=False):
         out = jax.ShapeDtypeStruct((spec.m, spec.n), np.float32)

@@ -488,8 +488,8 @@ def test_prepacked_matches_unpacked(job, built_prepacked):
     case, _ = job
     spec, knobs, plain, packed = built_prepacked[job]
     x, w = case.operands()
-    wp = np.asarray(FAMILY.pack_weights(spec, knobs, w))
-    assert wp.shape == FAMILY.packed_weight_shape(spec, knobs)
+    wp = np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA))
+    assert wp.shape == FAMILY.packed_weight_shape(spec, knobs, ISA)
     a = np.full(spec.out_shape, np.nan, np.float32)
     b = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(plain, [x, w], [a])
@@ -514,7 +514,7 @@ def test_prepacked_only_weight_packing_needs_no_workspace(cache):
     kernel = cache.build(packed)
     x, w = case.operands()
     out = np.full(spec.out_shape, np.nan, np.float32)
-    runtime.run_numpy(kernel, [x, np.asarray(FAMILY.pack_weights(spec, knobs, w))], [out])
+    runtime.run_numpy(kernel, [x, np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA))], [out])
     assert _relerr(out, np.asarray(jax.jit(case.fn())(x, w))) <= 1e-4
 
 
@@ -527,7 +527,7 @@ def test_prepacked_with_epilogue_inside_jit(cache):
     extras, named = _epi_operands(spec, epi, seed=5)
     x, w = case.operands()
     ours = jax.jit(lambda a, b, *e: FAMILY.lower(spec, kernel,
-                                                 [a, FAMILY.pack_weights(spec, knobs, b),
+                                                 [a, FAMILY.pack_weights(spec, knobs, b, ISA),
                                                   *e])[0])(x, w, *extras)
     assert _relerr(np.asarray(ours), _epi_reference(case, spec, epi, named)) <= 1e-4
 

@@ -409,8 +409,8 @@ def test_prepacked_matches_unpacked(cache, case, knobs):
     FAMILY.validate(pre, knobs, ISA)
     plain_k = cache.build(FAMILY.render(spec, knobs, ISA))
     pre_k = cache.build(FAMILY.render(pre, knobs, ISA))
-    packed = np.asarray(FAMILY.pack_weights(pre, knobs, jnp.asarray(w)))
-    assert packed.shape == FAMILY.packed_weights_shape(spec, knobs)
+    packed = np.asarray(FAMILY.pack_weights(pre, knobs, jnp.asarray(w), ISA))
+    assert packed.shape == FAMILY.packed_weight_shape(spec, knobs, ISA)
     a = np.full(spec.out_shape, np.nan, np.float32)
     b = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(plain_k, [x, w], [a])
@@ -435,10 +435,10 @@ def test_prepacked_with_epilogue_under_jit(cache):
 
     @jax.jit
     def g(x, w, *extra):
-        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w), *extra])[0]
+        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w, ISA), *extra])[0]
 
     ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
                                    named["shift"], named["residual"]))
     assert _rel_err(np.asarray(g(x, w, *extra)), ref) <= TOL
     with pytest.raises(ValueError, match="rhs shape"):
-        FAMILY.pack_weights(spec, knobs, jnp.zeros((3, 3, 1, 16)))
+        FAMILY.pack_weights(spec, knobs, jnp.zeros((3, 3, 1, 16)), ISA)

@@ -338,7 +338,7 @@ def _run_epi(cache, spec, knobs, a, b, extra):
     kernel = cache.build(FAMILY.render(spec, knobs, ISA))
     x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
     if spec.prepacked:
-        y = np.asarray(FAMILY.pack_weights(spec, knobs, jnp.asarray(b)))
+        y = np.asarray(FAMILY.pack_weights(spec, knobs, jnp.asarray(b), ISA))
     else:
         y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
     out = np.full(spec.out_shape, np.nan, np.float32)
@@ -463,7 +463,7 @@ def _check_prepacked(cache, lshape, rshape, dn, knobs):
     want = np.full(spec.out_shape, np.nan, np.float32)
     got = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(k0, [x, y], [want])
-    packed = np.asarray(FAMILY.pack_weights(pspec, knobs, jnp.asarray(b)))
+    packed = np.asarray(FAMILY.pack_weights(pspec, knobs, jnp.asarray(b), ISA))
     runtime.run_numpy(k1, [x, packed], [got])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # Packing B was the kernel's only B work: the prepacked one asks for none of it.
@@ -490,7 +490,7 @@ def test_prepacked_ffi_call_in_jit(cache, lshape, rshape, dn, knobs):
 
     @jax.jit
     def f(x, w, scale, shift, res):
-        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w), scale,
+        return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w, ISA), scale,
                                            shift, res])[0]
 
     out = f(a, b, extra["scale"], extra["shift"], extra["residual"])

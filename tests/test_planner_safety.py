@@ -186,7 +186,7 @@ class _Broken(NaiveMatmul):
         self._maybe_fail("render")
         return super().render(spec, knobs, isa)
 
-    def pack_weights(self, spec, knobs, rhs):
+    def pack_weights(self, spec, knobs, rhs, isa):
         self._maybe_fail("pack_weights")
         return rhs
 

@@ -28,13 +28,6 @@ def cache(tmp_path_factory):
     return runtime.KernelCache(tmp_path_factory.mktemp("winograd_kernels"))
 
 
-@pytest.fixture
-def small_ok(monkeypatch):
-    """Let match() take small convs: the profitability floor is not what these tests pin."""
-    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(winograd, "MIN_OUTPUTS", 1)
-
-
 def _conv(dn, padding, stride=(1, 1), dilation=(1, 1), groups=1):
     def f(x, w):
         return jax.lax.conv_general_dilated(
@@ -75,17 +68,17 @@ GRID = [
 
 @pytest.mark.parametrize("n,c,k,hw,padding,dn", GRID)
 @pytest.mark.parametrize("prepacked", [False, True])
-def test_matches_lax(cache, small_ok, n, c, k, hw, padding, dn, prepacked):
+def test_matches_lax(cache, n, c, k, hw, padding, dn, prepacked):
     f, x, w, eqn = _case(n, c, k, hw, padding, dn)
     spec = dataclasses.replace(FAMILY.match(eqn), prepacked=prepacked)
     knobs = FAMILY.default_knobs(spec, ISA)
-    rhs = np.asarray(FAMILY.pack_weights(spec, knobs, w)) if prepacked else w
+    rhs = np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA)) if prepacked else w
     assert _rel_err(_run(cache, spec, knobs, [x, rhs]), np.asarray(f(x, w))) <= TOL
 
 
 @pytest.mark.parametrize("knobs", [WinogradKnobs(4, 3, False), WinogradKnobs(1, 1, True),
                                    WinogradKnobs(14, 1, True)])
-def test_every_valid_knob_choice_matches_lax(cache, small_ok, knobs):
+def test_every_valid_knob_choice_matches_lax(cache, knobs):
     f, x, w, eqn = _case(1, 11, 19, (9, 7))
     spec = FAMILY.match(eqn)
     FAMILY.validate(spec, knobs, ISA)
@@ -93,7 +86,7 @@ def test_every_valid_knob_choice_matches_lax(cache, small_ok, knobs):
 
 
 @pytest.mark.parametrize("epi", EPILOGUES, ids=lambda e: e.describe())
-def test_fused_epilogue(cache, small_ok, epi):
+def test_fused_epilogue(cache, epi):
     f, x, w, eqn = _case(1, 10, 21, (7, 8), dn=("NCHW", "OIHW", "NCHW"), seed=1)
     spec = dataclasses.replace(FAMILY.match(eqn), epilogue=epi, prepacked=True)
     knobs = FAMILY.default_knobs(spec, ISA)
@@ -101,13 +94,14 @@ def test_fused_epilogue(cache, small_ok, epi):
     extra = {"scale": rng.standard_normal(21).astype(np.float32),
              "shift": rng.standard_normal(21).astype(np.float32),
              "residual": rng.standard_normal(spec.out_shape).astype(np.float32)}
-    ops = [x, np.asarray(FAMILY.pack_weights(spec, knobs, w))] + [extra[n] for n in epi.inputs()]
+    ops = [x, np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA))]
+    ops += [extra[n] for n in epi.inputs()]
     want = epi.reference(np.asarray(f(x, w)), 1, **{n: extra[n] for n in epi.inputs()})
     assert _rel_err(_run(cache, spec, knobs, ops), np.asarray(want)) <= TOL
 
 
 @pytest.mark.parametrize("isa", [device.SSE2, device.SCALAR], ids=lambda i: i.name)
-def test_narrow_isas_match_lax(small_ok, isa, tmp_path):
+def test_narrow_isas_match_lax(isa, tmp_path):
     cache = runtime.KernelCache(tmp_path, isa=isa)
     f, x, w, eqn = _case(1, 6, 9, (5, 6))
     spec = dataclasses.replace(FAMILY.match(eqn), prepacked=True,
@@ -119,7 +113,7 @@ def test_narrow_isas_match_lax(small_ok, isa, tmp_path):
     assert _rel_err(_run(cache, spec, knobs, ops, isa), want) <= TOL
 
 
-def test_runs_under_jit_through_the_ffi(cache, small_ok):
+def test_runs_under_jit_through_the_ffi(cache):
     f, x, w, eqn = _case(1, 8, 8, (6, 6))
     spec = FAMILY.match(eqn)
     kernel = cache.build(FAMILY.render(spec, FAMILY.default_knobs(spec, ISA), ISA))
@@ -134,21 +128,25 @@ def test_runs_under_jit_through_the_ffi(cache, small_ok):
     (dict(dilation=(2, 1)), "3x3 stride-1"),
     (dict(groups=2), "feature_group_count=2"),
 ])
-def test_declines_what_it_does_not_compute(small_ok, kw, reason):
+def test_declines_what_it_does_not_compute(kw, reason):
     *_, eqn = _case(1, 8, 8, (9, 9), **kw)
     with pytest.raises(Unsupported, match=reason):
         FAMILY.match(eqn)
 
 
-def test_declines_where_the_direct_conv_is_faster():
-    *_, eqn = _case(1, 64, 64, (7, 7))   # ResNet-50's 512@7 shape class: no gain measured
-    with pytest.raises(Unsupported, match="direct convolution is faster"):
-        FAMILY.match(eqn)
-    *_, eqn = _case(1, 64, 64, (14, 14))
-    assert FAMILY.match(eqn).k == 64
+def test_prefers_only_where_it_measured_faster():
+    """Few outputs or channels: the direct conv is faster, a heuristic (prefers), not a
+    refusal (match takes the conv, so the tuner may still measure Winograd there)."""
+    for n, c, k, hw in [(1, 64, 64, (7, 7)),     # ResNet-50's 512@7 shape class: no gain
+                        (1, 32, 64, (14, 14)), (1, 64, 48, (14, 14)), (4, 16, 16, (8, 8))]:
+        spec = FAMILY.match(_case(n, c, k, hw)[3])
+        assert not FAMILY.prefers(spec), (c, k, hw)
+    spec = FAMILY.match(_case(1, 64, 64, (14, 14))[3])
+    assert spec.k == 64 and FAMILY.prefers(spec)
+    assert (winograd.MIN_CHANNELS, winograd.MIN_OUTPUTS) == (64, 14 * 14)
 
 
-def test_validate_rejects_illegal_knobs(small_ok):
+def test_validate_rejects_illegal_knobs():
     spec = FAMILY.match(_case(1, 8, 8, (6, 6))[3])
     with pytest.raises(KnobError, match="vector registers"):
         FAMILY.validate(spec, WinogradKnobs(tile_block=8, oc_vecs=2), ISA)

@@ -1,7 +1,7 @@
 """General 2-D convolution family: any dimension numbers, strides, padding, rhs dilation, groups.
 
-Entry points: FAMILY (Conv2dFamily: match/flops/default_knobs/validate/render/lower/
-pack_weights), Conv2dSpec, Conv2dKnobs. The kernel is the direct-convolution template
+Entry points: FAMILY (Conv2dFamily: match/flops/default_knobs/validate/space/render/lower/
+pack_weights/kernel_inputs), Conv2dSpec, Conv2dKnobs. The kernel is the direct-convolution template
 codegen/conv2d.cc; its inputs are [lhs, rhs (or the packed weights if Spec.prepacked),
 *Spec.epilogue.inputs()], the epilogue's channel is the output channel K.
 """
@@ -13,8 +13,9 @@ from typing import Sequence
 
 from alt_jax import device
 from alt_jax.codegen import render as R
-from alt_jax.ops.base import KnobError
-from alt_jax.ops.conv_common import (ConvOperands, check_types, finite_weights_if_padded_1x1,
+from alt_jax.ops.base import Axis, KnobError, Space, axis_values
+from alt_jax.ops.conv_common import (ConvOperands, check_types,
+                                     conv_kernel_inputs, finite_weights_if_padded_1x1,
                                      lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
@@ -105,6 +106,7 @@ class Conv2dKnobs:
 
 class Conv2dFamily:
     name = "conv2d"
+    knobs_type = Conv2dKnobs
     # partial sums wait on the stack, and every store path reads the residual element just
     # before writing the output element at the same offset
     residual_in_place = True
@@ -130,6 +132,9 @@ class Conv2dFamily:
 
     def flops(self, spec: Conv2dSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw
+
+    def prefers(self, spec: Conv2dSpec) -> bool:
+        return True  # the general conv: the one the others defer to
 
     # ---- knobs ----
     def default_knobs(self, spec: Conv2dSpec, isa: device.Isa) -> Conv2dKnobs:
@@ -252,6 +257,54 @@ class Conv2dFamily:
                                 f"divide {spec.kg} and ic_block={knobs.ic_block} to divide "
                                 f"{spec.cg} channels per group")
 
+    def space(self, spec: Conv2dSpec, isa: device.Isa) -> Space:
+        """Layout: the packed input's channel block (ic_block, NCHW[c]c-style), the weight
+        panel's oc block (oc_vecs), packed vs in-place input reads, the weight panel layout.
+        Loop: the register tile's positions, positions per work item, ic blocks per reduction
+        pass, item order. Values that no other knob can make legal are left out (in-place
+        input when padded, in-place weights when oc is not contiguous); the rest of the
+        legality (register budget, chunk_tiles <= the tiles of that ow_tile, ...) is
+        validate()'s, so the space holds illegal points too."""
+        d = self.default_knobs(spec, isa)
+        vw, regs = isa.vector_floats, isa.vector_registers
+        positions = spec.oh * spec.ow
+        # powers of two up to 64 channels (the five largest: blocks of 1-2 channels only
+        # make sense for tiny convs) and a block of all the channels of a group
+        top = min(64, spec.cg)
+        ic_blocks = axis_values([p for p in (1, 2, 4, 8, 16, 32, 64) if p <= top][-5:] + [top],
+                                d.ic_block)
+        oc_vecs = axis_values(range(1, min(4, -(-spec.kg // vw)) + 1), d.oc_vecs)
+        pack_input = axis_values([True] + ([False] if spec.padding == ((0, 0), (0, 0)) else []),
+                                 d.pack_input)
+        weights = axis_values(["ahead", "fused"] + (["inplace"] if spec.rhs_strides[0] == 1
+                                                    else []), d.weights)
+        # the tile that fills the registers for each oc_vecs, single positions, and 8 (the
+        # 8 x 8 transposed store of channel-major outputs)
+        cap = min(32, positions)
+        ow_tiles = axis_values([min(cap, max(1, t)) for t in
+                                [1, 8] + [(regs - v - 1) // v for v in oc_vecs]], d.ow_tile)
+        # items of about 16 or 256 (the default aims at 64), and one item per (image, oc
+        # block) for each ow_tile (what weights="fused" needs)
+        n_tiles = lambda ow: -(-positions // ow)
+        units = spec.n * spec.groups * -(-spec.kg // (d.oc_vecs * vw))
+        nt0 = n_tiles(d.ow_tile)
+        chunks = axis_values([1] + [min(nt0, max(1, -(-nt0 * units // items)))
+                                    for items in (16, 256)]
+                             + [n_tiles(ow) for ow in ow_tiles], d.chunk_tiles)
+        # one pass over the reduction for each ic_block, or passes of 1, 2, 4 blocks
+        cgbs = [-(-spec.cg // icb) for icb in ic_blocks]
+        ic_chunks = axis_values([c for c in (1, 2, 4) if c <= max(cgbs)] + cgbs, d.ic_chunk)
+        return Space(self.name, Conv2dKnobs, (
+            Axis("ic_block", ic_blocks, "layout"),
+            Axis("oc_vecs", oc_vecs, "layout"),
+            Axis("pack_input", pack_input, "layout"),
+            Axis("weights", weights, "layout"),
+            Axis("ow_tile", ow_tiles, "loop"),
+            Axis("chunk_tiles", chunks, "loop"),
+            Axis("ic_chunk", ic_chunks, "loop"),
+            Axis("oc_outer", (False, True), "loop"),
+        ))
+
     # ---- code generation ----
     def _values(self, spec: Conv2dSpec, knobs: Conv2dKnobs, isa: device.Isa):
         """Template values plus the workspace size (bytes)."""
@@ -325,28 +378,30 @@ class Conv2dFamily:
         reuse_residual writes the result into the residual's buffer."""
         return lower_conv("conv2d", spec, kernel, operands, reuse_residual)
 
+    def kernel_inputs(self, spec: Conv2dSpec, knobs: Conv2dKnobs, operands: Sequence,
+                      isa: device.Isa) -> list:
+        """[lhs, rhs or pack_weights(rhs), *epilogue inputs] from the equation's operands."""
+        return conv_kernel_inputs(self, spec, knobs, operands, isa)
+
     # ---- constant weights ----
     def packed_weight_shape(self, spec: Conv2dSpec, knobs: Conv2dKnobs,
-                            isa: device.Isa | None = None) -> tuple:
+                            isa: device.Isa) -> tuple:
         """Shape of pack_weights' result: (G, KGB, CGB, KH, KW, ICB, OCB), or the rhs shape
         for weights="inplace" (read where it is)."""
         if knobs.weights == "inplace":
             return tuple(spec.rhs_shape)
-        isa = isa or device.detect_isa()
         icb, ocb = knobs.ic_block, knobs.oc_vecs * isa.vector_floats
         return (spec.groups, -(-spec.kg // ocb), -(-spec.cg // icb), spec.kh, spec.kw, icb, ocb)
 
-    def pack_weights(self, spec: Conv2dSpec, knobs: Conv2dKnobs, rhs, isa: device.Isa | None = None):
+    def pack_weights(self, spec: Conv2dSpec, knobs: Conv2dKnobs, rhs, isa: device.Isa):
         """The rhs (original layout, array or tracer) rearranged with jnp into the panels the
         kernel reads when spec.prepacked: G, K/oc_block, C/ic_block, KH, KW, ic_block, oc_block
-        with zero-padded channels (oc_block = oc_vecs x the ISA's lanes; isa defaults to this
-        host's, which is what render uses in the planner). weights="inplace" reads the rhs in
-        place, so it comes back unchanged."""
+        with zero-padded channels (oc_block = oc_vecs x isa's lanes: the isa the kernel is
+        rendered for). weights="inplace" reads the rhs in place, so it comes back unchanged."""
         import jax.numpy as jnp
 
         if knobs.weights == "inplace":
             return rhs
-        isa = isa or device.detect_isa()
         g, kgb, cgb, kh, kw, icb, ocb = self.packed_weight_shape(spec, knobs, isa)
         w = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_spec)  # O, I, KH, KW
         w = w.reshape(g, spec.kg, spec.cg, kh, kw)

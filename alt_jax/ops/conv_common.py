@@ -3,8 +3,9 @@ geometry, with the refusals every conv kernel makes, and placing logical dims in
 
 Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
 conv spec), check_types (the type checks each conv family's validate starts with),
-lower_conv (the checked FFI call of a conv kernel), physical_shape(order, logical),
-logical_strides(order, shape).
+lower_conv (the checked FFI call of a conv kernel), conv_kernel_inputs (what that call
+passes, from the equation's operands), axis_values (a search-space axis's candidates),
+physical_shape(order, logical), logical_strides(order, shape).
 """
 from __future__ import annotations
 
@@ -142,6 +143,25 @@ def read_conv(eqn) -> ConvGeometry:
                         lhs_spec=ls, rhs_spec=rs, out_spec=os_)
 
 
+def _check_count(family: str, spec, operands) -> tuple:
+    names = ("lhs", "rhs") + spec.epilogue.inputs()
+    if len(operands) != len(names):
+        raise ValueError(f"{family} kernel takes {len(names)} operands {names}, "
+                         f"got {len(operands)}")
+    return names
+
+
+def conv_kernel_inputs(family, spec, knobs, operands, isa) -> list:
+    """What a conv kernel rendered for (spec, knobs, isa) reads, from the equation's operands
+    [lhs, rhs (its own layout), *spec.epilogue.inputs()]: the rhs packed by
+    family.pack_weights when spec.prepacked; everything else goes to lower_conv as it is."""
+    _check_count(family.name, spec, operands)
+    lhs, rhs, *extra = operands
+    if spec.prepacked:
+        rhs = family.pack_weights(spec, knobs, rhs, isa)
+    return [lhs, rhs, *extra]
+
+
 def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False) -> list:
     """The kernel's FFI call on [lhs, rhs (whatever the kernel reads when spec.prepacked),
     *spec.epilogue.inputs()], each checked for the shape and dtype the kernel reads (a
@@ -151,10 +171,7 @@ def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False
 
     from alt_jax import runtime
 
-    names = ("lhs", "rhs") + spec.epilogue.inputs()
-    if len(operands) != len(names):
-        raise ValueError(f"{family} kernel takes {len(names)} operands {names}, "
-                         f"got {len(operands)}")
+    names = _check_count(family, spec, operands)
     for name, x in zip(names, operands):
         want = {"lhs": spec.lhs_shape, "scale": (spec.k,), "shift": (spec.k,),
                 "residual": spec.out_shape,

@@ -1,7 +1,7 @@
 """Depthwise 2-D convolution (feature_group_count == input channels) as generated kernels.
 
-Entry points: FAMILY (a DepthwiseFamily: match, default_knobs, validate, render, lower,
-pack_weights), DepthwiseSpec, DepthwiseKnobs.
+Entry points: FAMILY (a DepthwiseFamily: match, default_knobs, validate, space, render,
+lower, pack_weights, kernel_inputs), DepthwiseSpec, DepthwiseKnobs.
 Template: alt_jax/codegen/depthwise.cc (vectorised over channels, see its header).
 Kernel inputs: [lhs, rhs (or pack_weights(rhs) when spec.prepacked), scale?, shift?,
 residual?] (the last three as spec.epilogue.inputs()); the epilogue channel is K = C * mult.
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from typing import Sequence
 
 from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
-from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops.epilogue import Epilogue
-from alt_jax.ops.conv_common import (ConvOperands, check_types, finite_weights_if_padded_1x1,
+from alt_jax.ops.conv_common import (ConvOperands, check_types,
+                                     conv_kernel_inputs, finite_weights_if_padded_1x1,
                                      lower_conv, read_conv)
 
 _TEMPLATE = "depthwise.cc"
@@ -83,6 +85,7 @@ class DepthwiseKnobs:
 
 class DepthwiseFamily:
     name = "depthwise"
+    knobs_type = DepthwiseKnobs
     # one pass per tile; every store path reads the residual element before writing the
     # output element at the same offset
     residual_in_place = True
@@ -111,6 +114,9 @@ class DepthwiseFamily:
 
     def flops(self, spec: DepthwiseSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw
+
+    def prefers(self, spec: DepthwiseSpec) -> bool:
+        return True  # one filter per channel: the direct conv's tiles over oc do not apply
 
     # ---- knobs ----
     def default_knobs(self, spec: DepthwiseSpec, isa: device_mod.Isa) -> DepthwiseKnobs:
@@ -147,11 +153,42 @@ class DepthwiseFamily:
         # comes in as the FMA's memory operand
         return (isa.vector_registers - vectors) // vectors
 
-    def packed_weights_shape(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs) -> tuple:
-        """(channel blocks, kh, kw, c_block): the panels the kernel's inner loop reads."""
+    def space(self, spec: DepthwiseSpec, isa: device_mod.Isa) -> Space:
+        """Layout: the channel block of the packed rows and weight panels (c_block), packed vs
+        in-place input reads (in place only offered where it can be legal: channels-last,
+        multiplier 1). Loop: columns per register tile, rows per task, whether a task covers
+        every channel block. Other limits (registers per c_block, c_block dividing K in
+        place, the workspace) are validate()'s."""
+        d = self.default_knobs(spec, isa)
+        vw = isa.vector_floats
+        k_rounded = -(-spec.k // vw) * vw
+        c_blocks = axis_values([m * vw for m in (1, 2, 3, 4) if m * vw <= k_rounded],
+                               d.c_block)
+        in_place = spec.lhs_strides[1] == 1 and spec.mult == 1
+        pack = axis_values([True] + ([False] if in_place else []), d.pack)
+        # powers of two and the tile that fills the registers for each c_block
+        cap = min(spec.ow, self._max_tile(1, isa))
+        ow_tiles = axis_values([min(cap, max(1, t)) for t in
+                                [1, 2, 4, 8] + [self._max_tile(cb // vw, isa) for cb in c_blocks]],
+                               d.ow_tile)
+        oh_rows = axis_values([r for r in (1, 2, 4, 8, 16, 32) if r <= spec.oh] + [spec.oh],
+                              d.oh_rows)
+        return Space(self.name, DepthwiseKnobs, (
+            Axis("c_block", c_blocks, "layout"),
+            Axis("pack", pack, "layout"),
+            Axis("ow_tile", ow_tiles, "loop"),
+            Axis("oh_rows", oh_rows, "loop"),
+            Axis("c_inner", (False, True), "loop"),
+        ))
+
+    def packed_weight_shape(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs,
+                            isa: device_mod.Isa) -> tuple:
+        """(channel blocks, kh, kw, c_block): the panels the kernel's inner loop reads. (isa
+        for the families' common signature: c_block counts floats, whatever the lanes.)"""
         return (-(-spec.k // knobs.c_block), spec.kh, spec.kw, knobs.c_block)
 
-    def pack_weights(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, rhs):
+    def pack_weights(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, rhs,
+                     isa: device_mod.Isa):
         """rhs (in spec.rhs_order, a jax array or tracer) as the kernel's weight panels.
 
         [k][1][kh][kw] -> [k // c_block][kh][kw][k % c_block], channels past K zero: what a
@@ -162,7 +199,7 @@ class DepthwiseFamily:
         if tuple(rhs.shape) != tuple(spec.rhs_shape):
             raise ValueError(f"pack_weights: rhs shape {tuple(rhs.shape)} is not the spec's "
                              f"{tuple(spec.rhs_shape)} (rhs_order {spec.rhs_order})")
-        nblk, kh, kw, cb = self.packed_weights_shape(spec, knobs)
+        nblk, kh, kw, cb = self.packed_weight_shape(spec, knobs, isa)
         w = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_order)  # (k, 1, kh, kw)
         w = jnp.reshape(w, (spec.k, kh, kw))
         w = jnp.pad(w, ((0, nblk * cb - spec.k), (0, 0), (0, 0)))
@@ -269,6 +306,11 @@ class DepthwiseFamily:
         """operands: [lhs, rhs or its packed panels, *epilogue inputs] (see the header);
         reuse_residual writes the result into the residual's buffer."""
         return lower_conv("depthwise", spec, kernel, operands, reuse_residual)
+
+    def kernel_inputs(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, operands: Sequence,
+                      isa: device_mod.Isa) -> list:
+        """[lhs, rhs or pack_weights(rhs), *epilogue inputs] from the equation's operands."""
+        return conv_kernel_inputs(self, spec, knobs, operands, isa)
 
     # ---- reference (tests, tuner checks) ----
     def reference(self, spec: DepthwiseSpec, lhs, rhs):

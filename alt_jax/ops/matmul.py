@@ -1,18 +1,20 @@
 """The matmul family: dot_general as a batched GEMM C[b] = A[b] @ B[b] on generated kernels.
 
-Entry points: FAMILY (MatmulFamily: match, render, lower, pack_weights), MatmulSpec,
-MatmulKnobs; template codegen/matmul.cc (fused epilogue over N, optional prepacked B).
+Entry points: FAMILY (MatmulFamily: match, default_knobs, validate, space, render, lower,
+pack_weights, kernel_inputs), MatmulSpec, MatmulKnobs; template codegen/matmul.cc (fused
+epilogue over N, optional prepacked B).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from typing import Sequence
 
 import numpy as np
 
 from alt_jax.codegen import render as rn
-from alt_jax.ops.base import KnobError, Unsupported
+from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops.epilogue import Epilogue
 
 _MAX_DIM = 2**40
@@ -125,6 +127,7 @@ class MatmulFamily:
     """OpFamily for jax.lax.dot_general_p (see ops/base.py)."""
 
     name = "matmul"
+    knobs_type = MatmulKnobs
     # K split into kc blocks accumulates in C, overwriting the residual before the last
     # block reads it: the output never shares the residual's buffer
     residual_in_place = False
@@ -186,6 +189,9 @@ class MatmulFamily:
 
     def flops(self, spec: MatmulSpec) -> int:
         return 2 * spec.batch * spec.m * spec.n * spec.k
+
+    def prefers(self, spec: MatmulSpec) -> bool:
+        return True  # the only dot_general family
 
     # ---------------------------------------------------------------- knobs
     def default_knobs(self, spec: MatmulSpec, isa) -> MatmulKnobs:
@@ -315,6 +321,48 @@ class MatmulFamily:
         if knobs.nc % knobs.nv:
             raise KnobError(f"nc={knobs.nc} must be a multiple of nv={knobs.nv} with dot=True")
 
+    def space(self, spec: MatmulSpec, isa) -> Space:
+        """Layout: whether A and B are copied into register-tile panels (pack_a, pack_b; with
+        prepacked weights pack_b is the packed B's layout), B packed per task (fuse_b), dot
+        tiles reading both along K in place (dot; offered only where K is contiguous in
+        both). Loop: register tile (mr x nv), cache blocks (kc, mc, nc), parallel axis,
+        unroll. mc and nc run over multiples of every mr and nr of the space (and the
+        heuristic's own), so each is a legal block for every tile; the rest (registers,
+        packing combinations, B in place needing N contiguous, the workspace) is
+        validate()'s."""
+        d = self.default_knobs(spec, isa)
+        w = isa.vector_floats
+
+        values = axis_values
+        def spanning(unit, size):
+            """unit x 1, 2, 4, ...: up to the first block covering size, at most 5."""
+            out = [unit]
+            while out[-1] < size and len(out) < 5:
+                out.append(out[-1] * 2)
+            return out
+
+        mrs = values([r for r in (1, 2, 3, 4, 6, 8) if r <= spec.m] or [1], d.mr)
+        nvs = values([v for v in (1, 2, 3, 4, 6, 8) if v <= max(1, -(-spec.n // w))], d.nv)
+        kcs = values([min(spec.k, c) for c in (8, 32, 64, 128, 256, 512)], d.kc)
+        mcs = values(spanning(math.lcm(*mrs), spec.m), d.mc)
+        # gemm tiles need nc % (nv * w) == 0, dot tiles nc % nv == 0: multiples of both
+        ncs = values(spanning(math.lcm(*nvs) * w, spec.n), d.nc)
+        pars = tuple(p for p in _PARS if p != "batch" or spec.batch > 1 or d.par == p)
+        k_contig = spec.k == 1 or (spec.a_strides[2] == 1 and spec.b_strides[1] == 1)
+        return Space(self.name, MatmulKnobs, (
+            Axis("pack_a", (False, True), "layout"),
+            Axis("pack_b", (False, True), "layout"),
+            Axis("fuse_b", (False, True), "layout"),
+            Axis("dot", values([False] + ([True] if k_contig else []), d.dot), "layout"),
+            Axis("mr", mrs, "loop"),
+            Axis("nv", nvs, "loop"),
+            Axis("kc", kcs, "loop"),
+            Axis("mc", mcs, "loop"),
+            Axis("nc", ncs, "loop"),
+            Axis("par", pars, "loop"),
+            Axis("unroll", values((1, 2, 4, 8), d.unroll), "loop"),
+        ))
+
     @staticmethod
     def _reads_packed_b(spec, knobs) -> bool:
         """The kernel reads B as pack_weights' panels (else B in place, canonicalised)."""
@@ -382,6 +430,45 @@ class MatmulFamily:
         code = rn.render(template, {"SYMBOL": symbol, **values})
         return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
 
+    @staticmethod
+    def _check_count(spec: MatmulSpec, operands: Sequence) -> tuple:
+        """The epilogue inputs' names; ValueError unless operands are lhs, rhs and those."""
+        names = spec.epilogue.inputs()
+        if len(operands) != 2 + len(names):
+            raise ValueError(f"matmul kernel: expected lhs, rhs"
+                             f"{''.join(', ' + n for n in names)} ({2 + len(names)} operands), "
+                             f"got {len(operands)}")
+        return names
+
+    @staticmethod
+    def _ffi_operands(spec: MatmulSpec, operands: Sequence) -> list:
+        """The arrays the kernel reads, from [lhs, rhs, *epilogue inputs] with the rhs
+        already packed when spec.prepacked (pack_weights applies rhs_perm itself): lhs and
+        rhs transposed by lhs_perm / rhs_perm; scale and shift flattened to N (they index
+        the flattened rhs free dims), the residual reshaped to the result's shape."""
+        import jax.numpy as jnp
+
+        names = MatmulFamily._check_count(spec, operands)
+        lhs, rhs, *extra = operands
+        if spec.lhs_perm is not None:
+            lhs = jnp.transpose(lhs, spec.lhs_perm)
+        if spec.rhs_perm is not None and not spec.prepacked:
+            rhs = jnp.transpose(rhs, spec.rhs_perm)
+        shapes = {"scale": (spec.n,), "shift": (spec.n,), "residual": spec.out_shape}
+        extra = [jnp.reshape(jnp.asarray(x, jnp.float32), shapes[n]) for n, x in zip(names, extra)]
+        return [lhs, rhs, *extra]
+
+    def kernel_inputs(self, spec: MatmulSpec, knobs: MatmulKnobs, operands: Sequence,
+                      isa) -> list:
+        """What the kernel rendered for (spec, knobs, isa) reads, from the equation's
+        operands [lhs, rhs (unpacked), *epilogue inputs]: what lower() passes, with the rhs
+        packed first when spec.prepacked."""
+        self._check_count(spec, operands)
+        if spec.prepacked:
+            lhs, rhs, *extra = operands
+            operands = [lhs, self.pack_weights(spec, knobs, rhs, isa), *extra]
+        return self._ffi_operands(spec, operands)
+
     def lower(self, spec: MatmulSpec, kernel, operands: Sequence,
               reuse_residual: bool = False) -> Sequence:
         """operands: [lhs, rhs, scale?, shift?, residual?] (Epilogue.inputs() order); with
@@ -394,25 +481,13 @@ class MatmulFamily:
         if reuse_residual:
             raise ValueError("matmul kernels cannot write into the residual's buffer "
                              "(residual_in_place is False)")
-        names = spec.epilogue.inputs()
-        if len(operands) != 2 + len(names):
-            raise ValueError(f"matmul lower: expected lhs, rhs{''.join(', ' + n for n in names)}"
-                             f" ({2 + len(names)} operands), got {len(operands)}")
-        lhs, rhs, *extra = operands
-        if spec.lhs_perm is not None:
-            lhs = jnp.transpose(lhs, spec.lhs_perm)
-        if spec.rhs_perm is not None and not spec.prepacked:
-            rhs = jnp.transpose(rhs, spec.rhs_perm)
-        # scale / shift index the flattened N; the residual is dense in the result's shape.
-        shapes = {"scale": (spec.n,), "shift": (spec.n,), "residual": spec.out_shape}
-        extra = [jnp.reshape(jnp.asarray(x, jnp.float32), shapes[n]) for n, x in zip(names, extra)]
         out = jax.ShapeDtypeStruct(spec.out_shape, jnp.float32)
-        return runtime.ffi_call(kernel, [lhs, rhs, *extra], [out])
+        return runtime.ffi_call(kernel, self._ffi_operands(spec, operands), [out])
 
     # ---------------------------------------------------------------- weights
-    def pack_weights(self, spec: MatmulSpec, knobs: MatmulKnobs, rhs, isa=None):
+    def pack_weights(self, spec: MatmulSpec, knobs: MatmulKnobs, rhs, isa):
         """The rhs (the equation's, original layout) as the kernel rendered for (spec with
-        prepacked=True, knobs) reads it: jnp only, so it traces and XLA fuses it.
+        prepacked=True, knobs, isa) reads it: jnp only, so it traces and XLA fuses it.
 
         pack_b (not dot): B[batch, k, n] cut into nr-wide panels, zero-padded along N,
         shape [batch, ceil(N/nr), K, nr] (nr = nv * isa.vector_floats). Otherwise the kernel
@@ -420,9 +495,6 @@ class MatmulFamily:
         """
         import jax.numpy as jnp
 
-        from alt_jax import device
-
-        isa = isa or device.detect_isa()
         if not (knobs.pack_b and not knobs.dot):
             return jnp.transpose(rhs, spec.rhs_perm) if spec.rhs_perm is not None else rhs
         rb, rk, rfree = spec.rhs_dims

@@ -1,12 +1,14 @@
 """3x3 stride-1 convolutions by Winograd's F(2x2, 3x3): 16 multiply-adds per 2x2 outputs and
 channel pair instead of 36.
 
-Entry points: FAMILY (WinogradFamily: match/flops/default_knobs/validate/render/lower/
-pack_weights), WinogradSpec, WinogradKnobs. Template codegen/winograd.cc; its inputs are
-[lhs, U = pack_weights(rhs) (the transformed filter), *Spec.epilogue.inputs()].
+Entry points: FAMILY (WinogradFamily: match/flops/prefers/default_knobs/validate/space/
+render/lower/pack_weights/kernel_inputs), WinogradSpec, WinogradKnobs. Template
+codegen/winograd.cc; its inputs are [lhs, U = pack_weights(rhs) (the transformed filter),
+*Spec.epilogue.inputs()].
 
-Tried before the direct conv2d family; match() declines (Unsupported) where direct
-convolution is the better choice, so those convs go on to conv2d.
+Tried before the direct conv2d family. match() declines (Unsupported) only what the kernel
+cannot compute; prefers() says False where the direct convolution measured faster (few
+channels or outputs), so without a tuning record those convs go on to conv2d.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import numpy as np
 
 from alt_jax import device
 from alt_jax.codegen import render as R
-from alt_jax.ops.base import KnobError, Unsupported
-from alt_jax.ops.conv_common import (FLT_MAX, ConvOperands, all_within, check_types,
-                                     lower_conv, read_conv)
+from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
+from alt_jax.ops.conv_common import (FLT_MAX, ConvOperands, all_within,
+                                     check_types, conv_kernel_inputs, lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
@@ -55,8 +57,9 @@ def _concrete_max_abs(x):
     return float(np.max(np.abs(np.asarray(x, np.float32))))
 
 
-# Where the transform pays (measured on the 2-core Zen3 dev VM, see default_knobs): enough
-# tiles per image to fill the GEMM rows and enough channels to amortise the transforms.
+# Where the transform pays (measured on the 2-core Zen3 dev VM, see docs/ARCHITECTURE.md):
+# enough tiles per image to fill the GEMM rows and enough channels to amortise the
+# transforms. A heuristic (prefers()), not a limit: the kernel computes smaller convs too.
 MIN_CHANNELS = 64
 MIN_OUTPUTS = 14 * 14
 
@@ -110,6 +113,7 @@ class WinogradKnobs:
 
 class WinogradFamily:
     name = "winograd"
+    knobs_type = WinogradKnobs
     # the output transform reads each residual element right before writing the output
     # element at the same offset, and the input is transformed before any output is written
     residual_in_place = True
@@ -130,9 +134,6 @@ class WinogradFamily:
             raise Unsupported(f"feature_group_count={g.groups}: Winograd here is ungrouped")
         if g.oh != g.h + sum(g.padding[0]) - 2 or g.ow != g.w + sum(g.padding[1]) - 2:
             raise Unsupported("output size disagrees with the 3x3 stride-1 window")
-        if min(g.c, g.k) < MIN_CHANNELS or g.oh * g.ow < MIN_OUTPUTS:
-            raise Unsupported(f"{g.c}->{g.k} channels at {g.oh}x{g.ow}: the direct convolution "
-                              f"is faster below {MIN_CHANNELS} channels or {MIN_OUTPUTS} outputs")
         return WinogradSpec(n=g.n, c=g.c, h=g.h, w=g.w, k=g.k, oh=g.oh, ow=g.ow,
                             padding=g.padding, lhs_spec=g.lhs_spec, rhs_spec=g.rhs_spec,
                             out_spec=g.out_spec)
@@ -140,6 +141,12 @@ class WinogradFamily:
     def flops(self, spec: WinogradSpec) -> int:
         """The convolution's own flops (what it replaces), not the fewer the kernel runs."""
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.c * 9
+
+    def prefers(self, spec: WinogradSpec) -> bool:
+        """False below MIN_CHANNELS channels (either side) or MIN_OUTPUTS output positions,
+        where the direct convolution measured faster (no gain at 512@7: the 16 transformed
+        filters outweigh 16 tiles)."""
+        return min(spec.c, spec.k) >= MIN_CHANNELS and spec.oh * spec.ow >= MIN_OUTPUTS
 
     # ---- operand values ----
     def safe_operands(self, spec: WinogradSpec, lhs, rhs):
@@ -176,6 +183,25 @@ class WinogradFamily:
         if regs > isa.vector_registers:
             raise KnobError(f"tile_block={knobs.tile_block} x oc_vecs={knobs.oc_vecs} needs "
                             f"{regs} vector registers, {isa.name} has {isa.vector_registers}")
+
+    def space(self, spec: WinogradSpec, isa: device.Isa) -> Space:
+        """Layout: the U panels' oc block (oc_vecs vectors; with prepacked weights it is the
+        packed filter's layout). Loop: tiles per register tile, item order. The register
+        budget of a (tile_block, oc_vecs) pair is validate()'s."""
+        d = self.default_knobs(spec, isa)
+        vw, regs = isa.vector_floats, isa.vector_registers
+        oc_vecs = axis_values(range(1, min(4, -(-spec.k // vw)) + 1), d.oc_vecs)
+        # small blocks, 8, and the block that fills the registers for each oc_vecs; no more
+        # tiles than the batch has
+        cap = min(16, spec.tiles)
+        blocks = axis_values([min(cap, max(1, t)) for t in
+                              [1, 2, 4, 8] + [(regs - v - 1) // v for v in oc_vecs]],
+                             d.tile_block)
+        return Space(self.name, WinogradKnobs, (
+            Axis("oc_vecs", oc_vecs, "layout"),
+            Axis("tile_block", blocks, "loop"),
+            Axis("kb_outer", (False, True), "loop"),
+        ))
 
     # ---- code generation ----
     def _sizes(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa):
@@ -221,21 +247,25 @@ class WinogradFamily:
         that is not prepacked is transformed by the kernel, on every call."""
         return lower_conv("winograd", spec, kernel, operands, reuse_residual)
 
+    def kernel_inputs(self, spec: WinogradSpec, knobs: WinogradKnobs, operands: Sequence,
+                      isa: device.Isa) -> list:
+        """[lhs, rhs or U = pack_weights(rhs), *epilogue inputs] from the equation's
+        operands."""
+        return conv_kernel_inputs(self, spec, knobs, operands, isa)
+
     # ---- weights ----
     def packed_weight_shape(self, spec: WinogradSpec, knobs: WinogradKnobs,
-                            isa: device.Isa | None = None) -> tuple:
+                            isa: device.Isa) -> tuple:
         """(16, K/oc_block, C padded to the lanes, oc_block)."""
-        isa = isa or device.detect_isa()
         vw, ocb, cp, kb, _ = self._sizes(spec, knobs, isa)
         return (16, kb, cp, ocb)
 
-    def pack_weights(self, spec: WinogradSpec, knobs: WinogradKnobs, rhs,
-                     isa: device.Isa | None = None):
+    def pack_weights(self, spec: WinogradSpec, knobs: WinogradKnobs, rhs, isa: device.Isa):
         """U = G g G^T for every (output, input) channel pair, in the kernel's panels
-        [xi = 4a + b][oc block][c][oc in block], zero-padded; jnp, so it traces."""
+        [xi = 4a + b][oc block][c][oc in block] (oc block = oc_vecs x isa's lanes),
+        zero-padded; jnp, so it traces."""
         import jax.numpy as jnp
 
-        isa = isa or device.detect_isa()
         _, kb, cp, ocb = self.packed_weight_shape(spec, knobs, isa)
         g = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_spec)  # O, I, 3, 3
         u = jnp.einsum("ax,oixy,by->abio", _G, g, _G)  # 4, 4, I, O
