@@ -1,19 +1,23 @@
 """Decides, for every conv/matmul equation of a traced program, a kernel or XLA, and why.
 
 Entry points: PlanOptions, make_plan(jaxpr, options) -> Plan, Plan (str() is the explain
-table), OpDecision, FallbackWarning, DEFAULT_MIN_FLOPS.
-Knobs come from tuning records when one matches this device, else the family's heuristic;
-both pass the family's validate(). Kernels are built in parallel; a build failure, knobs
-that fail validate(), or any other failure of a family while planning one op (match, knobs,
-render, packing weights) sends that op to XLA with one FallbackWarning.
+table), OpDecision, list_workloads(jaxpr, options) -> [Workload] (what a program would put on
+kernels, without building anything: the tuner's input), op_key, FallbackWarning,
+DEFAULT_MIN_FLOPS.
+Family and knobs come from the fastest tuning record of the op on this device when there is
+one (any family that computes the op competes: Winograd vs direct), else the first family
+whose heuristic prefers the op, with its heuristic knobs; both pass the family's validate().
+Kernels are built in parallel; a build failure, knobs that fail validate(), or any other
+failure of a family while planning one op (match, knobs, render, packing weights) sends that
+op to XLA with one FallbackWarning.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import inspect
 import os
 import re
+import statistics
 import warnings
 from typing import Any, Callable, Optional
 
@@ -21,7 +25,7 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
-from alt_jax import device, fusion, jaxpr_pass, propagate, runtime
+from alt_jax import device, fusion, jaxpr_pass, propagate, records as records_mod, runtime
 from alt_jax.ops import registry
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
@@ -50,7 +54,10 @@ class PlanOptions:
     records: Optional[RecordStore] = None
     fallback: str = "warn"
     min_flops: int = DEFAULT_MIN_FLOPS
-    isa: device.Isa = dataclasses.field(default_factory=device.detect_isa)
+    # The ISA kernels are rendered for. One source of truth: the cache compiles with its
+    # ISA's flags, so None means the cache's (itself this host's, device.detect_isa(), when
+    # unset); naming one that disagrees with the cache's is refused.
+    isa: Optional[device.Isa] = None
     # primitive -> families tried in order; None means alt_jax.ops.registry (tests inject)
     families: Optional[dict] = None
     fuse: bool = True          # absorb affine / residual / activation epilogues into kernels
@@ -63,6 +70,13 @@ class PlanOptions:
         return tuple(self.families.get(primitive, ()))
 
     def __post_init__(self):
+        cache_isa = getattr(self.cache, "isa", None)
+        if self.isa is None:
+            object.__setattr__(self, "isa", cache_isa or device.detect_isa())
+        elif cache_isa is not None and cache_isa != self.isa:
+            raise ValueError(f"PlanOptions isa={self.isa.name} disagrees with the kernel "
+                             f"cache's isa={cache_isa.name}: kernels would be rendered for one "
+                             f"and compiled for the other; pass one")
         if self.fallback not in FALLBACK_MODES:
             raise ValueError(f"fallback={self.fallback!r}: choose one of {FALLBACK_MODES}")
         if self.min_flops < 0:
@@ -78,7 +92,8 @@ class OpDecision:
     family: Optional[str] = None
     spec: Any = None
     knobs: Any = None
-    knobs_from: str = ""         # "records" | "heuristic"
+    knobs_from: str = ""         # "tuned" (a tuning record) | "heuristic"
+    tuned_time_s: Optional[float] = None  # the record's measured median, when tuned
     kernel: Optional[runtime.Kernel] = None
     flops: int = 0
     reason: str = ""             # why it stays in XLA (empty when on a kernel)
@@ -118,8 +133,11 @@ class Plan:
         for d in self.decisions:
             lines.append(f"  [{d.where}] {d.primitive} {d.signature}  ({d.flops / 1e6:.2f} MFLOP)")
             if d.on_kernel:
+                origin = d.knobs_from
+                if d.tuned_time_s is not None:
+                    origin += f", measured {d.tuned_time_s * 1e3:.3f} ms"
                 lines.append(f"      kernel: {d.family} {d.kernel.symbol} "
-                             f"knobs ({d.knobs_from}): {d.knobs}")
+                             f"knobs ({origin}): {d.knobs}")
                 epi = getattr(d.spec, "epilogue", None)
                 extras = ([f"fused epilogue {epi.describe()}"] if epi and not epi.is_identity
                           else []) + (["weights packed once"] if getattr(d.spec, "prepacked",
@@ -190,11 +208,17 @@ def _choose(eqn, where: str, options: PlanOptions, refine=None):
 
     refine(family, spec) -> spec may add what the graph around eqn allows (a fused
     epilogue, prepacked weights) before knobs are chosen and the kernel is rendered.
-    Families are tried in order; one that cannot take the op (Unsupported), whose heuristic
-    knobs fail its own validate() (KnobError: e.g. a workspace over the limit), or that
-    fails in any other way while planning (a bug must cost one op its kernel, never the
-    program) passes the op to the next; the reasons of all of them explain the fallback."""
+    A tuning record of this op on this device decides family and knobs when there is one
+    (_choose_tuned). Otherwise families are tried in order; one that cannot take the op
+    (Unsupported), whose heuristic prefers another family for it, whose heuristic knobs fail
+    its own validate() (KnobError: e.g. a workspace over the limit), or that fails in any
+    other way while planning (a bug must cost one op its kernel, never the program) passes
+    the op to the next; the reasons of all of them explain the fallback."""
     base = dict(where=where, primitive=eqn.primitive.name, signature=_signature(eqn))
+    if options.records is not None:
+        tuned = _choose_tuned(eqn, base, options, refine)
+        if tuned is not None:
+            return tuned
     reasons = []
     for family in options.families_for(eqn.primitive):
         try:
@@ -208,34 +232,84 @@ def _choose(eqn, where: str, options: PlanOptions, refine=None):
     return OpDecision(**base, reason="; ".join(reasons) or "no template"), None
 
 
-def _choose_with(family, eqn, base: dict, options: PlanOptions, refine):
-    """_choose for one family; raises Unsupported / KnobError / anything when it cannot."""
+def _spec_for(family, eqn, options: PlanOptions, refine):
+    """(spec, flops) of family for eqn with what the graph allows, or (spec, flops) of an op
+    too small for a kernel (refine not applied); raises Unsupported like match()."""
     spec = family.match(eqn)
     flops = family.flops(spec)
-    if flops < options.min_flops:
-        return OpDecision(**base, family=family.name, spec=spec, flops=flops,
-                          reason=f"too small for a kernel to pay ({flops} flops < "
-                                 f"min_flops={options.min_flops})"), None
-    if refine is not None:
+    if flops >= options.min_flops and refine is not None:
         spec = refine(family, spec)
-    knobs = None
-    if options.records is not None:
-        knobs = options.records.best_knobs(family.name, spec, device.fingerprint(),
-                                           type(family.default_knobs(spec, options.isa)))
-    try:
-        if knobs is not None:
-            family.validate(spec, knobs, options.isa)
-    except Exception as e:  # noqa: BLE001 - records are input: any refusal means heuristic
-        warnings.warn(f"alt_jax: tuning record for {eqn.primitive.name} {base['signature']} "
-                      f"is not valid here ({e}); using the heuristic")
-        knobs = None
-    knobs_from = "records"
-    if knobs is None:
-        knobs, knobs_from = family.default_knobs(spec, options.isa), "heuristic"
-        family.validate(spec, knobs, options.isa)
+    return spec, flops
+
+
+def _too_small(base, family, spec, flops, options) -> OpDecision:
+    return OpDecision(**base, family=family.name, spec=spec, flops=flops,
+                      reason=f"too small for a kernel to pay ({flops} flops < "
+                             f"min_flops={options.min_flops})")
+
+
+def _choose_with(family, eqn, base: dict, options: PlanOptions, refine):
+    """_choose for one family with its heuristic knobs; raises Unsupported / KnobError /
+    anything when it cannot."""
+    spec, flops = _spec_for(family, eqn, options, refine)
+    if flops < options.min_flops:
+        return _too_small(base, family, spec, flops, options), None
+    if not family.prefers(spec):
+        raise Unsupported("its heuristic prefers another family here (tuning records can "
+                          "choose it)")
+    knobs = family.default_knobs(spec, options.isa)
+    family.validate(spec, knobs, options.isa)
     src = family.render(spec, knobs, options.isa)
     return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
-                      knobs_from=knobs_from, flops=flops), (family, src)
+                      knobs_from="heuristic", flops=flops), (family, src)
+
+
+def op_key(eqn, options: PlanOptions, refine=None) -> Optional[str]:
+    """The key of eqn's operation, whatever family computes it: the workload key of the spec
+    (with what the graph allows) of the last family in the order tried that matches, the
+    general one (conv2d for convs), so that every family's records of this op meet under
+    one key. None if no family matches."""
+    for family in reversed(options.families_for(eqn.primitive)):
+        try:
+            spec, _ = _spec_for(family, eqn, options, refine)
+        except Exception:  # noqa: BLE001 - no key from this family; the next may give one
+            continue
+        return records_mod.workload_key(family.name, spec)
+    return None
+
+
+def _choose_tuned(eqn, base: dict, options: PlanOptions, refine):
+    """The decision the fastest tuning record of this op on this device makes, or None (no
+    record, or one that no longer fits: its family gone or declining, its workload not this
+    spec, knobs its template refuses; all but the first warned). Records are input: any
+    failure here means the heuristic decides instead."""
+    key = op_key(eqn, options, refine)
+    rec = key and options.records.best_for_op(key, device.fingerprint(options.isa))
+    if not rec:
+        return None
+    by_name = {f.name: f for f in options.families_for(eqn.primitive)}
+    family = by_name.get(rec["family"])
+    if family is None:
+        return None  # a family this optimize() excludes: the heuristic's families decide
+    try:
+        spec, flops = _spec_for(family, eqn, options, refine)
+        if flops < options.min_flops:
+            return None
+        if records_mod.workload_key(family.name, spec) != rec["workload_key"]:
+            raise ValueError("the record's workload is not this op's spec")
+        knobs = records_mod.knobs_from_record(rec, family.knobs_type, options.records.path)
+        if knobs is None:
+            return None
+        family.validate(spec, knobs, options.isa)
+        src = family.render(spec, knobs, options.isa)
+    except Exception as e:  # noqa: BLE001 - records are input: any refusal means heuristic
+        warnings.warn(f"alt_jax: tuning record for {eqn.primitive.name} {base['signature']} "
+                      f"({rec['family']}) is not valid here ({type(e).__name__}: {e}); using "
+                      f"the heuristic")
+        return None
+    return OpDecision(**base, family=family.name, spec=spec, knobs=knobs, knobs_from="tuned",
+                      tuned_time_s=statistics.median(rec["times_s"]),
+                      flops=flops), (family, src)
 
 
 _KERNEL_NAME = re.compile(r"kernel alt_\w+?_[0-9a-f]{16}\b")
@@ -323,11 +397,8 @@ def _find_groups(flat, options: PlanOptions) -> dict:
 def _pack_now(family, spec, knobs, isa, rhs):
     """A constant rhs in the layout the kernel (spec.prepacked, knobs) reads: packed once,
     at plan time. The packed layout depends on the ISA the kernel was rendered for."""
-    takes_isa = "isa" in inspect.signature(family.pack_weights).parameters
     with jax.ensure_compile_time_eval():
-        if takes_isa:
-            return family.pack_weights(spec, knobs, rhs, isa=isa)
-        return family.pack_weights(spec, knobs, rhs)
+        return family.pack_weights(spec, knobs, rhs, isa)
 
 
 def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=None,
@@ -450,13 +521,40 @@ def _build_all(chosen, options):
     return built
 
 
-def make_plan(jaxpr, options: PlanOptions) -> Plan:
-    """Plans jaxpr (closed; jit bodies are inlined first so that epilogues, constant weights
-    and layouts are seen across them) and builds every chosen kernel.
+@dataclasses.dataclass
+class _Program:
+    """A program laid out for planning: inlined, epilogue groups found, layouts propagated."""
 
-    Top level: groups (kernel + absorbed epilogue) -> layout propagation -> each conv's spec
-    is matched on the physical arrays it will see -> knobs, render, build. Ops inside
-    scan / cond / while bodies are replaced one by one, in their logical layouts."""
+    flat: Any
+    groups: dict      # id(anchor eqn) -> (anchor eqn, fusion.EpilogueMatch)
+    prop: Any         # propagate.Propagation
+    constvars: set
+
+    def ops(self, options: PlanOptions):
+        """(where, eqn, view, refine) for every conv/matmul a family may take: view is the
+        equation as its kernel sees it (a top-level conv on the physical arrays layout
+        propagation gives it), refine adds what the graph allows (fused epilogue, weights
+        packed once when the rhs is a constant). Ops inside scan / cond / while bodies are
+        seen one by one, in their logical layouts."""
+        conv = lax.conv_general_dilated_p
+        for where, eqn in _walk_with_where(self.flat):
+            if not options.families_for(eqn.primitive):
+                continue
+            if id(eqn) not in self.groups:
+                yield where, eqn, eqn, None
+                continue
+            _, match = self.groups[id(eqn)]
+            view = eqn
+            if eqn.primitive is conv:
+                view = self.prop.kernel_eqn_view(eqn, self.prop.kernel_in_perm[id(eqn)],
+                                                 self.prop.kernel_out_perm[id(eqn)])
+            rhs = eqn.invars[1]  # a Literal (a scalar constant) is never packed
+            prepack = (options.pack_weights and isinstance(rhs, jcore.Var)
+                       and rhs in self.constvars)
+            yield where, eqn, view, _refine_for(match, prepack)
+
+
+def _program(jaxpr, options: PlanOptions) -> _Program:
     flat = jaxpr_pass.inline_calls(jaxpr)
     groups = _find_groups(flat, options)
     skipped = {id(e) for _, m in groups.values() for e in m.eqns}
@@ -465,28 +563,120 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
     prop.run(lambda e: propagate.channels_last(e.params["dimension_numbers"].out_spec)
              if options.propagate and e.primitive is conv else
              tuple(range(len(e.outvars[0].aval.shape))))
-    constvars = set(jaxpr_pass._open(flat).constvars)
+    return _Program(flat, groups, prop, set(jaxpr_pass._open(flat).constvars))
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """One unique conv/matmul of a program, as its kernel would see it: what the tuner tunes.
+
+    candidates: (family name, spec) for every family that can compute it (the heuristic's
+    choice first when it has one), each spec with the fused epilogue and packing the program
+    allows; preferred: the family the untuned planner takes. multiplicity: how often the op
+    occurs in the program (where: its positions). operand_shapes: the shapes of the op's
+    operands [lhs, rhs (unpacked), *epilogue inputs], for example inputs. reference(operands)
+    gives the lax result the kernels must match (the equation itself, then the epilogue)."""
+
+    op_key: str
+    primitive: str
+    signature: str
+    epilogue: str
+    candidates: tuple
+    preferred: str
+    flops: int
+    operand_shapes: tuple
+    multiplicity: int = 1
+    where: tuple = ()
+    eqn: Any = dataclasses.field(default=None, compare=False, repr=False)
+    channel_axis: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        epi = f" +{self.epilogue}" if self.epilogue != "none" else ""
+        return f"{self.primitive} {self.signature}{epi}"
+
+    def spec_of(self, family_name: str):
+        return dict(self.candidates)[family_name]
+
+    def reference(self, operands):
+        """The op's result in jnp from its operands [lhs, rhs, *epilogue inputs]."""
+        spec = self.candidates[0][1]
+        epi = getattr(spec, "epilogue", None)
+        y = self.eqn.primitive.bind(operands[0], operands[1], **self.eqn.params)
+        if epi is None or epi.is_identity:
+            return y
+        extra = dict(zip(epi.inputs(), operands[2:]))
+        return epi.reference(y, self.channel_axis, **extra)
+
+
+def _workload_of(where, eqn, view, refine, options: PlanOptions) -> Optional[Workload]:
+    """The workload of one op, or None when no family takes it (or it is too small)."""
+    candidates, preferred, flops = [], "", 0
+    for family in options.families_for(view.primitive):
+        try:
+            spec, flops = _spec_for(family, view, options, refine)
+            if flops < options.min_flops:
+                continue
+            family.validate(spec, family.default_knobs(spec, options.isa), options.isa)
+        except Exception:  # noqa: BLE001 - this family cannot run the op; others may
+            continue
+        if not preferred and family.prefers(spec):
+            preferred = family.name
+            candidates.insert(0, (family.name, spec))
+        else:
+            candidates.append((family.name, spec))
+    if not candidates:
+        return None
+    spec = candidates[0][1]
+    epi = getattr(spec, "epilogue", None)
+    axis = _channel_axis(view) if epi is not None and not epi.is_identity else None
+    out_shape = tuple(view.outvars[0].aval.shape)
+    extra_shapes = []
+    for name in (epi.inputs() if epi is not None else ()):
+        extra_shapes.append(out_shape if name == "residual" else (out_shape[axis],))
+    shapes = (tuple(view.invars[0].aval.shape), tuple(view.invars[1].aval.shape),
+              *extra_shapes)
+    return Workload(op_key=op_key(view, options, refine), primitive=view.primitive.name,
+                    signature=_signature(view), epilogue=epi.describe() if epi else "none",
+                    candidates=tuple(candidates), preferred=preferred or candidates[0][0],
+                    flops=flops, operand_shapes=shapes, where=(where,), eqn=view,
+                    channel_axis=axis)
+
+
+def list_workloads(jaxpr, options: PlanOptions) -> list:
+    """The unique ops of a closed jaxpr that families would put on kernels, each once with
+    its multiplicity, in program order. Compiles nothing."""
+    program = _program(jaxpr, options)
+    found: dict = {}
+    for where, eqn, view, refine in program.ops(options):
+        w = _workload_of(where, eqn, view, refine, options)
+        if w is None:
+            continue
+        seen = found.get(w.op_key)
+        found[w.op_key] = w if seen is None else dataclasses.replace(
+            seen, multiplicity=seen.multiplicity + 1, where=seen.where + w.where)
+    return list(found.values())
+
+
+def make_plan(jaxpr, options: PlanOptions) -> Plan:
+    """Plans jaxpr (closed; jit bodies are inlined first so that epilogues, constant weights
+    and layouts are seen across them) and builds every chosen kernel.
+
+    Top level: groups (kernel + absorbed epilogue) -> layout propagation -> each conv's spec
+    is matched on the physical arrays it will see -> family and knobs, render, build. Ops
+    inside scan / cond / while bodies are replaced one by one, in their logical layouts."""
+    program = _program(jaxpr, options)
+    flat, groups, prop, constvars = program.flat, program.groups, program.prop, program.constvars
     program_inputs = constvars | set(jaxpr_pass._open(flat).invars)
     last_use = _last_uses(flat)
     position = {id(e): i for i, e in enumerate(jaxpr_pass._open(flat).eqns)}
 
-    chosen = []  # (eqn, where, decision, build)
-    for where, eqn in _walk_with_where(flat):
-        if not options.families_for(eqn.primitive):
-            continue
-        if id(eqn) in groups:
-            _, match = groups[id(eqn)]
-            view = eqn
-            if eqn.primitive is conv:
-                view = prop.kernel_eqn_view(eqn, prop.kernel_in_perm[id(eqn)],
-                                            prop.kernel_out_perm[id(eqn)])
-            rhs = eqn.invars[1]  # a Literal (a scalar constant) is never packed
-            prepack = options.pack_weights and isinstance(rhs, jcore.Var) and rhs in constvars
-            decision, build = _choose(view, where, options, _refine_for(match, prepack))
+    chosen = []  # (eqn, decision, build)
+    for where, eqn, view, refine in program.ops(options):
+        decision, build = _choose(view, where, options, refine)
+        if refine is not None:
             decision = dataclasses.replace(decision, signature=_signature(eqn),
                                            layouts=_layout_text(eqn, prop))
-        else:
-            decision, build = _choose(eqn, where, options)
         chosen.append((eqn, decision, build))
 
     built = _build_all(chosen, options)

@@ -1,8 +1,17 @@
-"""Tuning records: append-only JSON lines keyed by device fingerprint and workload.
+"""Tuning records: append-only JSON lines, one per measured candidate, keyed by device
+fingerprint and workload.
 
-Entry points: RecordStore(path).append / .best_knobs / .records / .compact, workload_key,
-SCHEMA_VERSION, check_record. Records hold decisions (family, workload, knobs, times), never
-code: kernels are rebuilt from them, and every knob read back is validated by its template.
+Entry points: RecordStore(path).append / .best / .best_for_op / .best_knobs / .records /
+.measured / .compact, merge_files, make_record, workload_key, SCHEMA_VERSION,
+STATUSES, check_record. Records hold decisions (family, layout, knobs, times), never code:
+kernels are rebuilt from them, and every knob read back is validated by its template.
+
+A record (schema 2) names: the family and its workload (the spec) and workload_key; the
+op_key of the operation whatever family computes it (so that families computing the same
+op, e.g. Winograd and direct, compete for one best); the layout decisions and all knobs;
+the device fingerprint; every measured time; the status (ok / invalid / build_error /
+crash / run_error / timeout / wrong_result); the versions of alt_jax, jaxlib and the
+compiler; a timestamp. The best per (device, op) is the fastest ok record.
 
 A records file is input, like any file a user hands us: a line that is not a well-formed
 record of this schema (not JSON, not an object, not UTF-8, a field of the wrong type) is
@@ -25,8 +34,9 @@ import time
 import warnings
 from typing import Any, Iterable, Iterator, Optional
 
-SCHEMA_VERSION = 1
-STATUSES = ("ok", "invalid", "build_error", "run_error", "timeout", "wrong_result")
+SCHEMA_VERSION = 2
+# crash: the measuring process died (a signal); run_error: the kernel reported an error
+STATUSES = ("ok", "invalid", "build_error", "crash", "run_error", "timeout", "wrong_result")
 
 
 def workload(spec) -> dict:
@@ -39,19 +49,38 @@ def workload_key(family: str, spec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def versions() -> dict:
+    """alt_jax, jaxlib and compiler versions, as written into each record."""
+    from alt_jax import __version__, runtime
+
+    try:
+        compiler = runtime.compiler_identity()
+    except Exception as e:  # noqa: BLE001 - a record still says what it can
+        compiler = f"unknown ({type(e).__name__})"
+    return {"alt_jax": __version__, "jaxlib": runtime.jaxlib_version(), "compiler": compiler}
+
+
 def make_record(family: str, spec, knobs, device: str, times_s: Iterable[float],
-                status: str = "ok", **extra) -> dict:
+                status: str = "ok", *, op_key: Optional[str] = None,
+                layout: Optional[dict] = None, **extra) -> dict:
+    """One measured candidate. op_key (planner.op_key: the workload key of the op's general
+    family, conv2d for convs) defaults to this family's own workload key, which is the op key
+    when family is the general one; layout defaults to no layout decisions."""
     if status not in STATUSES:
         raise ValueError(f"record status {status!r} is not one of {STATUSES}")
+    wkey = workload_key(family, spec)
     return {
         "schema_version": SCHEMA_VERSION,
         "family": family,
-        "workload_key": workload_key(family, spec),
+        "workload_key": wkey,
         "workload": workload(spec),
-        "knobs": dataclasses.asdict(knobs),
+        "op_key": op_key or wkey,
+        "layout": json.loads(json.dumps(layout or {})),
+        "knobs": json.loads(json.dumps(dataclasses.asdict(knobs))),
         "device": device,
         "times_s": [float(t) for t in times_s],
         "status": status,
+        "versions": versions(),
         "timestamp": time.time(),
         **extra,
     }
@@ -75,15 +104,16 @@ def check_record(rec) -> Optional[str]:
     """None if rec is a well-formed record of this schema, else what is wrong with it."""
     if not isinstance(rec, dict):
         return f"a JSON {type(rec).__name__}, not an object"
-    for name in ("family", "workload_key", "device", "status"):
+    for name in ("family", "workload_key", "op_key", "device", "status"):
         if not isinstance(rec.get(name), str):
             return f"{name!r} is missing or not a string"
     if rec["status"] not in STATUSES:
         return f"status {rec['status']!r} is not one of {STATUSES}"
-    knobs = rec.get("knobs")
-    if not isinstance(knobs, dict) or not all(isinstance(k, str) and _is_knob_value(v)
-                                              for k, v in knobs.items()):
-        return "'knobs' is not an object of scalar (or flat list) values"
+    for name in ("knobs", "layout"):
+        value = rec.get(name)
+        if not isinstance(value, dict) or not all(isinstance(k, str) and _is_knob_value(v)
+                                                  for k, v in value.items()):
+            return f"{name!r} is not an object of scalar (or flat list) values"
     times = rec.get("times_s")
     if not isinstance(times, list) or not all(_is_time(t) for t in times):
         return "'times_s' is not a list of non-negative finite numbers"
@@ -180,18 +210,19 @@ def _better(rec, than) -> bool:
     return than is None or _time(rec) < _time(than)
 
 
-# (path, device) -> (stat key, {(family, workload_key): best ok record}); shared by every
-# RecordStore of the process so that each optimize() does not re-read the same file.
+# (path, device) -> (stat key, {(family, workload_key): best ok record, op_key: best ok
+# record of any family}); shared by every RecordStore of the process so that each
+# optimize() does not re-read the same file.
 _INDEX: dict = {}
 _INDEX_LOCK = threading.Lock()
 
 
-def _device_index(path: str, device: str) -> dict:
+def _device_index(path: str, device: str, select: tuple = ()) -> dict:
     key = _stat_key(path)
     if key is None:
         return {}
     with _INDEX_LOCK:
-        hit = _INDEX.get((path, device))
+        hit = _INDEX.get((path, device, select))
         if hit is not None and hit[0] == key:
             return hit[1]
     best: dict = {}
@@ -200,20 +231,27 @@ def _device_index(path: str, device: str) -> dict:
     for rec in _stream(path, skipped, needle):
         if rec["device"] != device or rec["status"] != "ok" or not rec["times_s"]:
             continue
-        k = (rec["family"], rec["workload_key"])
-        if _better(rec, best.get(k)):
-            best[k] = rec
+        if any(rec.get(field) != value for field, value in select):
+            continue
+        for k in ((rec["family"], rec["workload_key"]), rec["op_key"]):
+            if _better(rec, best.get(k)):
+                best[k] = rec
     skipped.warn(path)
     with _INDEX_LOCK:
-        _INDEX[(path, device)] = (key, best)
+        _INDEX[(path, device, select)] = (key, best)
     return best
 
 
 class RecordStore:
-    """One JSONL file. Appends are single O_APPEND writes; compaction is temp + rename."""
+    """One JSONL file. Appends are single O_APPEND writes; compaction is temp + rename.
 
-    def __init__(self, path: str | os.PathLike):
+    select: look-ups (best, best_for_op, best_knobs) only see records whose fields have these
+    values, e.g. {"mode": "loop_only"} for the loop-only ablation of a file that holds joint
+    and loop-only tuning runs."""
+
+    def __init__(self, path: str | os.PathLike, select: Optional[dict] = None):
         self.path = os.path.abspath(os.fspath(path))
+        self.select = tuple(sorted((select or {}).items()))
 
     def records(self) -> list[dict]:
         """All well-formed records of the current schema (bad lines skipped, one warning)."""
@@ -239,26 +277,23 @@ class RecordStore:
 
     def best(self, family: str, spec, device: str) -> dict | None:
         """The fastest ok record for this workload on this device, or None."""
-        return _device_index(self.path, device).get((family, workload_key(family, spec)))
+        return _device_index(self.path, device, self.select).get(
+            (family, workload_key(family, spec)))
+
+    def best_for_op(self, op_key: str, device: str) -> dict | None:
+        """The fastest ok record of any family for this operation on this device, or None."""
+        return _device_index(self.path, device, self.select).get(op_key)
+
+    def measured(self, device: str) -> set:
+        """(family, workload_key, knobs as sorted JSON) of every candidate already measured
+        on device, whatever its status: what a resumed tuning run must not measure again."""
+        return {(r["family"], r["workload_key"], json.dumps(r["knobs"], sort_keys=True))
+                for r in self.records() if r["device"] == device}
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:
         """The best record's knobs as knobs_type, or None (no record, or knobs that do not
         fit the type: warned). The caller still validates them against the spec."""
-        rec = self.best(family, spec, device)
-        if rec is None:
-            return None
-        fields = {f.name for f in dataclasses.fields(knobs_type)}
-        if set(rec["knobs"]) != fields:
-            warnings.warn(f"{self.path}: record for {family} has knobs {sorted(rec['knobs'])}, "
-                          f"expected {sorted(fields)}; ignored (re-tune to refresh it)")
-            return None
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["knobs"].items()}
-        try:
-            return knobs_type(**values)
-        except (TypeError, ValueError) as e:
-            warnings.warn(f"{self.path}: record for {family} has knobs {values} that "
-                          f"{knobs_type.__name__} refuses ({e}); ignored")
-            return None
+        return knobs_from_record(self.best(family, spec, device), knobs_type, self.path)
 
     def compact(self) -> None:
         """Rewrites the file keeping only the best ok record per (family, workload, device)."""
@@ -269,17 +304,64 @@ class RecordStore:
             k = (rec["family"], rec["workload_key"], rec["device"])
             if _better(rec, keep.get(k)):
                 keep[k] = rec
-        directory = os.path.dirname(self.path)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".records-")
-        try:
-            with os.fdopen(fd, "w") as f:
-                for rec in keep.values():
-                    f.write(json.dumps(rec, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_atomically(self.path, list(keep.values()))
+
+
+def knobs_from_record(rec: Optional[dict], knobs_type, path: str = "records") -> Any | None:
+    """rec's knobs as knobs_type, or None (no record, or knobs that do not fit the type:
+    warned). The caller still validates them against the spec."""
+    if rec is None:
+        return None
+    family = rec["family"]
+    fields = {f.name for f in dataclasses.fields(knobs_type)}
+    if set(rec["knobs"]) != fields:
+        warnings.warn(f"{path}: record for {family} has knobs {sorted(rec['knobs'])}, "
+                      f"expected {sorted(fields)}; ignored (re-tune to refresh it)")
+        return None
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in rec["knobs"].items()}
+    try:
+        return knobs_type(**values)
+    except (TypeError, ValueError) as e:
+        warnings.warn(f"{path}: record for {family} has knobs {values} that "
+                      f"{knobs_type.__name__} refuses ({e}); ignored")
+        return None
+
+
+def _record_id(rec: dict) -> str:
+    """Identity of one measurement (the same line in two files is one record)."""
+    return json.dumps({k: rec.get(k) for k in ("device", "family", "workload_key", "knobs",
+                                                "times_s", "status", "timestamp")},
+                      sort_keys=True)
+
+
+def merge_files(out_path: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> int:
+    """Writes out_path (temp file + rename) with every well-formed record of out_path and
+    inputs, each measurement once; returns how many records it holds."""
+    out = RecordStore(out_path)
+    seen, keep = set(), []
+    for path in [out.path, *(os.fspath(p) for p in inputs)]:
+        for rec in RecordStore(path).records():
+            rid = _record_id(rec)
+            if rid not in seen:
+                seen.add(rid)
+                keep.append(rec)
+    _write_atomically(out.path, keep)
+    return len(keep)
+
+
+def _write_atomically(path: str, recs: list) -> None:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".records-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for rec in recs:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

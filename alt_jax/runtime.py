@@ -107,6 +107,15 @@ def _compiler_identity(compiler: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else compiler
 
 
+def compiler_identity() -> str:
+    """The first line of the kernel compiler's --version (records, cache keys)."""
+    return _compiler_identity(find_compiler())
+
+
+def jaxlib_version() -> str:
+    return _jaxlib_version()
+
+
 @functools.lru_cache(maxsize=None)
 def _jaxlib_version() -> str:
     import jaxlib

@@ -55,7 +55,7 @@ def test_optimize_uses_records_and_rejects_invalid_ones(tmp_path, kernel_cache):
     opt = alt_jax.optimize(lambda a, b: a @ b, families=FAMILIES, cache=kernel_cache,
                            min_flops=0, records=str(path))
     decision = opt.plan_for(x, w).rewritten[0]
-    assert decision.knobs == NaiveKnobs(4) and decision.knobs_from == "records"
+    assert decision.knobs == NaiveKnobs(4) and decision.knobs_from == "tuned"
     np.testing.assert_allclose(opt(x, w), x @ w)
     # A record whose knobs are illegal (rows_per_task > m) is refused with a warning.
     store.append(records.make_record("naive_matmul", SPEC, NaiveKnobs(99), dev, [1e-9]))
@@ -89,7 +89,7 @@ def _with_fields(**fields):
     _with_fields(knobs=None), _with_fields(times_s=5), _with_fields(times_s=["fast"]),
     _with_fields(knobs={"rows_per_task": {"nested": 1}}), _with_fields(status="great"),
     _with_fields(family=3), _with_fields(knobs={"rows_per_task": [[1]]}),
-    _with_fields(workload_key=None), b'{"schema_version": 1, "family": "f", "device": %s}'
+    _with_fields(workload_key=None), b'{"schema_version": 2, "family": "f", "device": %s}'
     % json.dumps(device.fingerprint()).encode(),
 ], ids=lambda b: b[:30].decode("latin-1"))
 def test_malformed_lines_are_skipped_with_one_warning(tmp_path, bad):
