@@ -1,0 +1,378 @@
+"""The tuning driver: workloads in, one record per measured candidate out.
+
+Entry points: tune(workloads, store, options) -> TuneSummary, workloads_of(fn, *args),
+TuneOptions, Listener, TuneSummary.
+Per workload: its heuristic choice is measured first (so a tuned op is never slower than
+the untuned one it replaces), then a search strategy proposes batches; each batch is built
+in parallel, measured one candidate at a time in the worker process against the lax
+reference on inputs of the real shapes, and every result is appended to the records at
+once. A task scheduler spends the trials where the expected end-to-end gain is largest.
+A run resumes from the records by default: candidates already measured on this device (same
+mode and search) are not measured again and count toward the budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from typing import Optional, Sequence
+
+import numpy as np
+
+from alt_jax import device, records as records_mod
+from alt_jax.records import RecordStore
+from tuner import measure as measure_mod
+from tuner.cost_model import CostModel, relative_log_time
+from tuner.scheduler import TaskScheduler, TaskState, Trial
+from tuner.search import SEARCHES, make_search
+from tuner.space import MODES, Choice, JointSpace, families_by_name
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    trials: int = 1000                 # measured candidates in all, resumed ones included
+    time_budget_s: Optional[float] = None  # wall seconds for this call
+    batch: int = 8                     # candidates built together, then measured in turn
+    mode: str = "joint"                # "joint" | "loop_only" (layouts fixed: the ablation)
+    search: str = "model"              # "model" (cost-model-guided) | "random" (baseline)
+    seed: int = 0
+    min_trials: int = 16               # per workload before early stopping may stop it
+    patience: int = 32                 # trials without a 1% gain that stop a workload
+    warm_start: bool = True            # seed from the best knobs of similar workloads
+    measure: measure_mod.MeasureConfig = dataclasses.field(
+        default_factory=measure_mod.MeasureConfig)
+    model: str = ""                    # label written into each record
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"search={self.search!r}: choose one of {SEARCHES}")
+        if self.trials < 0 or self.batch < 1:
+            raise ValueError(f"trials={self.trials} must be >= 0 and batch={self.batch} >= 1")
+
+
+class Listener:
+    """Progress hooks (the CLI's progress bars, benchmarks). Every method is optional."""
+
+    def on_start(self, tasks: list, options: TuneOptions) -> None:
+        pass
+
+    def on_trial(self, task: TaskState, trial: Trial) -> None:
+        pass
+
+    def on_finish(self, summary: "TuneSummary") -> None:
+        pass
+
+
+@dataclasses.dataclass
+class TuneSummary:
+    tasks: list
+    wall_s: float
+    interrupted: bool
+    records_path: str
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Whole-program untuned / tuned time (time x multiplicity, ops with both)."""
+        both = [t for t in self.tasks if t.untuned_s and t.best_s]
+        if not both:
+            return None
+        untuned = sum(t.untuned_s * t.workload.multiplicity for t in both)
+        return untuned / sum(t.best_s * t.workload.multiplicity for t in both)
+
+
+def workloads_of(fn, *args, **optimize_options) -> list:
+    """The workloads alt_jax.optimize(fn, **optimize_options) would put on kernels for these
+    arguments (arrays or ShapeDtypeStructs), traced as it traces them; builds nothing.
+    fn may be an Optimized (its own options are used then)."""
+    import jax
+
+    import alt_jax
+    from alt_jax import planner
+
+    opt = fn if isinstance(fn, alt_jax.Optimized) else alt_jax.optimize(fn, **optimize_options)
+    # args may be pytrees (a params dict): their leaves become shaped placeholders
+    specs = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.typeof(x).dtype), args)
+    closed = jax.make_jaxpr(opt.fn)(*specs)
+    return planner.list_workloads(closed, opt.options)
+
+
+def _merge_duplicates(workloads: Sequence) -> list:
+    """One workload per op_key, multiplicities summed (an op suite may repeat an op)."""
+    merged: dict = {}
+    for w in workloads:
+        seen = merged.get(w.op_key)
+        merged[w.op_key] = w if seen is None else dataclasses.replace(
+            seen, multiplicity=seen.multiplicity + w.multiplicity, where=seen.where + w.where)
+    return list(merged.values())
+
+
+class _Harness:
+    """A workload's example operands (real shapes, seeded) and the lax reference result."""
+
+    def __init__(self, workload, seed: int):
+        import jax
+
+        rng = np.random.default_rng(seed)
+        out_shape = tuple(workload.eqn.outvars[0].aval.shape)
+        reduction = max(1, workload.flops // (2 * max(1, math.prod(out_shape))))
+        names = ["lhs", "rhs"] + list(_epilogue_inputs(workload))
+        ops = []
+        for name, shape in zip(names, workload.operand_shapes):
+            if name == "rhs":
+                x = rng.standard_normal(shape) / math.sqrt(reduction)
+            elif name == "scale":
+                x = rng.uniform(0.5, 1.5, shape)
+            elif name == "shift":
+                x = 0.5 * rng.standard_normal(shape)
+            else:
+                x = rng.standard_normal(shape)
+            ops.append(np.ascontiguousarray(x, np.float32))
+        self.operands = ops
+        reference = jax.jit(lambda *xs: workload.reference(xs))
+        self.expected = np.ascontiguousarray(np.asarray(reference(*ops)), np.float32)
+
+    def inputs_for(self, family, spec, knobs, isa) -> tuple:
+        import jax
+
+        with jax.default_device(jax.devices("cpu")[0]):
+            arrays = family.kernel_inputs(spec, knobs, list(self.operands), isa)
+        return tuple(np.ascontiguousarray(np.asarray(a), np.float32) for a in arrays)
+
+
+def _epilogue_inputs(workload) -> tuple:
+    epi = getattr(workload.candidates[0][1], "epilogue", None)
+    return epi.inputs() if epi is not None else ()
+
+
+class KernelMeasurer:
+    """Measures candidates of a workload for real: render, build the batch in parallel, then
+    run each in the worker process against the workload's lax reference. Callable as
+    measurer(workload, [(family, spec, knobs)], best_so_far_s) -> [MeasureResult]; tests
+    pass tune() a fake with the same call."""
+
+    def __init__(self, cache, isa, config: measure_mod.MeasureConfig, seed: int = 0):
+        self.cache, self.isa, self.seed = cache, isa, seed
+        self.builder = measure_mod.Builder(cache)
+        self.runner = measure_mod.Runner(config)
+        self.harnesses: dict = {}
+
+    def _harness(self, w) -> _Harness:
+        h = self.harnesses.get(w.op_key)
+        if h is None:
+            h = self.harnesses[w.op_key] = _Harness(w, self.seed)
+        return h
+
+    def __call__(self, workload, candidates: list, best_so_far_s) -> list:
+        harness = self._harness(workload)
+        results: list = [None] * len(candidates)
+        inputs, where = [], []
+        for i, (family, spec, knobs) in enumerate(candidates):
+            try:
+                src = family.render(spec, knobs, self.isa)
+                kernel_inputs = harness.inputs_for(family, spec, knobs, self.isa)
+            except Exception as e:  # noqa: BLE001 - a refusal costs this candidate only
+                results[i] = measure_mod.MeasureResult("invalid", (), f"{type(e).__name__}: {e}")
+                continue
+            inputs.append(measure_mod.MeasureInput(src, kernel_inputs, harness.expected,
+                                                   best_so_far_s, workload=workload.op_key))
+            where.append(i)
+        if inputs:
+            for i, result in zip(where, measure_mod.measure(self.builder, self.runner, inputs)):
+                results[i] = result
+        return results
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class _Run:
+    """One tune() call's state: tasks, strategies, the shared cost model, the records."""
+
+    def __init__(self, workloads, store: RecordStore, options: TuneOptions, cache, families,
+                 listener: Listener):
+        from alt_jax import runtime
+
+        self.store, self.options, self.listener = store, options, listener
+        self.cache = cache or runtime.default_cache()
+        self.isa = self.cache.isa or device.detect_isa()
+        self.device = device.fingerprint(self.isa)
+        self.families = families or families_by_name()
+        self.run_id = uuid.uuid4().hex[:12]
+        self.rng = np.random.default_rng(options.seed)
+        self.model = CostModel(seed=options.seed)
+        self.tasks, self.spaces, self.searches = [], {}, {}
+        self.measured: set = set()
+        prior = self._prior_records()
+        for w in _merge_duplicates(workloads):
+            space = JointSpace(w, self.isa, options.mode, self.families)
+            task = TaskState(w)
+            self.tasks.append(task)
+            self.spaces[w.op_key] = space
+            seeds = self._warm_start(w, space, prior) if options.warm_start else []
+            self.searches[w.op_key] = make_search(options.search, space, self.model,
+                                                  np.random.default_rng([options.seed,
+                                                                         len(self.tasks)]),
+                                                  seeds)
+            self._resume(task, space, prior.get(w.op_key, []))
+        self.scheduler = TaskScheduler(self.tasks, min_trials=options.min_trials,
+                                       patience=options.patience)
+
+    # ---- records in ----
+    def _prior_records(self) -> dict:
+        """op_key -> this device's records of the same mode and search, in trial order."""
+        by_op: dict = {}
+        for rec in self.store.records():
+            if (rec["device"] == self.device and rec.get("mode", "joint") == self.options.mode
+                    and rec.get("search", "model") == self.options.search):
+                by_op.setdefault(rec["op_key"], []).append(rec)
+        for recs in by_op.values():
+            recs.sort(key=lambda r: (r.get("trial", 0), r.get("timestamp", 0)))
+        return by_op
+
+    def _choice_of(self, rec, space: JointSpace) -> Optional[Choice]:
+        family = space.parts.get(rec["family"])
+        if family is None:
+            return None
+        knobs = records_mod.knobs_from_record(rec, family.family.knobs_type, self.store.path)
+        return None if knobs is None else Choice(rec["family"], knobs)
+
+    def _resume(self, task: TaskState, space: JointSpace, recs: list) -> None:
+        for rec in recs:
+            choice = self._choice_of(rec, space)
+            if choice is None:
+                continue
+            ok = rec["status"] == "ok" and rec["times_s"]
+            median = float(np.median(rec["times_s"])) if ok else None
+            trial = Trial(choice.family, choice.knobs, rec.get("layout", {}), rec["status"],
+                          median, bool(rec.get("heuristic")), rec.get("stage", ""),
+                          task.trials)
+            task.add(trial)
+            self.searches[task.workload.op_key].observe(choice, median)
+            self.measured.add((task.workload.op_key, choice.key))
+
+    def _warm_start(self, workload, space: JointSpace, prior: dict) -> list:
+        """The best choice of each other workload of the records, when valid here: similar
+        ops (same families) often share their best knobs."""
+        seeds = []
+        for op, recs in prior.items():
+            if op == workload.op_key:
+                continue
+            ok = [r for r in recs if r["status"] == "ok" and r["times_s"]
+                  and not r.get("heuristic")]
+            if not ok:
+                continue
+            best = min(ok, key=lambda r: float(np.median(r["times_s"])))
+            choice = self._choice_of(best, space)
+            if choice is not None and space.is_valid(choice) and choice not in seeds:
+                seeds.append(choice)
+        return seeds[:4]
+
+    # ---- measuring ----
+    def measure(self, measurer, task: TaskState, proposals: list) -> None:
+        """Measures proposals [(Choice, stage, heuristic)] of task, recording each."""
+        space = self.spaces[task.workload.op_key]
+        cands = [(space.family(c), space.spec(c), c.knobs) for c, _, _ in proposals]
+        results = measurer(task.workload, cands, task.best_s)
+        for (choice, stage, heuristic), result in zip(proposals, results):
+            self._record(task, choice, stage, heuristic, result)
+
+    # ---- records out ----
+    def _record(self, task: TaskState, choice: Choice, stage: str, heuristic: bool,
+                result) -> None:
+        w, space = task.workload, self.spaces[task.workload.op_key]
+        ok = result.status == "ok"
+        extra = dict(op=w.label, multiplicity=w.multiplicity, model=self.options.model,
+                     mode=self.options.mode, search=self.options.search, heuristic=heuristic,
+                     stage=stage, trial=task.trials, run_id=self.run_id,
+                     cut=bool(getattr(result, "cut", False)))
+        if not ok:
+            extra["error"] = str(result.error)[:500]
+        rec = records_mod.make_record(choice.family, space.spec(choice), choice.knobs,
+                                      self.device, result.times_s if ok else (), result.status,
+                                      op_key=w.op_key, layout=space.layout_dict(choice), **extra)
+        self.store.append(rec)
+        median = float(np.median(result.times_s)) if ok and result.times_s else None
+        trial = Trial(choice.family, choice.knobs, rec["layout"], result.status, median,
+                      heuristic, stage, task.trials)
+        task.add(trial)
+        self.measured.add((w.op_key, choice.key))
+        self.searches[w.op_key].observe(choice, median)
+        self.listener.on_trial(task, trial)
+
+    def train(self) -> None:
+        if self.options.search != "model":
+            return
+        rows = []
+        for task in self.tasks:
+            if not task.untuned_s:
+                continue
+            space = self.spaces[task.workload.op_key]
+            for t in task.history:
+                if t.median_s is not None:
+                    rows.append((space.features(Choice(t.family, t.knobs)),
+                                 relative_log_time(t.median_s, task.untuned_s)))
+        self.model.fit(rows)
+
+
+def tune(workloads: Sequence, store: RecordStore, options: TuneOptions = TuneOptions(), *,
+         cache=None, listener: Optional[Listener] = None, families: Optional[dict] = None,
+         measurer=None) -> TuneSummary:
+    """Tunes workloads (planner.Workload, e.g. from workloads_of) into store; see the module
+    docstring. cache: the KernelCache kernels are built into (its ISA is the one tuned
+    for); families: name -> family (default: the registry's); measurer: what measures
+    (default KernelMeasurer). Ctrl-C: the worker is stopped, KeyboardInterrupt propagates,
+    and every record already written is complete (one atomic append per trial)."""
+    listener = listener or Listener()
+    start = time.monotonic()
+    run = _Run(workloads, store, options, cache, families, listener)
+    listener.on_start(run.tasks, options)
+    own = measurer is None
+    if own:
+        measurer = KernelMeasurer(run.cache, run.isa, options.measure, options.seed)
+    interrupted = False
+    try:
+        _loop(run, measurer, start)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if own:
+            measurer.close()
+        summary = TuneSummary(run.tasks, time.monotonic() - start, interrupted, store.path)
+        if not interrupted:
+            listener.on_finish(summary)
+    return summary
+
+
+def _loop(run: _Run, measurer, start: float) -> None:
+    options = run.options
+    over_time = lambda: (options.time_budget_s is not None
+                         and time.monotonic() - start >= options.time_budget_s)
+    total = lambda: sum(t.trials for t in run.tasks)
+    # The heuristic's choice of every workload first, built together.
+    for task in run.tasks:
+        if task.untuned_s is None and not any(t.heuristic for t in task.history):
+            if total() >= options.trials or over_time():
+                return
+            default = run.spaces[task.workload.op_key].default
+            if (task.workload.op_key, default.key) not in run.measured:
+                run.measure(measurer, task, [(default, "heuristic", True)])
+    run.train()
+    while total() < options.trials and not over_time():
+        task = run.scheduler.next()
+        if task is None:
+            return
+        n = min(options.batch, options.trials - total())
+        search = run.searches[task.workload.op_key]
+        proposals = [(c, stage, False) for c, stage in search.propose(n)
+                     if (task.workload.op_key, c.key) not in run.measured]
+        if not proposals:
+            task.done = True  # the space (as the search sees it) is exhausted
+            continue
+        run.measure(measurer, task, proposals)
+        run.scheduler.update(task)
+        run.train()
