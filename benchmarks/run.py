@@ -20,6 +20,7 @@ from absl import app, flags
 import alt_jax
 from alt_jax import _core, device
 from alt_jax.ops import registry
+from alt_jax.records import RecordStore
 from benchmarks import models, peers, suites, timing
 
 FLAGS = flags.FLAGS
@@ -35,7 +36,11 @@ flags.DEFINE_list("peers", ["xla", "onnxruntime"],
                   "xla_eigen (jax.jit with XLA's legacy Eigen path)")
 flags.DEFINE_bool("ort_spinning", False, "let onnxruntime's threads spin (its default): "
                   "faster for ORT alone, but they take the cores from the other implementations")
-flags.DEFINE_string("records", None, "tuning records: adds an 'alt_jax tuned' column")
+flags.DEFINE_string("records", None, "tuning records (alt-tune): adds an 'alt_jax tuned' "
+                    "column (the best record of any tuning run), and when the file holds runs "
+                    "of several modes / searches, one column per run kind: 'joint tuned', "
+                    "'loop-only tuned' (layouts fixed at the heuristic's), '... (random "
+                    "search)'")
 flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with prepare(), so "
                   "they are packed once (as onnxruntime's session does); jax.jit still takes "
                   "them as arguments. --noprepare passes them as arguments to alt_jax too")
@@ -97,6 +102,8 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
     impls["alt_jax"] = _alt_jax(model, records=False)
     if records:
         impls["alt_jax tuned"] = _alt_jax(model, records=records)
+        for label, select in tuning_runs(records):
+            impls[f"alt_jax {label}"] = _alt_jax(model, records=RecordStore(records, select))
     if FLAGS.ablations:
         for label, options in (("no propagation", dict(propagate=False)),
                                ("no fusion", dict(fuse=False)),
@@ -105,6 +112,23 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
                                    exclude=("winograd",))))):
             impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)
     return impls
+
+
+_RUN_LABELS = {("joint", "model"): "joint tuned", ("loop_only", "model"): "loop-only tuned",
+               ("joint", "random"): "joint tuned (random search)",
+               ("loop_only", "random"): "loop-only tuned (random search)"}
+
+
+def tuning_runs(path: str) -> list:
+    """[(column label, record selection)] for each kind of tuning run (mode x search) in the
+    records file on this device, when it holds more than one kind (else 'alt_jax tuned' is
+    the only column needed)."""
+    here = device.fingerprint()
+    kinds = sorted({(r.get("mode", "joint"), r.get("search", "model"))
+                    for r in RecordStore(path).records() if r["device"] == here})
+    if len(kinds) < 2:
+        return []
+    return [(_RUN_LABELS[k], {"mode": k[0], "search": k[1]}) for k in kinds if k in _RUN_LABELS]
 
 
 def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records, peak,
@@ -134,16 +158,54 @@ def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records
                                   "max_ms": tm.high * 1e3,
                                   "gflops": flops / tm.median / 1e9,
                                   "pct_peak": 100 * flops / tm.median / 1e9 / peak}
-        for ours in ("alt_jax", "alt_jax tuned"):
+        for ours in [n for n in t if n.startswith("alt_jax")]:
             if ours in t:
                 row["impls"][ours]["speedup_vs"] = {
                     peer: timing.median_ratio(t[peer], t[ours]) for peer in t
-                    if not peer.startswith("alt_jax")}
+                    if not peer.startswith("alt_jax") or (peer == "alt_jax" and ours != peer)}
         plan = impls["alt_jax"].plan_for(*args)
         row["alt_jax_ops_on_kernels"] = [len(plan.rewritten), len(plan.decisions)]
+        for name, fn in impls.items():
+            if name.startswith("alt_jax") and "tuned" in name:
+                tuned = fn.plan_for(*args)
+                row["impls"][name]["ops_tuned"] = [
+                    sum(d.knobs_from == "tuned" for d in tuned.rewritten), len(tuned.rewritten)]
+                if name == "alt_jax tuned":
+                    row["per_op"] = per_op_rows(plan, tuned)
         rows.append(row)
         print(f"  measured {model.name}", flush=True)
     return rows
+
+
+def per_op_rows(untuned, tuned) -> list:
+    """Each op of the model: its untuned and tuned family, knobs and (tuned) measured time."""
+    out = []
+    for u, t in zip(untuned.decisions, tuned.decisions):
+        if not (u.on_kernel or t.on_kernel):
+            continue
+        out.append({"op": f"{t.primitive} {t.signature}", "where": t.where,
+                    "untuned": f"{u.family} {u.knobs}" if u.on_kernel else "XLA",
+                    "tuned": f"{t.family} {t.knobs}" if t.on_kernel else "XLA",
+                    "from": t.knobs_from,
+                    "tuned_ms": None if t.tuned_time_s is None else t.tuned_time_s * 1e3})
+    return out
+
+
+def format_per_op(rows) -> str:
+    """The per-op table of tuned models (times as the tuner measured them in its worker;
+    `alt-tune show RECORDS` adds the untuned times and every run kind)."""
+    lines = []
+    for r in rows:
+        if not r.get("per_op"):
+            continue
+        lines.append(f"{r['workload']}: ops on tuned knobs "
+                     f"{r['impls']['alt_jax tuned']['ops_tuned'][0]}/"
+                     f"{r['impls']['alt_jax tuned']['ops_tuned'][1]}")
+        for op in r["per_op"]:
+            ms = f"{op['tuned_ms']:.3f} ms" if op["tuned_ms"] is not None else "-"
+            lines.append(f"  [{op['where']}] {op['op'][:70]:<70} {op['from']:<9} {ms:>10}  "
+                         f"{op['tuned'][:90]}")
+    return "\n".join(lines)
 
 
 def format_table(rows) -> str:
@@ -160,6 +222,11 @@ def format_table(rows) -> str:
                           else f"{'-':>17}" for p in peer_names)
         lines.append(f"{r['workload']:<34} {r['count']:>3} {r['flops'] / 1e6:8.1f} {cells} "
                      f"{ours['gflops']:8.1f} {ours['pct_peak']:6.1f} {ratios}")
+    for r in rows:  # tuning's gain: each tuned column against untuned alt_jax, same rounds
+        gains = [f"{n[len('alt_jax '):]} {r['impls'][n]['speedup_vs']['alt_jax']:.3f}x"
+                 for n in r["impls"] if n.startswith("alt_jax") and "tuned" in n]
+        if gains:
+            lines.append(f"{r['workload']}: vs untuned alt_jax: {', '.join(gains)}")
     for p in peer_names:
         ratios = [(r["impls"].get("alt_jax tuned") or r["impls"]["alt_jax"])["speedup_vs"].get(p)
                   for r in rows]
@@ -231,6 +298,10 @@ def main(argv):
         print(f"note: {note}")
     print()
     print(format_table(rows))
+    per_op = format_per_op(rows)
+    if per_op:
+        print()
+        print(per_op)
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
             json.dump({"machine": info, "thread_settings": settings, "notes": notes,
