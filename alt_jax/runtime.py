@@ -267,14 +267,17 @@ class KernelCache:
         key = self.key(src)
         return self.cache_dir / key[:2] / f"{src.symbol}-{key}.so"
 
-    def build(self, src: KernelSource) -> Kernel:
+    def build(self, src: KernelSource, load: bool = True) -> Kernel:
         """Compile (or reuse) and load src; raises BuildError (the op falls back to XLA) with
-        the compiler's message, or with what is wrong with the cache directory."""
+        the compiler's message, or with what is wrong with the cache directory.
+        load=False (the tuner: candidates run in a worker process, which loads and verifies
+        them there) compiles and publishes without mapping the library into this process;
+        a cached file is then not verified here either."""
         lib = self.path_for(src)
         try:
-            kernel = self._load_cached(src, lib)
+            kernel = self._load_cached(src, lib, load)
             if kernel is None:
-                kernel = self._build_and_load(src, lib)
+                kernel = self._build_and_load(src, lib, load)
         except OSError as e:
             raise BuildError(
                 f"kernel cache {self.cache_dir} is unusable: {_os_error_text(e)}; kernel "
@@ -360,7 +363,8 @@ class KernelCache:
         _core.load(str(lib), src.symbol)
         _note_loaded(lib)
 
-    def _load_cached(self, src: KernelSource, lib: pathlib.Path) -> Kernel | None:
+    def _load_cached(self, src: KernelSource, lib: pathlib.Path,
+                     load: bool = True) -> Kernel | None:
         """The cached kernel, or None on a miss or when the cached file fails verification
         (it is then rebuilt and atomically replaced)."""
         if not self._cache_dirs(lib, create=False) or not os.path.lexists(lib):
@@ -371,7 +375,8 @@ class KernelCache:
             self._count_rejected()
             return None
         try:
-            self._load(src, lib)
+            if load:
+                self._load(src, lib)
         except RuntimeError as e:
             log.warning("%s", e)
             self._count_rejected()
@@ -388,13 +393,15 @@ class KernelCache:
         with self._lock:
             self.rejected += 1
 
-    def _build_and_load(self, src: KernelSource, lib: pathlib.Path) -> Kernel:
+    def _build_and_load(self, src: KernelSource, lib: pathlib.Path,
+                        load: bool = True) -> Kernel:
         self._cache_dirs(lib, create=True)
         self._compile(src, lib)
         with self._lock:
             self.builds += 1
         try:
-            self._load(src, lib)
+            if load:
+                self._load(src, lib)
         except RuntimeError as e:
             raise BuildError(str(e)) from e
         self._evict_over_bound()

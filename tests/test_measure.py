@@ -213,6 +213,9 @@ def test_builder_dedupes_and_keeps_order(tmp_path):
     assert kernels[0].lib == kernels[2].lib and kernels[0].symbol == one.symbol
     assert (kernels[0].workspace_bytes, kernels[2].workspace_bytes) == (0, 64)
     assert b.build([]) == []
+    # candidates run in the worker: the tuning process never maps them
+    with open("/proc/self/maps") as f:
+        assert kernels[0].lib not in f.read()
 
 
 def test_keyboard_interrupt_kills_the_worker(built, operands):

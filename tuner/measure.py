@@ -196,7 +196,8 @@ class Builder:
     def _build_one(self, src: runtime.KernelSource):
         t0 = time.perf_counter()
         try:
-            built = self.cache.build(src)
+            # the worker loads and verifies it; this process never maps candidates
+            built = self.cache.build(src, load=False)
         except runtime.BuildError as e:
             built = e
         return built, time.perf_counter() - t0
