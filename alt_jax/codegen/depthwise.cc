@@ -307,7 +307,11 @@ void pack_weights(const float* ALT_RESTRICT rhs, float* ALT_RESTRICT wpk) {
 
 // Copies the input rows [ih0, ih0 + rows) of channel block b, image n, into slot rows
 // [ROWS_IN][WP][CB] with zeros for padding and for channels past K.
-void pack_rows(const float* ALT_RESTRICT in_n, float* ALT_RESTRICT dst, int64_t b, int64_t ih0,
+// Not auto-vectorized: g++ 12 -O3 vectorizes the pixel-by-pixel copy wrongly for a one-column
+// input whose rows are one block apart (W = 1, c_block 16, >= 5 rows per task: garbage in
+// the slot; tests/test_depthwise_kernel.py::test_one_column_packed_input). The copy is a
+// small share of the kernel (its FMAs read the slot many times).
+__attribute__((optimize("no-tree-vectorize"))) void pack_rows(const float* ALT_RESTRICT in_n, float* ALT_RESTRICT dst, int64_t b, int64_t ih0,
                int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t ih = ih0 + r;
