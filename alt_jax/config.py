@@ -58,7 +58,7 @@ OPTIONS = {
         Option("cxx", "ALT_JAX_CXX", None, str,
                "C++ compiler for generated kernels (default: $CXX, then g++, c++, clang++)"),
         Option("isa", "ALT_JAX_ISA", "", _isa,
-               "force the vector ISA kernels are generated for (avx2, sse2, neon, scalar)"),
+               "force the vector ISA kernels are generated for (avx512, avx2, sse2, neon, scalar)"),
         Option("min_flops", "ALT_JAX_MIN_FLOPS", None, int,
                "ops below this many flops stay in XLA (default: measured rule in planner)"),
         Option("records", "ALT_JAX_RECORDS", None, str, "tuning records file (JSON lines)"),

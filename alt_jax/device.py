@@ -14,21 +14,26 @@ import platform
 class Isa:
     """The vector instruction set kernels are generated for."""
 
-    name: str                 # "avx2" | "sse2" | "neon" | "scalar"
-    vector_floats: int        # fp32 lanes of one vector register: 8, 4 or 1
+    name: str                 # "avx512" | "avx2" | "sse2" | "neon" | "scalar"
+    vector_floats: int        # fp32 lanes of one vector register: 16, 8, 4 or 1
     vector_registers: int     # architectural vector registers (register-tile budget)
     compile_flags: tuple[str, ...]
 
     def __post_init__(self):
-        if self.vector_floats not in (1, 4, 8):
-            raise ValueError(f"Isa.vector_floats must be 1, 4 or 8, got {self.vector_floats}")
+        if self.vector_floats not in (1, 4, 8, 16):
+            raise ValueError(f"Isa.vector_floats must be 1, 4, 8 or 16, got "
+                             f"{self.vector_floats}")
 
 
+# AVX-512 (F + VL + DQ): 16 lanes and 32 zmm registers. The kernels are the same templates
+# (GCC vector extensions); -mprefer-vector-width=512 lets the compiler keep 512-bit code.
+AVX512 = Isa("avx512", 16, 32, ("-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                                "-mf16c", "-mprefer-vector-width=512"))
 AVX2 = Isa("avx2", 8, 16, ("-mavx2", "-mfma", "-mf16c"))
 SSE2 = Isa("sse2", 4, 16, ("-msse2",))
 NEON = Isa("neon", 4, 32, ())
 SCALAR = Isa("scalar", 1, 16, ())
-ISAS = {isa.name: isa for isa in (AVX2, SSE2, NEON, SCALAR)}
+ISAS = {isa.name: isa for isa in (AVX512, AVX2, SSE2, NEON, SCALAR)}
 
 
 def _cpu_flags() -> set[str]:
@@ -64,6 +69,8 @@ def detect_isa() -> Isa:
     machine = platform.machine().lower()
     flags = _cpu_flags()
     if machine in ("x86_64", "amd64"):
+        if {"avx512f", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+            return AVX512
         if {"avx2", "fma"} <= flags:
             return AVX2
         return SSE2

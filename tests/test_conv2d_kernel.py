@@ -17,13 +17,14 @@ import pytest
 from jax import lax
 
 from alt_jax import device, runtime
+from isa_cases import TABLE_ISA
 from epilogue_cases import EPILOGUES
 from alt_jax.ops import conv2d
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 
 FAMILY = conv2d.FAMILY
-ISA = device.detect_isa()
+ISA = TABLE_ISA  # the knob tables' ISA (tests/isa_cases.py)
 NCHW = ("NCHW", "OIHW", "NCHW")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -131,7 +132,7 @@ def _knob_jobs():
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    return runtime.KernelCache(tmp_path_factory.mktemp("conv2d_kernels"))
+    return runtime.KernelCache(tmp_path_factory.mktemp("conv2d_kernels"), isa=ISA)
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,11 @@ import pytest
 
 import alt_jax
 from alt_jax import device, runtime
+from isa_cases import TABLE_ISA
 from alt_jax.ops import depthwise
 from alt_jax.ops.depthwise import DepthwiseKnobs
 
-ISA = device.detect_isa()
+ISA = TABLE_ISA  # the knob tables' ISA (tests/isa_cases.py)
 TOL = 1e-4
 NHWC = ("NHWC", "HWIO", "NHWC")
 NCHW = ("NCHW", "OIHW", "NCHW")
@@ -29,7 +30,7 @@ NCHW = ("NCHW", "OIHW", "NCHW")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return runtime.KernelCache(tmp_path_factory.mktemp("edge_kernels"))
+    return runtime.KernelCache(tmp_path_factory.mktemp("edge_kernels"), isa=ISA)
 
 
 def _conv(x, w, dn, padding=((1, 1), (1, 1)), stride=(1, 1), dilation=(1, 1), groups=1):

@@ -239,7 +239,15 @@ def test_illegal_points_raise_knob_error_and_legal_ones_render(family):
         assert len(legal) >= 15, f"{case}: {len(legal)} legal of 300 draws"
         for knobs in legal[:10]:
             assert family.render(spec, knobs, ISA).symbol
-    assert illegal > 0, "no illegal point drawn: the test would not see another exception"
+        # and one point off every axis (an int knob far out of range) is a KnobError too, so
+        # the check runs even where every drawn point is legal (depthwise at 16 lanes)
+        default = family.default_knobs(spec, ISA)
+        name = next(a.name for a in space.axes if isinstance(getattr(default, a.name), int)
+                    and not isinstance(getattr(default, a.name), bool))
+        with pytest.raises(KnobError):
+            family.validate(spec, dataclasses.replace(default, **{name: 10**6}), ISA)
+        illegal += 1
+    assert illegal > 0
 
 
 # ---- random legal points compute what lax computes ----

@@ -13,19 +13,20 @@ import numpy as np
 import pytest
 
 from alt_jax import device, runtime
+from isa_cases import TABLE_ISA
 from alt_jax.ops import winograd
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
 from alt_jax.ops.winograd import FAMILY, WinogradKnobs
 from epilogue_cases import EPILOGUES
 
-ISA = device.detect_isa()
+ISA = TABLE_ISA  # the knob tables' ISA (tests/isa_cases.py)
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return runtime.KernelCache(tmp_path_factory.mktemp("winograd_kernels"))
+    return runtime.KernelCache(tmp_path_factory.mktemp("winograd_kernels"), isa=ISA)
 
 
 def _conv(dn, padding, stride=(1, 1), dilation=(1, 1), groups=1):

@@ -50,6 +50,16 @@ ALT_INLINE altv<8>::type alt_vmin<8>(altv<8>::type a, altv<8>::type b) {
   return (altv<8>::type)_mm256_min_ps((__m256)b, (__m256)a);
 }
 #endif
+#if defined(__AVX512F__)
+template <>
+ALT_INLINE altv<16>::type alt_vmax<16>(altv<16>::type a, altv<16>::type b) {
+  return (altv<16>::type)_mm512_max_ps((__m512)b, (__m512)a);
+}
+template <>
+ALT_INLINE altv<16>::type alt_vmin<16>(altv<16>::type a, altv<16>::type b) {
+  return (altv<16>::type)_mm512_min_ps((__m512)b, (__m512)a);
+}
+#endif
 template <>
 ALT_INLINE float alt_vmax<1>(float a, float b) { return a != a || a > b ? a : b; }
 template <>

@@ -1,5 +1,5 @@
 // Portable short vectors for generated kernels: GCC/Clang vector extensions, so one source
-// serves AVX2+FMA (8 floats), SSE/NEON (4) and a scalar fallback (1).
+// serves AVX-512 (16 floats), AVX2+FMA (8), SSE/NEON (4) and a scalar fallback (1).
 // Entry points: altv<W>::type, vload/vstore/vbroadcast/vzero/vfma, ALT_NATIVE_FLOATS.
 #ifndef ALT_JAX_SIMD_H_
 #define ALT_JAX_SIMD_H_
@@ -7,7 +7,9 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+#define ALT_NATIVE_FLOATS 16
+#elif defined(__AVX2__) && defined(__FMA__)
 #define ALT_NATIVE_FLOATS 8
 #elif defined(__SSE2__) || defined(__ARM_NEON)
 #define ALT_NATIVE_FLOATS 4
