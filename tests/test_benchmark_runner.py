@@ -104,3 +104,34 @@ def test_others_load_sees_another_process_holding_a_core():
         busy.wait()
     # one busy process on this machine's cores: about 1 / cores of it, more if others run
     assert load.others_share + load.steal_share >= 0.6 / (os.cpu_count() or 1)
+
+
+def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path):
+    """Records of a joint and a loop-only run give one column each, every op of the tuned
+    plans on tuned knobs, a per-op table, and tuned_ops times each op's variants."""
+    from alt_jax import records, runtime
+    from benchmarks import tuned_ops
+    from tuner.cli import bound_workloads
+    from tuner.tune import TuneOptions, tune
+
+    model = models.build("tiny_cnn")
+    path = tmp_path / "rec.jsonl"
+    cache = runtime.KernelCache(tmp_path / "kernels")
+    for mode in ("joint", "loop_only"):
+        tune(bound_workloads(model), records.RecordStore(path),
+             TuneOptions(trials=6, batch=2, mode=mode, model="tiny"), cache=cache)
+    assert [label for label, _ in run.tuning_runs(str(path))] == ["joint tuned",
+                                                                   "loop-only tuned"]
+    rows = run.run_workloads([(model, 1)], timing.MeasureConfig(repeat=1, min_round_ms=1),
+                             ["xla"], str(path), 100.0, 1e-4, [], {})
+    (row,) = rows
+    for name in ("alt_jax tuned", "alt_jax joint tuned", "alt_jax loop-only tuned"):
+        tuned, on_kernels = row["impls"][name]["ops_tuned"]
+        assert tuned == on_kernels == row["alt_jax_ops_on_kernels"][0] > 0
+        assert row["impls"][name]["speedup_vs"]["alt_jax"] > 0
+    assert {op["from"] for op in row["per_op"]} == {"tuned"}
+    assert "vs untuned alt_jax: tuned" in run.format_table(rows)
+    op_rows = tuned_ops.op_rows(model, str(path), rounds=2, min_repeat_s=1e-3)
+    assert len(op_rows) == 2 and all(
+        set(r["ms"]) == {"untuned", "joint tuned", "loop-only tuned"} for r in op_rows)
+    assert "whole model" in tuned_ops.format_rows(op_rows)

@@ -110,7 +110,7 @@ def _merge_duplicates(workloads: Sequence) -> list:
     return list(merged.values())
 
 
-class _Harness:
+class Harness:
     """A workload's example operands (real shapes, seeded) and the lax reference result."""
 
     def __init__(self, workload, seed: int):
@@ -160,10 +160,10 @@ class KernelMeasurer:
         self.runner = measure_mod.Runner(config)
         self.harnesses: dict = {}
 
-    def _harness(self, w) -> _Harness:
+    def _harness(self, w) -> Harness:
         h = self.harnesses.get(w.op_key)
         if h is None:
-            h = self.harnesses[w.op_key] = _Harness(w, self.seed)
+            h = self.harnesses[w.op_key] = Harness(w, self.seed)
         return h
 
     def __call__(self, workload, candidates: list, best_so_far_s) -> list:

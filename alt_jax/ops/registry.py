@@ -1,8 +1,10 @@
 """Which operator families may rewrite which primitive, in the order they are tried.
 
 Entry point: families_for(primitive). A more specialised family comes first (depthwise,
-then Winograd for 3x3 stride-1 convs, before the general direct conv) and may decline with
-Unsupported so the next one is tried.
+then Winograd for 3x3 stride-1 convs, before the general direct conv, which comes last and
+names the op in records: planner.op_key). Untuned, a family that cannot run the op
+(Unsupported) or whose heuristic prefers another (prefers() is False) passes it to the next;
+tuning records choose among all that can run it.
 """
 from __future__ import annotations
 
