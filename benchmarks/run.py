@@ -22,6 +22,7 @@ from alt_jax import _core, device
 from alt_jax.ops import registry
 from alt_jax.records import RecordStore
 from benchmarks import models, peers, suites, timing
+from benchmarks.tuning_runs import tuning_runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("suite", "models", ["models", "ops"], "whole models or op suites")
@@ -112,23 +113,6 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
                                    exclude=("winograd",))))):
             impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)
     return impls
-
-
-_RUN_LABELS = {("joint", "model"): "joint tuned", ("loop_only", "model"): "loop-only tuned",
-               ("joint", "random"): "joint tuned (random search)",
-               ("loop_only", "random"): "loop-only tuned (random search)"}
-
-
-def tuning_runs(path: str) -> list:
-    """[(column label, record selection)] for each kind of tuning run (mode x search) in the
-    records file on this device, when it holds more than one kind (else 'alt_jax tuned' is
-    the only column needed)."""
-    here = device.fingerprint()
-    kinds = sorted({(r.get("mode", "joint"), r.get("search", "model"))
-                    for r in RecordStore(path).records() if r["device"] == here})
-    if len(kinds) < 2:
-        return []
-    return [(_RUN_LABELS[k], {"mode": k[0], "search": k[1]}) for k in kinds if k in _RUN_LABELS]
 
 
 def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records, peak,

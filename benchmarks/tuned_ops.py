@@ -17,7 +17,7 @@ from absl import app, flags
 
 from alt_jax import device, records as records_mod, runtime
 from benchmarks import models
-from benchmarks.run import tuning_runs
+from benchmarks.tuning_runs import tuning_runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet50", f"a model of benchmarks/models: {sorted(models.MODELS)}")

@@ -111,6 +111,7 @@ def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path):
     plans on tuned knobs, a per-op table, and tuned_ops times each op's variants."""
     from alt_jax import records, runtime
     from benchmarks import tuned_ops
+    from benchmarks.tuning_runs import tuning_runs
     from tuner.cli import bound_workloads
     from tuner.tune import TuneOptions, tune
 
@@ -120,7 +121,7 @@ def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path):
     for mode in ("joint", "loop_only"):
         tune(bound_workloads(model), records.RecordStore(path),
              TuneOptions(trials=6, batch=2, mode=mode, model="tiny"), cache=cache)
-    assert [label for label, _ in run.tuning_runs(str(path))] == ["joint tuned",
+    assert [label for label, _ in tuning_runs(str(path))] == ["joint tuned",
                                                                    "loop-only tuned"]
     rows = run.run_workloads([(model, 1)], timing.MeasureConfig(repeat=1, min_round_ms=1),
                              ["xla"], str(path), 100.0, 1e-4, [], {})
