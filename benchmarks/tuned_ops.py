@@ -20,11 +20,17 @@ from benchmarks import models
 from benchmarks.tuning_runs import tuning_runs
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "resnet50", f"a model of benchmarks/models: {sorted(models.MODELS)}")
-flags.DEFINE_string("layout", "nhwc", "the model's program layout")
-flags.DEFINE_string("records", None, "tuning records (alt-tune)")
-flags.DEFINE_integer("rounds", 15, "interleaved rounds per op")
-flags.DEFINE_float("min_repeat_ms", 20.0, "minimum duration of one timed repeat")
+
+
+def define_flags() -> None:
+    """Flags of the command line only (benchmarks.run, imported beside this module by the
+    tests, defines some of the same names)."""
+    flags.DEFINE_string("model", "resnet50", f"a model of benchmarks/models: "
+                        f"{sorted(models.MODELS)}")
+    flags.DEFINE_string("layout", "nhwc", "the model's program layout")
+    flags.DEFINE_string("records", None, "tuning records (alt-tune)")
+    flags.DEFINE_integer("rounds", 15, "interleaved rounds per op")
+    flags.DEFINE_float("min_repeat_ms", 20.0, "minimum duration of one timed repeat")
 
 
 def _variants(workload, space_isa, records_path: str) -> dict:
@@ -120,4 +126,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -106,7 +106,7 @@ def test_others_load_sees_another_process_holding_a_core():
     assert load.others_share + load.steal_share >= 0.6 / (os.cpu_count() or 1)
 
 
-def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path):
+def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path, monkeypatch):
     """Records of a joint and a loop-only run give one column each, every op of the tuned
     plans on tuned knobs, a per-op table, and tuned_ops times each op's variants."""
     from alt_jax import records, runtime
@@ -115,6 +115,11 @@ def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path):
     from tuner.cli import bound_workloads
     from tuner.tune import TuneOptions, tune
 
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # run_workloads reads benchmarks.run's flag defaults
+    monkeypatch.setenv("ALT_JAX_CACHE_DIR", str(tmp_path / "kernels"))  # never the user's
     model = models.build("tiny_cnn")
     path = tmp_path / "rec.jsonl"
     cache = runtime.KernelCache(tmp_path / "kernels")
