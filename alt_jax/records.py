@@ -2,9 +2,10 @@
 fingerprint and workload.
 
 Entry points: RecordStore(path).append / .best / .best_for_op / .best_knobs / .records /
-.measured / .compact, merge_files, make_record, workload_key, SCHEMA_VERSION,
-STATUSES, check_record. Records hold decisions (family, layout, knobs, times), never code:
-kernels are rebuilt from them, and every knob read back is validated by its template.
+.compact, merge_files, make_record, record_time, knobs_as_json, knobs_from_record,
+workload_key, SCHEMA_VERSION, STATUSES, check_record. Records hold decisions (family,
+layout, knobs, times), never code: kernels are rebuilt from them, and every knob read back
+is validated by its template.
 
 A record (schema 2) names: the family and its workload (the spec) and workload_key; the
 op_key of the operation whatever family computes it (so that families computing the same
@@ -60,6 +61,11 @@ def versions() -> dict:
     return {"alt_jax": __version__, "jaxlib": runtime.jaxlib_version(), "compiler": compiler}
 
 
+def knobs_as_json(knobs) -> dict:
+    """Knobs as a record holds them (tuples become lists): what records compare."""
+    return json.loads(json.dumps(dataclasses.asdict(knobs)))
+
+
 def make_record(family: str, spec, knobs, device: str, times_s: Iterable[float],
                 status: str = "ok", *, op_key: Optional[str] = None,
                 layout: Optional[dict] = None, **extra) -> dict:
@@ -76,7 +82,7 @@ def make_record(family: str, spec, knobs, device: str, times_s: Iterable[float],
         "workload": workload(spec),
         "op_key": op_key or wkey,
         "layout": json.loads(json.dumps(layout or {})),
-        "knobs": json.loads(json.dumps(dataclasses.asdict(knobs))),
+        "knobs": knobs_as_json(knobs),
         "device": device,
         "times_s": [float(t) for t in times_s],
         "status": status,
@@ -202,12 +208,16 @@ def _not_object_shaped(line: bytes) -> Optional[str]:
     return None
 
 
-def _time(rec) -> float:
+def record_time(rec) -> Optional[float]:
+    """A record's time: the median of its repeats; None unless it is an ok measurement."""
+    if rec["status"] != "ok" or not rec["times_s"]:
+        return None
     return statistics.median(rec["times_s"])
 
 
 def _better(rec, than) -> bool:
-    return than is None or _time(rec) < _time(than)
+    """rec (an ok record) is faster than `than` (an ok record, or None)."""
+    return than is None or record_time(rec) < record_time(than)
 
 
 # (path, device) -> (stat key, {(family, workload_key): best ok record, op_key: best ok
@@ -283,12 +293,6 @@ class RecordStore:
     def best_for_op(self, op_key: str, device: str) -> dict | None:
         """The fastest ok record of any family for this operation on this device, or None."""
         return _device_index(self.path, device, self.select).get(op_key)
-
-    def measured(self, device: str) -> set:
-        """(family, workload_key, knobs as sorted JSON) of every candidate already measured
-        on device, whatever its status: what a resumed tuning run must not measure again."""
-        return {(r["family"], r["workload_key"], json.dumps(r["knobs"], sort_keys=True))
-                for r in self.records() if r["device"] == device}
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:
         """The best record's knobs as knobs_type, or None (no record, or knobs that do not

@@ -18,18 +18,12 @@ import dataclasses
 import math
 import os
 import re
-import statistics
 import textwrap
 from typing import Optional
 
+from alt_jax.records import record_time
+
 NO_MODEL = "(no model label)"
-
-
-def _time(rec) -> Optional[float]:
-    """A record's time: the median of its repeats; None unless it is an ok measurement."""
-    if rec["status"] != "ok" or not rec["times_s"]:
-        return None
-    return statistics.median(rec["times_s"])
 
 
 def variant_of(rec) -> str:
@@ -49,19 +43,19 @@ class VariantResult:
 
     @property
     def best(self) -> Optional[dict]:
-        ok = [r for r in self.records if _time(r) is not None]
-        return min(ok, key=_time) if ok else None
+        ok = [r for r in self.records if record_time(r) is not None]
+        return min(ok, key=record_time) if ok else None
 
     @property
     def best_s(self) -> Optional[float]:
-        return _time(self.best) if self.best else None
+        return record_time(self.best) if self.best else None
 
     def curve(self, start: Optional[float]) -> list:
         """Best-so-far time after each of this variant's trials (None before the first ok
         one when there is no start value)."""
         out, best = [], start
         for rec in self.records:
-            t = _time(rec)
+            t = record_time(rec)
             if t is not None and (best is None or t < best):
                 best = t
             out.append(best)
@@ -110,7 +104,7 @@ class ModelReport:
         total = lambda: sum(best[k] * ops[k].multiplicity for k in best)
         xs, ys = [0], [total()]
         for i, rec in enumerate(recs, 1):
-            t = _time(rec)
+            t = record_time(rec)
             if t is not None and t < best[rec["op_key"]]:
                 best[rec["op_key"]] = t
             xs.append(i)
@@ -133,7 +127,7 @@ def summarize(records, device: Optional[str]) -> list:
                                       for r in op_recs))
         op_reports = []
         for op_key, op_recs in ops.items():
-            heuristic = [_time(r) for r in op_recs if r.get("heuristic")]
+            heuristic = [record_time(r) for r in op_recs if r.get("heuristic")]
             heuristic = [t for t in heuristic if t is not None]
             by_variant: dict = {}
             for r in op_recs:
