@@ -2,8 +2,8 @@
 
 Entry points: PlanOptions, make_plan(jaxpr, options) -> Plan, Plan (str() is the explain
 table), OpDecision, list_workloads(jaxpr, options) -> [Workload] (what a program would put on
-kernels, without building anything: the tuner's input), op_key, FallbackWarning,
-DEFAULT_MIN_FLOPS.
+kernels, without building anything: the tuner's input), merge_workloads, op_key,
+FallbackWarning, DEFAULT_MIN_FLOPS.
 Family and knobs come from the fastest tuning record of the op on this device when there is
 one (any family that computes the op competes: Winograd vs direct), else the first family
 whose heuristic prefers the op, with its heuristic knobs; both pass the family's validate().
@@ -17,7 +17,6 @@ import concurrent.futures
 import dataclasses
 import os
 import re
-import statistics
 import warnings
 from typing import Any, Callable, Optional
 
@@ -308,7 +307,7 @@ def _choose_tuned(eqn, base: dict, options: PlanOptions, refine):
                       f"the heuristic")
         return None
     return OpDecision(**base, family=family.name, spec=spec, knobs=knobs, knobs_from="tuned",
-                      tuned_time_s=statistics.median(rec["times_s"]),
+                      tuned_time_s=records_mod.record_time(rec),
                       flops=flops), (family, src)
 
 
@@ -598,15 +597,39 @@ class Workload:
     def spec_of(self, family_name: str):
         return dict(self.candidates)[family_name]
 
+    @property
+    def operand_names(self) -> tuple:
+        """Names of the op's operands, in operand_shapes' order."""
+        return ("lhs", "rhs") + _epilogue_inputs(self.candidates[0][1])
+
     def reference(self, operands):
         """The op's result in jnp from its operands [lhs, rhs, *epilogue inputs]."""
-        spec = self.candidates[0][1]
-        epi = getattr(spec, "epilogue", None)
+        epi = getattr(self.candidates[0][1], "epilogue", None)
         y = self.eqn.primitive.bind(operands[0], operands[1], **self.eqn.params)
         if epi is None or epi.is_identity:
             return y
         extra = dict(zip(epi.inputs(), operands[2:]))
         return epi.reference(y, self.channel_axis, **extra)
+
+    def merged_with(self, other: "Workload") -> "Workload":
+        """This op counted together with `other` (the same op_key seen again)."""
+        return dataclasses.replace(self, multiplicity=self.multiplicity + other.multiplicity,
+                                   where=self.where + other.where)
+
+
+def _epilogue_inputs(spec) -> tuple:
+    """The extra kernel inputs a spec's fused epilogue reads (none for a spec without one)."""
+    epi = getattr(spec, "epilogue", None)
+    return epi.inputs() if epi is not None else ()
+
+
+def merge_workloads(workloads) -> list:
+    """One workload per op_key, in first-seen order, multiplicities summed."""
+    merged: dict = {}
+    for w in workloads:
+        seen = merged.get(w.op_key)
+        merged[w.op_key] = w if seen is None else seen.merged_with(w)
+    return list(merged.values())
 
 
 def _workload_of(where, eqn, view, refine, options: PlanOptions) -> Optional[Workload]:
@@ -631,9 +654,8 @@ def _workload_of(where, eqn, view, refine, options: PlanOptions) -> Optional[Wor
     epi = getattr(spec, "epilogue", None)
     axis = _channel_axis(view) if epi is not None and not epi.is_identity else None
     out_shape = tuple(view.outvars[0].aval.shape)
-    extra_shapes = []
-    for name in (epi.inputs() if epi is not None else ()):
-        extra_shapes.append(out_shape if name == "residual" else (out_shape[axis],))
+    extra_shapes = [out_shape if name == "residual" else (out_shape[axis],)
+                    for name in _epilogue_inputs(spec)]
     shapes = (tuple(view.invars[0].aval.shape), tuple(view.invars[1].aval.shape),
               *extra_shapes)
     return Workload(op_key=op_key(view, options, refine), primitive=view.primitive.name,
@@ -647,15 +669,9 @@ def list_workloads(jaxpr, options: PlanOptions) -> list:
     """The unique ops of a closed jaxpr that families would put on kernels, each once with
     its multiplicity, in program order. Compiles nothing."""
     program = _program(jaxpr, options)
-    found: dict = {}
-    for where, eqn, view, refine in program.ops(options):
-        w = _workload_of(where, eqn, view, refine, options)
-        if w is None:
-            continue
-        seen = found.get(w.op_key)
-        found[w.op_key] = w if seen is None else dataclasses.replace(
-            seen, multiplicity=seen.multiplicity + 1, where=seen.where + w.where)
-    return list(found.values())
+    found = (_workload_of(where, eqn, view, refine, options)
+             for where, eqn, view, refine in program.ops(options))
+    return merge_workloads(w for w in found if w is not None)
 
 
 def make_plan(jaxpr, options: PlanOptions) -> Plan:

@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from alt_jax import device, records as records_mod, runtime
+from alt_jax.ops import registry
 from benchmarks import models
 from benchmarks.tuning_runs import tuning_runs
 
@@ -35,9 +36,7 @@ def define_flags() -> None:
 
 def _variants(workload, space_isa, records_path: str) -> dict:
     """label -> (family, spec, knobs): 'untuned' and one per tuning run kind with a record."""
-    from tuner.space import families_by_name
-
-    families = families_by_name()
+    families = registry.families_by_name()
     name = workload.preferred
     family, spec = families[name], workload.spec_of(name)
     out = {"untuned": (family, spec, family.default_knobs(spec, space_isa))}
@@ -57,6 +56,7 @@ def _variants(workload, space_isa, records_path: str) -> dict:
 def op_rows(model, records_path: str, rounds: int, min_repeat_s: float) -> list:
     from tuner.cli import bound_workloads
     from tuner.tune import Harness
+    from tuner.worker import check_output
 
     isa = device.detect_isa()
     cache = runtime.default_cache()
@@ -70,9 +70,9 @@ def op_rows(model, records_path: str, rounds: int, min_repeat_s: float) -> list:
             inputs = harness.inputs_for(family, spec, knobs, isa)
             out = np.empty(harness.expected.shape, np.float32)
             runtime.run_numpy(kernel, inputs, [out])
-            err = np.max(np.abs(out - harness.expected)) / max(1.0, np.max(np.abs(harness.expected)))
-            if not err <= 1e-4:
-                raise AssertionError(f"{w.label} [{label}]: relative error {err:.2e}")
+            wrong = check_output(out, harness.expected, 1e-4)  # the tuner's own check
+            if wrong:
+                raise AssertionError(f"{w.label} [{label}]: {wrong}")
             probe = min(runtime.time_numpy(kernel, inputs, [out], number=1, repeat=3))
             number = max(1, int(min_repeat_s / max(probe, 1e-7)))
             prepared[label] = (kernel, inputs, out, number, f"{family.name} {knobs}")

@@ -15,6 +15,7 @@ import math
 from typing import Any, Optional
 
 from alt_jax.ops import registry
+from alt_jax.records import knobs_as_json
 from alt_jax.ops.base import KnobError
 
 MODES = ("joint", "loop_only")
@@ -30,12 +31,8 @@ class Choice:
     @property
     def key(self) -> str:
         """Identity across processes: what records and resumes compare."""
-        return json.dumps({"family": self.family, "knobs": knobs_json(self.knobs)},
+        return json.dumps({"family": self.family, "knobs": knobs_as_json(self.knobs)},
                           sort_keys=True)
-
-
-def knobs_json(knobs) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(knobs)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +42,6 @@ class _Part:
     space: Any
 
 
-def families_by_name() -> dict:
-    """Every registered family, by name (the ones a workload's candidates can name)."""
-    out = {}
-    for prim in registry.family_table():
-        for family in registry.families_for(prim):
-            out[family.name] = family
-    return out
-
-
 class JointSpace:
     """Candidates for one workload. `families` maps names to family objects (default: the
     registry's); the workload's candidates say which families can compute it."""
@@ -61,7 +49,7 @@ class JointSpace:
     def __init__(self, workload, isa, mode: str = "joint", families: Optional[dict] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-        families = families or families_by_name()
+        families = families or registry.families_by_name()
         self.workload, self.isa, self.mode = workload, isa, mode
         names = [workload.preferred] if mode == "loop_only" else \
             [name for name, _ in workload.candidates]

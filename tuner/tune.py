@@ -20,13 +20,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from alt_jax import device, records as records_mod
+from alt_jax import device, planner, records as records_mod
+from alt_jax.ops import registry
 from alt_jax.records import RecordStore
 from tuner import measure as measure_mod
 from tuner.cost_model import CostModel, relative_log_time
 from tuner.scheduler import TaskScheduler, TaskState, Trial
 from tuner.search import SEARCHES, make_search
-from tuner.space import MODES, Choice, JointSpace, families_by_name
+from tuner.space import MODES, Choice, JointSpace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,16 +101,6 @@ def workloads_of(fn, *args, **optimize_options) -> list:
     return planner.list_workloads(closed, opt.options)
 
 
-def _merge_duplicates(workloads: Sequence) -> list:
-    """One workload per op_key, multiplicities summed (an op suite may repeat an op)."""
-    merged: dict = {}
-    for w in workloads:
-        seen = merged.get(w.op_key)
-        merged[w.op_key] = w if seen is None else dataclasses.replace(
-            seen, multiplicity=seen.multiplicity + w.multiplicity, where=seen.where + w.where)
-    return list(merged.values())
-
-
 class Harness:
     """A workload's example operands (real shapes, seeded) and the lax reference result."""
 
@@ -119,9 +110,8 @@ class Harness:
         rng = np.random.default_rng(seed)
         out_shape = tuple(workload.eqn.outvars[0].aval.shape)
         reduction = max(1, workload.flops // (2 * max(1, math.prod(out_shape))))
-        names = ["lhs", "rhs"] + list(_epilogue_inputs(workload))
         ops = []
-        for name, shape in zip(names, workload.operand_shapes):
+        for name, shape in zip(workload.operand_names, workload.operand_shapes):
             if name == "rhs":
                 x = rng.standard_normal(shape) / math.sqrt(reduction)
             elif name == "scale":
@@ -141,11 +131,6 @@ class Harness:
         with jax.default_device(jax.devices("cpu")[0]):
             arrays = family.kernel_inputs(spec, knobs, list(self.operands), isa)
         return tuple(np.ascontiguousarray(np.asarray(a), np.float32) for a in arrays)
-
-
-def _epilogue_inputs(workload) -> tuple:
-    epi = getattr(workload.candidates[0][1], "epilogue", None)
-    return epi.inputs() if epi is not None else ()
 
 
 class KernelMeasurer:
@@ -200,14 +185,13 @@ class _Run:
         self.cache = cache or runtime.default_cache()
         self.isa = self.cache.isa or device.detect_isa()
         self.device = device.fingerprint(self.isa)
-        self.families = families or families_by_name()
+        self.families = families or registry.families_by_name()
         self.run_id = uuid.uuid4().hex[:12]
-        self.rng = np.random.default_rng(options.seed)
         self.model = CostModel(seed=options.seed)
         self.tasks, self.spaces, self.searches = [], {}, {}
         self.measured: set = set()
         prior = self._prior_records()
-        for w in _merge_duplicates(workloads):
+        for w in planner.merge_workloads(workloads):  # an op suite may repeat an op
             space = JointSpace(w, self.isa, options.mode, self.families)
             task = TaskState(w)
             self.tasks.append(task)
@@ -245,14 +229,7 @@ class _Run:
             choice = self._choice_of(rec, space)
             if choice is None:
                 continue
-            ok = rec["status"] == "ok" and rec["times_s"]
-            median = float(np.median(rec["times_s"])) if ok else None
-            trial = Trial(choice.family, choice.knobs, rec.get("layout", {}), rec["status"],
-                          median, bool(rec.get("heuristic")), rec.get("stage", ""),
-                          task.trials)
-            task.add(trial)
-            self.searches[task.workload.op_key].observe(choice, median)
-            self.measured.add((task.workload.op_key, choice.key))
+            self._account(task, choice, rec, bool(rec.get("heuristic")), rec.get("stage", ""))
 
     def _warm_start(self, workload, space: JointSpace, prior: dict) -> list:
         """The best choice of each other workload of the records, when valid here: similar
@@ -261,11 +238,11 @@ class _Run:
         for op, recs in prior.items():
             if op == workload.op_key:
                 continue
-            ok = [r for r in recs if r["status"] == "ok" and r["times_s"]
+            ok = [r for r in recs if records_mod.record_time(r) is not None
                   and not r.get("heuristic")]
             if not ok:
                 continue
-            best = min(ok, key=lambda r: float(np.median(r["times_s"])))
+            best = min(ok, key=records_mod.record_time)
             choice = self._choice_of(best, space)
             if choice is not None and space.is_valid(choice) and choice not in seeds:
                 seeds.append(choice)
@@ -295,13 +272,19 @@ class _Run:
                                       self.device, result.times_s if ok else (), result.status,
                                       op_key=w.op_key, layout=space.layout_dict(choice), **extra)
         self.store.append(rec)
-        median = float(np.median(result.times_s)) if ok and result.times_s else None
-        trial = Trial(choice.family, choice.knobs, rec["layout"], result.status, median,
-                      heuristic, stage, task.trials)
+        self.listener.on_trial(task, self._account(task, choice, rec, heuristic, stage))
+
+    def _account(self, task: TaskState, choice: Choice, rec: dict, heuristic: bool,
+                 stage: str) -> Trial:
+        """One measured candidate (just recorded, or read back on resume) counted: in the
+        task's history, the search's observations and the set never measured again."""
+        median = records_mod.record_time(rec)
+        trial = Trial(choice.family, choice.knobs, rec.get("layout", {}), rec["status"],
+                      median, heuristic, stage, task.trials)
         task.add(trial)
-        self.measured.add((w.op_key, choice.key))
-        self.searches[w.op_key].observe(choice, median)
-        self.listener.on_trial(task, trial)
+        self.searches[task.workload.op_key].observe(choice, median)
+        self.measured.add((task.workload.op_key, choice.key))
+        return trial
 
     def train(self) -> None:
         if self.options.search != "model":

@@ -4,8 +4,8 @@ geometry, with the refusals every conv kernel makes, and placing logical dims in
 Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
 conv spec), check_types (the type checks each conv family's validate starts with),
 lower_conv (the checked FFI call of a conv kernel), conv_kernel_inputs (what that call
-passes, from the equation's operands), axis_values (a search-space axis's candidates),
-physical_shape(order, logical), logical_strides(order, shape).
+passes, from the equation's operands), physical_shape(order, logical),
+logical_strides(order, shape).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Which operator families may rewrite which primitive, in the order they are tried.
 
-Entry point: families_for(primitive). A more specialised family comes first (depthwise,
-then Winograd for 3x3 stride-1 convs, before the general direct conv, which comes last and
-names the op in records: planner.op_key). Untuned, a family that cannot run the op
+Entry points: families_for(primitive), family_table(exclude), families_by_name().
+A more specialised family comes first (depthwise, then Winograd for 3x3 stride-1 convs,
+before the general direct conv, which comes last and names the op in records:
+planner.op_key). Untuned, a family that cannot run the op
 (Unsupported) or whose heuristic prefers another (prefers() is False) passes it to the next;
 tuning records choose among all that can run it.
 """
@@ -31,3 +32,8 @@ def family_table(exclude=()) -> dict:
     `families=` option of alt_jax.optimize (benchmark ablations, e.g. no Winograd)."""
     return {prim: tuple(f for f in families_for(prim) if f.name not in exclude)
             for prim in _FAMILY_MODULES}
+
+
+def families_by_name() -> dict:
+    """Every registered family by name (the names workloads and tuning records use)."""
+    return {family.name: family for prim in _FAMILY_MODULES for family in families_for(prim)}
