@@ -1,6 +1,6 @@
 """What CPU this is, for kernel generation and cache/record keys.
 
-Entry points: Isa (frozen), detect_isa(), fingerprint().
+Entry points: Isa (frozen), detect_isa(), fingerprint(), last_level_cache_bytes().
 """
 from __future__ import annotations
 
@@ -84,3 +84,35 @@ def fingerprint(isa: Isa | None = None) -> str:
     """Names this device for tuning records: CPU model, the ISA kernels are generated for
     (this host's, detect_isa(), unless given) and core count."""
     return f"cpu:{_cpu_model()}|isa={(isa or detect_isa()).name}|cores={os.cpu_count()}"
+
+
+_DEFAULT_LLC_BYTES = 32 << 20  # what a server core complex has; used when nothing says
+
+
+def _cache_size(text: str) -> int:
+    """Bytes of a sysfs cache size ("32768K", "2M", "1024")."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """The largest data cache of CPU 0 (sysfs), or 32 MiB where the system does not say.
+    The tuner sizes its cold-weights rotation with it (tuner.measure.MeasureConfig)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(f"{base}/{entry}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                best = max(best, _cache_size(f.read()))
+        except (OSError, ValueError):
+            continue
+    return best or _DEFAULT_LLC_BYTES

@@ -556,10 +556,14 @@ def run_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[np
 
 
 def time_numpy(kernel: Kernel, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray],
-               num_threads: int = 2, number: int = 10, repeat: int = 5) -> list[float]:
-    """Seconds per call, one entry per repeat, after a warm-up call."""
+               num_threads: int = 2, number: int = 10, repeat: int = 5,
+               rotate: Sequence[Sequence[np.ndarray]] = ()) -> list[float]:
+    """Seconds per call, one entry per repeat, after a warm-up call. rotate: more input sets
+    (each like inputs) the calls cycle through after inputs (cold weights: see
+    tuner.measure.MeasureConfig)."""
     from alt_jax import _core
 
     ins = [np.ascontiguousarray(x) for x in inputs]
+    sets = [[np.ascontiguousarray(x) for x in s] for s in rotate]
     return list(_core.time(kernel.lib, kernel.symbol, ins, list(outputs), kernel.workspace_bytes,
-                           num_threads, number, repeat))
+                           num_threads, number, repeat, sets))

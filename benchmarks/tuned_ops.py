@@ -7,6 +7,8 @@ Entry points: main (absl), op_rows(model, records_path, rounds) -> rows.
 Each round times every variant of an op once (runtime.time_numpy: C++ loop, a repeat long
 enough to be >= --min_repeat_ms); the table reports medians over rounds and the median over
 rounds of t_untuned / t_tuned. Kernels are those the planner would build from the records.
+Weights are read cold, as in a model and as the tuner measures them (--cold; see
+tuner.measure.MeasureConfig).
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def define_flags() -> None:
     flags.DEFINE_string("records", None, "tuning records (alt-tune)")
     flags.DEFINE_integer("rounds", 15, "interleaved rounds per op")
     flags.DEFINE_float("min_repeat_ms", 20.0, "minimum duration of one timed repeat")
+    flags.DEFINE_bool("cold", True, "weights read cold (rotated copies), as the tuner times "
+                      "them; --nocold: warm")
 
 
 def _variants(workload, space_isa, records_path: str) -> dict:
@@ -53,11 +57,14 @@ def _variants(workload, space_isa, records_path: str) -> dict:
     return out
 
 
-def op_rows(model, records_path: str, rounds: int, min_repeat_s: float) -> list:
+def op_rows(model, records_path: str, rounds: int, min_repeat_s: float,
+            cold: bool = True) -> list:
     from tuner.cli import bound_workloads
+    from tuner.measure import MeasureConfig
     from tuner.tune import Harness
-    from tuner.worker import check_output
+    from tuner.worker import check_output, cold_copies
 
+    protocol = MeasureConfig()
     isa = device.detect_isa()
     cache = runtime.default_cache()
     rows = []
@@ -73,14 +80,17 @@ def op_rows(model, records_path: str, rounds: int, min_repeat_s: float) -> list:
             wrong = check_output(out, harness.expected, 1e-4)  # the tuner's own check
             if wrong:
                 raise AssertionError(f"{w.label} [{label}]: {wrong}")
-            probe = min(runtime.time_numpy(kernel, inputs, [out], number=1, repeat=3))
+            rotate = (cold_copies(list(inputs), harness.cold, protocol.cold_bytes,
+                                  protocol.max_cold_copies) if cold else [])
+            probe = min(runtime.time_numpy(kernel, inputs, [out], number=1, repeat=3,
+                                           rotate=rotate))
             number = max(1, int(min_repeat_s / max(probe, 1e-7)))
-            prepared[label] = (kernel, inputs, out, number, f"{family.name} {knobs}")
+            prepared[label] = (kernel, inputs, out, number, f"{family.name} {knobs}", rotate)
         times = {label: [] for label in prepared}
         for _ in range(rounds):
-            for label, (kernel, inputs, out, number, _) in prepared.items():
+            for label, (kernel, inputs, out, number, _, rotate) in prepared.items():
                 times[label].append(runtime.time_numpy(kernel, inputs, [out], number=number,
-                                                       repeat=1)[0])
+                                                       repeat=1, rotate=rotate)[0])
         row = {"op": w.label, "multiplicity": w.multiplicity,
                "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
                "vs_untuned": {k: statistics.median(u / t for u, t in zip(times["untuned"], v))
@@ -120,7 +130,7 @@ def main(argv):
         raise app.UsageError("--records is required")
     model = models.build(FLAGS.model, layout=FLAGS.layout)
     print(f"{device.fingerprint()}: {model.name}, {FLAGS.rounds} interleaved rounds per op")
-    rows = op_rows(model, FLAGS.records, FLAGS.rounds, FLAGS.min_repeat_ms / 1e3)
+    rows = op_rows(model, FLAGS.records, FLAGS.rounds, FLAGS.min_repeat_ms / 1e3, FLAGS.cold)
     print()
     print(format_rows(rows))
 

@@ -284,3 +284,38 @@ def test_worker_imports_no_jax():
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_cold_copies_rotate_only_the_cold_inputs(operands):
+    (a, b), _ = operands
+    sets = worker.cold_copies([a, b], (1,), cold_bytes=10 * b.nbytes, max_copies=100)
+    assert len(sets) == 9  # with the inputs themselves: 10 x b's bytes
+    for s in sets:
+        assert s[0] is a and s[1] is not b and np.array_equal(s[1], b)
+    assert len(worker.cold_copies([a, b], (1,), 10 * b.nbytes, max_copies=4)) == 3
+    assert worker.cold_copies([a, b], (), 10 * b.nbytes, 100) == []
+    assert worker.cold_copies([a, b], (1,), 0, 100) == []
+    # weights larger than the target still alternate between two sets
+    assert len(worker.cold_copies([a, b], (1,), b.nbytes // 2, 100)) == 1
+
+
+def test_time_cycles_through_the_rotated_input_sets(built, operands):
+    """_core.time's calls take the input sets in turn: the warm-up the inputs, the next
+    call the first rotated set, and so on; what the last call wrote shows which it read."""
+    kernels, _ = built
+    (a, b), want = operands
+    other = [a, np.ascontiguousarray(2 * b)]
+    out = np.empty_like(want)
+    runtime.time_numpy(kernels["good"], [a, b], [out], number=1, repeat=1, rotate=[other])
+    np.testing.assert_allclose(out, 2 * want, rtol=1e-5, atol=1e-5)
+    runtime.time_numpy(kernels["good"], [a, b], [out], number=2, repeat=1, rotate=[other])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rotated input set needs 2 arrays"):
+        runtime.time_numpy(kernels["good"], [a, b], [out], number=1, repeat=1, rotate=[[a]])
+
+
+def test_cold_weights_measure_ok(built, runner, operands):
+    kernels, sources = built
+    _check_ok(runner.measure(kernels["good"], _input(sources["good"], operands, cold=(1,))))
+    with pytest.raises(ValueError, match="cold indices"):
+        _input(sources["good"], operands, cold=(2,))

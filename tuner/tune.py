@@ -101,6 +101,9 @@ def workloads_of(fn, *args, **optimize_options) -> list:
     return planner.list_workloads(closed, opt.options)
 
 
+PARAMETER_OPERANDS = ("rhs", "scale", "shift")
+
+
 class Harness:
     """A workload's example operands (real shapes, seeded) and the lax reference result."""
 
@@ -122,6 +125,10 @@ class Harness:
                 x = rng.standard_normal(shape)
             ops.append(np.ascontiguousarray(x, np.float32))
         self.operands = ops
+        # The kernel reads its operands in this order (OpFamily.kernel_inputs); the rhs and
+        # the epilogue's scale and shift are a conv's or dense layer's parameters, timed cold.
+        self.cold = tuple(i for i, name in enumerate(workload.operand_names)
+                          if name in PARAMETER_OPERANDS)
         reference = jax.jit(lambda *xs: workload.reference(xs))
         self.expected = np.ascontiguousarray(np.asarray(reference(*ops)), np.float32)
 
@@ -163,7 +170,8 @@ class KernelMeasurer:
                 results[i] = measure_mod.MeasureResult("invalid", (), f"{type(e).__name__}: {e}")
                 continue
             inputs.append(measure_mod.MeasureInput(src, kernel_inputs, harness.expected,
-                                                   best_so_far_s, workload=workload.op_key))
+                                                   best_so_far_s, workload=workload.op_key,
+                                                   cold=harness.cold))
             where.append(i)
         if inputs:
             for i, result in zip(where, measure_mod.measure(self.builder, self.runner, inputs)):

@@ -126,7 +126,9 @@ def measure_one(core, req: dict) -> dict:
         return _reply("wrong_result", error=wrong)
     for _ in range(cfg["warmup"]):
         core.run(lib, sym, inputs, [out], ws, threads)
-    probe = core.time(lib, sym, inputs, [out], ws, threads, 1, 1)[0]
+    rotate = cold_copies(inputs, req.get("cold", ()), cfg.get("cold_bytes", 0),
+                         cfg.get("max_cold_copies", 1))
+    probe = core.time(lib, sym, inputs, [out], ws, threads, 1, 1, rotate)[0]
     best = req["best_so_far_s"]
     if best is not None and probe > cfg["cut_factor"] * best:
         return _reply("ok", times=(probe,), cut=True)
@@ -136,13 +138,25 @@ def measure_one(core, req: dict) -> dict:
     repeat = min(cfg["repeat"], fits)
     if repeat < 1:
         return _reply("ok", times=(probe,))
-    times = tuple(core.time(lib, sym, inputs, [out], ws, threads, number, repeat))
+    times = tuple(core.time(lib, sym, inputs, [out], ws, threads, number, repeat, rotate))
     # Checked again: a kernel that relies on its first call's state (an output it does not
     # zero, a workspace it assumes clean) or races is wrong on later calls.
     wrong = check_output(out, expected, cfg["rtol"])
     if wrong:
         return _reply("wrong_result", error=f"after {1 + number * repeat} timed calls: {wrong}")
     return _reply("ok", times=times)
+
+
+def cold_copies(inputs: list, cold, cold_bytes: int, max_copies: int) -> list:
+    """Input sets for _core.time to cycle through after `inputs` itself: the cold inputs
+    copied (the others shared) until all sets' cold inputs total >= cold_bytes, so that each
+    call finds its cold inputs evicted by the calls before it. [] when nothing is cold."""
+    size = sum(inputs[i].nbytes for i in cold)
+    if not cold or cold_bytes <= 0 or size == 0:
+        return []
+    copies = min(max_copies, math.ceil(cold_bytes / size)) - 1
+    return [[x.copy() if i in cold else x for i, x in enumerate(inputs)]
+            for _ in range(max(1, copies))]
 
 
 def _reply(status: str, *, times: tuple = (), cut: bool = False, error: str = "") -> dict:

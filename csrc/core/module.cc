@@ -154,17 +154,40 @@ PYBIND11_MODULE(_core, m) {
      py::arg("workspace_bytes") = 0, py::arg("num_threads") = 2);
   m.def("time", [](const std::string& lib, const std::string& sym,
                    const std::vector<py::buffer>& inputs, const std::vector<py::buffer>& outputs,
-                   int64_t workspace_bytes, int num_threads, int number, int repeat) {
+                   int64_t workspace_bytes, int num_threads, int number, int repeat,
+                   const std::vector<std::vector<py::buffer>>& rotate) {
     alt_kernel_fn fn = Lookup(lib, sym);
     HostCall call;
     Prepare(call, inputs, outputs, num_threads, workspace_bytes);
+    // Input sets the calls cycle through (the given inputs first): with enough copies of the
+    // weights, every call reads them from memory, as a call inside a model does.
+    std::vector<py::buffer_info> rotated_infos;
+    std::vector<std::vector<const void*>> sets{call.inputs};
+    for (const auto& set : rotate) {
+      if (set.size() != inputs.size()) {
+        throw std::invalid_argument("alt_jax.time: every rotated input set needs " +
+                                    std::to_string(inputs.size()) + " arrays");
+      }
+      std::vector<const void*> ptrs;
+      for (const auto& b : set) {
+        rotated_infos.push_back(b.request());
+        ptrs.push_back(rotated_infos.back().ptr);
+      }
+      sets.push_back(std::move(ptrs));
+    }
+    size_t next = 0;
+    auto invoke_next = [&] {
+      call.inputs = sets[next];
+      next = (next + 1) % sets.size();
+      return Invoke(fn, call);
+    };
     std::vector<double> seconds;
     {
       py::gil_scoped_release release;
-      if (Invoke(fn, call) != 0) number = 0;  // warm-up; failure reported below
+      if (invoke_next() != 0) number = 0;  // warm-up; failure reported below
       for (int r = 0; r < repeat && number > 0; ++r) {
         auto t0 = std::chrono::steady_clock::now();
-        for (int i = 0; i < number; ++i) Invoke(fn, call);
+        for (int i = 0; i < number; ++i) invoke_next();
         auto t1 = std::chrono::steady_clock::now();
         seconds.push_back(std::chrono::duration<double>(t1 - t0).count() / number);
       }
@@ -173,6 +196,7 @@ PYBIND11_MODULE(_core, m) {
     return seconds;
   }, py::arg("lib"), py::arg("sym"), py::arg("inputs"), py::arg("outputs"),
      py::arg("workspace_bytes") = 0, py::arg("num_threads") = 2, py::arg("number") = 10,
-     py::arg("repeat") = 5,
-     "Seconds per call for each of `repeat` rounds of `number` calls (after one warm-up).");
+     py::arg("repeat") = 5, py::arg("rotate") = std::vector<std::vector<py::buffer>>{},
+     "Seconds per call for each of `repeat` rounds of `number` calls (after one warm-up); "
+     "the calls cycle through [inputs, *rotate].");
 }
