@@ -2,7 +2,7 @@
 fingerprint and workload.
 
 Entry points: RecordStore(path).append / .best / .best_for_op / .best_knobs / .records /
-.compact, merge_files, make_record, record_time, knobs_as_json, knobs_from_record,
+.compact, merge_files, make_record, record_time, confirm_pass, knobs_as_json, knobs_from_record,
 workload_key, SCHEMA_VERSION, STATUSES, check_record. Records hold decisions (family,
 layout, knobs, times), never code: kernels are rebuilt from them, and every knob read back
 is validated by its template.
@@ -12,7 +12,10 @@ op_key of the operation whatever family computes it (so that families computing 
 op, e.g. Winograd and direct, compete for one best); the layout decisions and all knobs;
 the device fingerprint; every measured time; the status (ok / invalid / build_error /
 crash / run_error / timeout / wrong_result); the versions of alt_jax, jaxlib and the
-compiler; a timestamp. The best per (device, op) is the fastest ok record.
+compiler; a timestamp. The best per (device, op) is the fastest ok record, unless the op
+has a confirmation pass (records with stage "confirm", confirm_pass and confirm_start: the
+tuner re-timed its heuristic and best candidates together): then the fastest of its latest
+pass.
 
 A records file is input, like any file a user hands us: a line that is not a well-formed
 record of this schema (not JSON, not an object, not UTF-8, a field of the wrong type) is
@@ -215,6 +218,21 @@ def record_time(rec) -> Optional[float]:
     return statistics.median(rec["times_s"])
 
 
+CONFIRM_STAGE = "confirm"
+
+
+def confirm_pass(rec) -> Optional[tuple]:
+    """(start time, pass id) of the confirmation pass a record belongs to (the tuner re-times
+    an op's heuristic and best candidates together, interleaved, in one pass), or None for a
+    search trial. Later passes sort after earlier ones."""
+    if rec.get("stage") != CONFIRM_STAGE:
+        return None
+    start, pass_id = rec.get("confirm_start"), rec.get("confirm_pass")
+    if not _is_time(start) or not isinstance(pass_id, str):
+        return None
+    return (float(start), pass_id)
+
+
 def _better(rec, than) -> bool:
     """rec (an ok record) is faster than `than` (an ok record, or None)."""
     return than is None or record_time(rec) < record_time(than)
@@ -236,6 +254,7 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
         if hit is not None and hit[0] == key:
             return hit[1]
     best: dict = {}
+    confirmed: dict = {}  # op_key -> (pass, fastest ok record of the op's latest pass)
     skipped = _Skipped()
     needle = json.dumps(device).encode()
     for rec in _stream(path, skipped, needle):
@@ -246,6 +265,15 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
         for k in ((rec["family"], rec["workload_key"]), rec["op_key"]):
             if _better(rec, best.get(k)):
                 best[k] = rec
+        tag = confirm_pass(rec)
+        if tag is not None:
+            have = confirmed.get(rec["op_key"])
+            if have is None or tag > have[0] or (tag == have[0] and _better(rec, have[1])):
+                confirmed[rec["op_key"]] = (tag, rec)
+    # An op's latest confirmation pass decides it: its candidates (the heuristic's among
+    # them) were re-timed together, so its fastest is not one lucky measurement.
+    for op, (_, rec) in confirmed.items():
+        best[op] = rec
     skipped.warn(path)
     with _INDEX_LOCK:
         _INDEX[(path, device, select)] = (key, best)
@@ -291,7 +319,9 @@ class RecordStore:
             (family, workload_key(family, spec)))
 
     def best_for_op(self, op_key: str, device: str) -> dict | None:
-        """The fastest ok record of any family for this operation on this device, or None."""
+        """The record the planner uses for this operation on this device, or None: the
+        fastest ok record of the op's latest confirmation pass (confirm_pass) if it has one,
+        else its fastest ok record of any family."""
         return _device_index(self.path, device, self.select).get(op_key)
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:
@@ -300,15 +330,28 @@ class RecordStore:
         return knobs_from_record(self.best(family, spec, device), knobs_type, self.path)
 
     def compact(self) -> None:
-        """Rewrites the file keeping only the best ok record per (family, workload, device)."""
+        """Rewrites the file keeping only the best ok record per (family, workload, device),
+        and the ok records of each op's latest confirmation pass (which decide the op)."""
         keep: dict = {}
+        passes: dict = {}  # (op_key, device, select fields) -> (pass, [records])
         for rec in self.records():
             if rec["status"] != "ok" or not rec["times_s"]:
                 continue
             k = (rec["family"], rec["workload_key"], rec["device"])
             if _better(rec, keep.get(k)):
                 keep[k] = rec
-        _write_atomically(self.path, list(keep.values()))
+            tag = confirm_pass(rec)
+            if tag is not None:
+                op = (rec["op_key"], rec["device"], rec.get("mode"), rec.get("search"))
+                have = passes.get(op)
+                if have is None or tag > have[0]:
+                    passes[op] = (tag, [rec])
+                elif tag == have[0]:
+                    have[1].append(rec)
+        out = list(keep.values())
+        seen = {id(r) for r in out}
+        out += [r for _, recs in passes.values() for r in recs if id(r) not in seen]
+        _write_atomically(self.path, out)
 
 
 def knobs_from_record(rec: Optional[dict], knobs_type, path: str = "records") -> Any | None:

@@ -76,6 +76,11 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("search", None, ["model", "random"], "model: cost-model guided; "
                       "random: the baseline. Default model", **kw)
     flags.DEFINE_integer("seed", None, "search seed (default 0)", **kw)
+    flags.DEFINE_integer("confirm", None, "after the search, re-time each op's heuristic and "
+                         "this many best candidates together; optimize() uses the fastest "
+                         "of that pass (default: TuneOptions.confirm; 0: no pass)", **kw)
+    flags.DEFINE_integer("confirm_rounds", None, "interleaved rounds of the confirmation "
+                         "pass (default: TuneOptions.confirm_rounds)", **kw)
     flags.DEFINE_bool("progress", None, "progress bars (default: when stderr is a terminal)",
                       **kw)
     flags.DEFINE_list("inputs", [], "tune MODULE:FUNCTION: the shapes of FUNCTION's "
@@ -288,15 +293,16 @@ def format_summary(summary) -> str:
 
     rows = [["#", "x", "trials", "untuned ms", "best ms", "speedup", "op"]]
     for i, t in enumerate(summary.tasks, 1):
-        s = t.untuned_s / t.best_s if t.untuned_s and t.best_s else None
-        rows.append([str(i), str(t.workload.multiplicity), str(t.trials), ms(t.untuned_s),
-                     ms(t.best_s), "-" if s is None else f"{s:.2f}x", t.workload.label])
-    both = [t for t in summary.tasks if t.untuned_s and t.best_s]
-    total = lambda attr: ms(sum(getattr(t, attr) * t.workload.multiplicity for t in both)
-                            if both else None)
+        untuned, best = t.result
+        s = untuned / best if untuned and best else None
+        rows.append([str(i), str(t.workload.multiplicity), str(t.trials), ms(untuned),
+                     ms(best), "-" if s is None else f"{s:.2f}x", t.workload.label])
+    both = [t for t in summary.tasks if all(t.result)]
+    total = lambda i: ms(sum(t.result[i] * t.workload.multiplicity for t in both)
+                         if both else None)
     s = summary.speedup
-    rows.append(["all", "", str(sum(t.trials for t in summary.tasks)), total("untuned_s"),
-                 total("best_s"), "-" if s is None else f"{s:.2f}x",
+    rows.append(["all", "", str(sum(t.trials for t in summary.tasks)), total(0),
+                 total(1), "-" if s is None else f"{s:.2f}x",
                  "whole model: sum of time x multiplicity"
                  + (f" ({len(both)} of {len(summary.tasks)} ops)"
                     if len(both) < len(summary.tasks) else "")])
@@ -309,7 +315,8 @@ def tune_options(fv):
     from tuner.tune import TuneOptions
 
     given = {"trials": fv.trials, "time_budget_s": fv.time_budget, "batch": fv.batch,
-             "mode": fv.mode, "search": fv.search, "seed": fv.seed}
+             "mode": fv.mode, "search": fv.search, "seed": fv.seed, "confirm": fv.confirm,
+             "confirm_rounds": fv.confirm_rounds}
     try:
         return TuneOptions(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:

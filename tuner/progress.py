@@ -11,6 +11,7 @@ import warnings
 from typing import Optional
 
 from tuner.report import format_ms, short_label
+from tuner.scheduler import whole_speedup
 from tuner.tune import Listener
 
 
@@ -21,15 +22,6 @@ def bars_wanted(force: Optional[bool], stream=None) -> bool:
         return force
     stream = stream or sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())
-
-
-def whole_speedup(tasks) -> Optional[float]:
-    """sum(untuned x multiplicity) / sum(best x multiplicity) over tasks with both."""
-    both = [t for t in tasks if t.untuned_s and t.best_s]
-    if not both:
-        return None
-    return (sum(t.untuned_s * t.workload.multiplicity for t in both)
-            / sum(t.best_s * t.workload.multiplicity for t in both))
 
 
 class ProgressBars(Listener):

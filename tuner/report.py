@@ -8,7 +8,9 @@ Reads records only (never builds or measures).
 Per model (the records' "model" label) and op (op_key): untuned = the fastest ok measurement
 of the heuristic's knobs (every run measures them first, so runs of different modes share
 one baseline); tuned = the fastest ok record of one (mode, search) variant; speedup =
-untuned / tuned. The whole model sums time x multiplicity over the ops that have both.
+untuned / tuned. Where a variant has a confirmation pass for the op (the tuner re-timed the
+heuristic and its best candidates together), tuned is the fastest of that pass, as
+optimize() chooses, and the speedup is against the heuristic's time in the same pass. The whole model sums time x multiplicity over the ops that have both.
 A file holding several variants (joint vs loop_only, model vs random) gives a column group
 per variant, so an ablation reads as one table.
 """
@@ -21,7 +23,7 @@ import re
 import textwrap
 from typing import Optional
 
-from alt_jax.records import record_time
+from alt_jax.records import confirm_pass, record_time
 
 NO_MODEL = "(no model label)"
 
@@ -36,6 +38,7 @@ class VariantResult:
     """One op under one (mode, search): its records in time order and what they reached."""
 
     records: list = dataclasses.field(default_factory=list)
+    confirmation: list = dataclasses.field(default_factory=list)  # its latest pass
 
     @property
     def trials(self) -> int:
@@ -43,8 +46,18 @@ class VariantResult:
 
     @property
     def best(self) -> Optional[dict]:
-        ok = [r for r in self.records if record_time(r) is not None]
-        return min(ok, key=record_time) if ok else None
+        """The record optimize() would use: the fastest of the confirmation pass if there is
+        one, else the fastest ok record."""
+        for recs in (self.confirmation, self.records):
+            ok = [r for r in recs if record_time(r) is not None]
+            if ok:
+                return min(ok, key=record_time)
+        return None
+
+    @property
+    def confirmed_untuned_s(self) -> Optional[float]:
+        """The heuristic's time in the confirmation pass (None without one)."""
+        return next((record_time(r) for r in self.confirmation if r.get("heuristic")), None)
 
     @property
     def best_s(self) -> Optional[float]:
@@ -70,11 +83,18 @@ class OpReport:
     untuned_s: Optional[float]            # fastest ok heuristic record, any variant
     variants: dict                        # variant name -> VariantResult
 
+    def untuned_for(self, variant: str) -> Optional[float]:
+        """The untuned time a variant's speedup is against: the heuristic's time in its
+        confirmation pass, else the fastest heuristic measurement."""
+        v = self.variants.get(variant)
+        return (v.confirmed_untuned_s if v else None) or self.untuned_s
+
     def speedup(self, variant: str) -> Optional[float]:
         v = self.variants.get(variant)
-        if v is None or v.best_s is None or self.untuned_s is None:
+        untuned = self.untuned_for(variant)
+        if v is None or v.best_s is None or untuned is None:
             return None
-        return self.untuned_s / v.best_s
+        return untuned / v.best_s
 
 
 @dataclasses.dataclass
@@ -88,7 +108,7 @@ class ModelReport:
         """(untuned, tuned) sums of time x multiplicity over the ops that have both for this
         variant, and how many ops that is."""
         both = [op for op in self.ops if op.speedup(variant) is not None]
-        untuned = sum(op.untuned_s * op.multiplicity for op in both)
+        untuned = sum(op.untuned_for(variant) * op.multiplicity for op in both)
         tuned = sum(op.variants[variant].best_s * op.multiplicity for op in both)
         return untuned, tuned, len(both)
 
@@ -127,11 +147,20 @@ def summarize(records, device: Optional[str]) -> list:
                                       for r in op_recs))
         op_reports = []
         for op_key, op_recs in ops.items():
-            heuristic = [record_time(r) for r in op_recs if r.get("heuristic")]
+            heuristic = [record_time(r) for r in op_recs
+                         if r.get("heuristic") and confirm_pass(r) is None]
             heuristic = [t for t in heuristic if t is not None]
             by_variant: dict = {}
+            passes: dict = {}  # variant -> {pass: [records]}
             for r in op_recs:
-                by_variant.setdefault(variant_of(r), VariantResult()).records.append(r)
+                result = by_variant.setdefault(variant_of(r), VariantResult())
+                tag = confirm_pass(r)
+                if tag is None:
+                    result.records.append(r)
+                else:
+                    passes.setdefault(variant_of(r), {}).setdefault(tag, []).append(r)
+            for v, by_pass in passes.items():
+                by_variant[v].confirmation = by_pass[max(by_pass)]
             label = next((r["op"] for r in op_recs if isinstance(r.get("op"), str)),
                          f"{op_recs[0]['family']} {op_recs[0]['workload_key']}")
             mult = max((r["multiplicity"] for r in op_recs

@@ -38,10 +38,20 @@ class TaskState:
     done: bool = False
     history: list = dataclasses.field(default_factory=list)
     best_after: list = dataclasses.field(default_factory=list)  # best time after each trial
+    # (untuned, best) medians of the latest confirmation pass (tuner.tune: the heuristic
+    # and the best candidates re-timed together), and the choice keys it covered
+    confirmed: Optional[tuple] = None
+    confirmed_keys: frozenset = frozenset()
 
     @property
     def best_s(self) -> Optional[float]:
         return self.best.median_s if self.best else None
+
+    @property
+    def result(self) -> tuple:
+        """(untuned, tuned) seconds: the confirmation pass's if the task has one (what
+        optimize() will use), else the heuristic's and the best search trial's."""
+        return self.confirmed or (self.untuned_s, self.best_s)
 
     def add(self, trial: Trial) -> None:
         self.history.append(trial)
@@ -51,6 +61,15 @@ class TaskState:
         if trial.median_s is not None and (self.best is None or trial.median_s < self.best_s):
             self.best = trial
         self.best_after.append(self.best_s)
+
+
+def whole_speedup(tasks) -> Optional[float]:
+    """sum(untuned x multiplicity) / sum(tuned x multiplicity) over the tasks with both
+    (TaskState.result)."""
+    both = [(t.result, t.workload.multiplicity) for t in tasks if all(t.result)]
+    if not both:
+        return None
+    return sum(u * m for (u, _), m in both) / sum(b * m for (_, b), m in both)
 
 
 class TaskScheduler:

@@ -25,7 +25,7 @@ from alt_jax.ops import registry
 from alt_jax.records import RecordStore
 from tuner import measure as measure_mod
 from tuner.cost_model import CostModel, relative_log_time
-from tuner.scheduler import TaskScheduler, TaskState, Trial
+from tuner.scheduler import TaskScheduler, TaskState, Trial, whole_speedup
 from tuner.search import SEARCHES, make_search
 from tuner.space import MODES, Choice, JointSpace
 
@@ -44,12 +44,20 @@ class TuneOptions:
     measure: measure_mod.MeasureConfig = dataclasses.field(
         default_factory=measure_mod.MeasureConfig)
     model: str = ""                    # label written into each record
+    # After the search, each op's heuristic and its `confirm` best candidates are re-timed
+    # together, `confirm_rounds` interleaved rounds; the fastest of that pass is what
+    # optimize() uses (records.confirm_pass). 0 skips it.
+    confirm: int = 3
+    confirm_rounds: int = 3
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
         if self.search not in SEARCHES:
             raise ValueError(f"search={self.search!r}: choose one of {SEARCHES}")
+        if self.confirm < 0 or self.confirm_rounds < 1:
+            raise ValueError(f"confirm={self.confirm} must be >= 0 and confirm_rounds="
+                             f"{self.confirm_rounds} >= 1")
         if self.trials < 0 or self.batch < 1:
             raise ValueError(f"trials={self.trials} must be >= 0 and batch={self.batch} >= 1")
 
@@ -76,12 +84,9 @@ class TuneSummary:
 
     @property
     def speedup(self) -> Optional[float]:
-        """Whole-program untuned / tuned time (time x multiplicity, ops with both)."""
-        both = [t for t in self.tasks if t.untuned_s and t.best_s]
-        if not both:
-            return None
-        untuned = sum(t.untuned_s * t.workload.multiplicity for t in both)
-        return untuned / sum(t.best_s * t.workload.multiplicity for t in both)
+        """Whole-program untuned / tuned time (time x multiplicity, ops with both), from the
+        confirmation pass where an op has one."""
+        return whole_speedup(self.tasks)
 
 
 def workloads_of(fn, *args, **optimize_options) -> list:
@@ -233,11 +238,27 @@ class _Run:
         return None if knobs is None else Choice(rec["family"], knobs)
 
     def _resume(self, task: TaskState, space: JointSpace, recs: list) -> None:
+        passes: dict = {}
         for rec in recs:
             choice = self._choice_of(rec, space)
             if choice is None:
                 continue
+            tag = records_mod.confirm_pass(rec)
+            if tag is not None:  # a re-timing, not a trial
+                passes.setdefault(tag, []).append((choice, rec))
+                continue
             self._account(task, choice, rec, bool(rec.get("heuristic")), rec.get("stage", ""))
+        if passes:
+            self._take_confirmation(task, passes[max(passes)])
+
+    def _take_confirmation(self, task: TaskState, measured: list) -> None:
+        """task's confirmed (untuned, best) from one pass [(Choice, record)]."""
+        times = {c.key: records_mod.record_time(r) for c, r in measured}
+        ok = [t for t in times.values() if t is not None]
+        untuned = next((records_mod.record_time(r) for c, r in measured if r.get("heuristic")),
+                       None)
+        task.confirmed = (untuned, min(ok)) if ok else None
+        task.confirmed_keys = frozenset(times)
 
     def _warm_start(self, workload, space: JointSpace, prior: dict) -> list:
         """The best choice of each other workload of the records, when valid here: similar
@@ -294,6 +315,53 @@ class _Run:
         self.measured.add((task.workload.op_key, choice.key))
         return trial
 
+    # ---- confirmation ----
+    def confirm(self, measurer, task: TaskState) -> None:
+        """Re-times the heuristic and the best `options.confirm` other candidates of task
+        together, options.confirm_rounds interleaved rounds (each candidate once per round,
+        its repeats as the protocol says), and records them as one pass: a search keeps the
+        fastest of many noisy measurements, so its best is biased low; timed side by side,
+        the heuristic and the candidates that looked best face the same machine, and the
+        fastest of the pass is what optimize() uses. Skipped when the latest pass already
+        covered the same candidates, or when the heuristic is the only one."""
+        space = self.spaces[task.workload.op_key]
+        default = space.default
+        ranked = sorted((t for t in task.history if t.median_s is not None and not t.heuristic
+                         and t.status == "ok"), key=lambda t: t.median_s)
+        picks, keys = [default], {default.key}
+        for t in ranked:
+            c = Choice(t.family, t.knobs)
+            if c.key not in keys and len(picks) <= self.options.confirm:
+                picks.append(c)
+                keys.add(c.key)
+        if len(picks) < 2 or frozenset(keys) == task.confirmed_keys:
+            return
+        times: dict = {c.key: [] for c in picks}
+        failed: dict = {}
+        cands = [(space.family(c), space.spec(c), c.knobs) for c in picks]
+        for _ in range(self.options.confirm_rounds):
+            for c, result in zip(picks, measurer(task.workload, cands, None)):
+                if result.status == "ok":
+                    times[c.key].extend(result.times_s)
+                else:
+                    failed.setdefault(c.key, result)
+        start, pass_id = time.time(), f"{self.run_id}:{len(task.history)}"
+        w = task.workload
+        measured = []
+        for c in picks:
+            bad = failed.get(c.key)
+            rec = records_mod.make_record(
+                c.family, space.spec(c), c.knobs, self.device,
+                () if bad else times[c.key], bad.status if bad else "ok", op_key=w.op_key,
+                layout=space.layout_dict(c), op=w.label, multiplicity=w.multiplicity,
+                model=self.options.model, mode=self.options.mode, search=self.options.search,
+                heuristic=c.key == default.key, stage=records_mod.CONFIRM_STAGE,
+                trial=task.trials, run_id=self.run_id, confirm_pass=pass_id,
+                confirm_start=start, **({"error": str(bad.error)[:500]} if bad else {}))
+            self.store.append(rec)
+            measured.append((c, rec))
+        self._take_confirmation(task, measured)
+
     def train(self) -> None:
         if self.options.search != "model":
             return
@@ -327,6 +395,9 @@ def tune(workloads: Sequence, store: RecordStore, options: TuneOptions = TuneOpt
     interrupted = False
     try:
         _loop(run, measurer, start)
+        if options.confirm:
+            for task in run.tasks:
+                run.confirm(measurer, task)
     except KeyboardInterrupt:
         interrupted = True
         raise
