@@ -237,7 +237,8 @@ def test_console_script_entry_is_declared():
 # ---- tune with a fake driver (the CLI's side only: options, bars, summary, Ctrl-C) --------
 class FakeDriver:
     """Stands in for tuner.tune.tune: each workload gets a heuristic trial at 2 ms and one
-    at 1 ms (a 2x speedup), each also appended to the store; optionally raises
+    at 1 ms (a 2x speedup), each also appended to the store, then a confirmation at 2 ms
+    and 1.25 ms (1.6x: what the summary reports); optionally raises
     KeyboardInterrupt after `interrupt_after` records, as the real driver does on Ctrl-C."""
 
     def __init__(self, interrupt_after=None):
@@ -263,6 +264,9 @@ class FakeDriver:
                 trial = Trial("conv2d", None, {}, "ok", t, heur, "explore", i)
                 task.add(trial)
                 listener.on_trial(task, trial)
+        for task in tasks:  # the confirmation pass re-times the 1 ms one at 1.25 ms
+            task.confirmed = (2e-3, 1.25e-3)
+            listener.on_confirm(task)
         summary = TuneSummary(tasks, 0.5, False, store.path)
         listener.on_finish(summary)
         return summary
@@ -287,8 +291,10 @@ def test_tune_with_fake_driver_bars_and_summary(capsys, tmp_path, monkeypatch):
     n = 2 * len(workloads)
     assert f"{n}/40" in err and "whole model 2.00x vs untuned" in err
     assert "best 1.000 ms" in err
-    # The summary: each op 2.00x, whole model 2.00x.
-    assert out.count("2.00x") == len(workloads) + 1
+    assert f"confirmed op {len(workloads)}/{len(workloads)}" in err
+    assert "whole model 1.60x vs untuned" in err
+    # The summary: the confirmed times, each op 1.60x, whole model 1.60x.
+    assert out.count("1.60x") == len(workloads) + 1 and "2.00x" not in out
     assert len(open(path).readlines()) == n
 
 

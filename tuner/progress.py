@@ -2,7 +2,8 @@
 
 Entry points: ProgressBars(enabled, stream) (a tune.Listener), bars_wanted(force, stream).
 Bar 1: trials of the whole run / the trial budget, with the whole model's untuned / best
-speedup; bar 2: the workload being tuned, its trials and best time so far.
+speedup (then which op the confirmation pass has re-timed); bar 2: the workload being
+tuned, its trials and best time so far.
 """
 from __future__ import annotations
 
@@ -78,6 +79,18 @@ class ProgressBars(Listener):
         self.current.refresh()  # a trial takes ~0.1-1 s: every one is worth drawing
         if self.overall.n < self.overall.total:
             self.overall.update(1)
+        self._overall_postfix()
+        self.overall.refresh()
+
+    def on_confirm(self, task) -> None:
+        if not self.enabled:
+            return
+        if self.current is not None:  # the search's per-op bar is done
+            self.current.close()
+            self.current, self.current_key = None, None
+        index = next((i for i, t in enumerate(self.tasks, 1) if t is task), 0)
+        self.overall.set_description_str(f"confirmed op {index}/{len(self.tasks)}",
+                                         refresh=False)
         self._overall_postfix()
         self.overall.refresh()
 

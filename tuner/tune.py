@@ -71,6 +71,9 @@ class Listener:
     def on_trial(self, task: TaskState, trial: Trial) -> None:
         pass
 
+    def on_confirm(self, task: TaskState) -> None:
+        """task's confirmation pass was recorded (task.confirmed is set)."""
+
     def on_finish(self, summary: "TuneSummary") -> None:
         pass
 
@@ -361,6 +364,7 @@ class _Run:
             self.store.append(rec)
             measured.append((c, rec))
         self._take_confirmation(task, measured)
+        self.listener.on_confirm(task)
 
     def train(self) -> None:
         if self.options.search != "model":
