@@ -15,7 +15,7 @@ crash / run_error / timeout / wrong_result); the versions of alt_jax, jaxlib and
 compiler; a timestamp. The best per (device, op) is the fastest ok record, unless the op
 has a confirmation pass (records with stage "confirm", confirm_pass and confirm_start: the
 tuner re-timed its heuristic and best candidates together): then the fastest of its latest
-pass.
+pass (per kind of run; the fastest of those winners).
 
 A records file is input, like any file a user hands us: a line that is not a well-formed
 record of this schema (not JSON, not an object, not UTF-8, a field of the wrong type) is
@@ -267,13 +267,19 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
                 best[k] = rec
         tag = confirm_pass(rec)
         if tag is not None:
-            have = confirmed.get(rec["op_key"])
+            run_kind = (rec["op_key"], rec.get("mode"), rec.get("search"))
+            have = confirmed.get(run_kind)
             if have is None or tag > have[0] or (tag == have[0] and _better(rec, have[1])):
-                confirmed[rec["op_key"]] = (tag, rec)
+                confirmed[run_kind] = (tag, rec)
     # An op's latest confirmation pass decides it: its candidates (the heuristic's among
-    # them) were re-timed together, so its fastest is not one lucky measurement.
-    for op, (_, rec) in confirmed.items():
-        best[op] = rec
+    # them) were re-timed together, so its fastest is not one lucky measurement. A file
+    # with several kinds of run (joint and loop-only, model and random search) has a latest
+    # pass per kind; the fastest of their winners decides.
+    winners: dict = {}
+    for (op, _, _), (_, rec) in confirmed.items():
+        if _better(rec, winners.get(op)):
+            winners[op] = rec
+    best.update(winners)
     skipped.warn(path)
     with _INDEX_LOCK:
         _INDEX[(path, device, select)] = (key, best)
@@ -320,8 +326,9 @@ class RecordStore:
 
     def best_for_op(self, op_key: str, device: str) -> dict | None:
         """The record the planner uses for this operation on this device, or None: the
-        fastest ok record of the op's latest confirmation pass (confirm_pass) if it has one,
-        else its fastest ok record of any family."""
+        fastest ok record of the op's latest confirmation pass (confirm_pass) if it has one
+        (of each kind of run, mode x search, the fastest of their winners), else its fastest
+        ok record of any family."""
         return _device_index(self.path, device, self.select).get(op_key)
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:

@@ -301,3 +301,25 @@ def test_search_strategies_propose_only_unmeasured_valid_choices():
                 assert space.is_valid(c) and c not in seen
                 seen.add(c)
                 search.observe(c, FAMILIES["fake"].time_s(FakeSpec(1), c.knobs))
+
+
+def test_latest_pass_of_each_run_kind_and_the_fastest_winner_decide(tmp_path, cache):
+    """A loop-only run after a joint one on the same file adds its own pass; the file's
+    choice (no selection) is the faster of the two kinds' winners, and each selection
+    (the benchmarks' ablation columns) still sees its own kind's winner."""
+    families = {"fake": FakeFamily(), "other": FakeFamily("other", best=(3, 3))}
+
+    def faster_other(spec, knobs, f=families["other"], base=FakeFamily.time_s):
+        return 0.5 * base(f, spec, knobs)
+    families["other"].time_s = faster_other
+    w = _workload("op", families=("fake", "other"))
+    store, joint, _ = _tune(tmp_path, cache, [w], families=families, trials=60, patience=500)
+    store, loop, _ = _tune(tmp_path, cache, [w], families=families, trials=60, patience=500,
+                           mode="loop_only")
+    here = device.fingerprint(cache.isa or device.detect_isa())
+    chosen = store.best_for_op("op", here)
+    assert chosen["mode"] == "joint" and chosen["family"] == "other"
+    assert records.record_time(chosen) == pytest.approx(joint.tasks[0].result[1])
+    only_loop = records.RecordStore(store.path, {"mode": "loop_only"}).best_for_op("op", here)
+    assert only_loop["family"] == "fake" and only_loop["stage"] == "confirm"
+    assert records.record_time(only_loop) == pytest.approx(loop.tasks[0].result[1])
