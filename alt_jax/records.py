@@ -2,7 +2,7 @@
 fingerprint and workload.
 
 Entry points: RecordStore(path).append / .best / .best_for_op / .best_knobs / .records /
-.compact, merge_files, make_record, record_time, confirm_pass, knobs_as_json, knobs_from_record,
+.compact, merge_files, make_record, record_time, confirm_pass, pass_choice, knobs_as_json, knobs_from_record,
 workload_key, SCHEMA_VERSION, STATUSES, check_record. Records hold decisions (family,
 layout, knobs, times), never code: kernels are rebuilt from them, and every knob read back
 is validated by its template.
@@ -14,8 +14,9 @@ the device fingerprint; every measured time; the status (ok / invalid / build_er
 crash / run_error / timeout / wrong_result); the versions of alt_jax, jaxlib and the
 compiler; a timestamp. The best per (device, op) is the fastest ok record, unless the op
 has a confirmation pass (records with stage "confirm", confirm_pass and confirm_start: the
-tuner re-timed its heuristic and best candidates together): then the fastest of its latest
-pass (per kind of run; the fastest of those winners).
+tuner re-timed its heuristic and best candidates together): then its latest pass's choice
+(the record marked chosen: the heuristic unless a candidate beat it by the tuner's margin;
+per kind of run, the fastest of those choices).
 
 A records file is input, like any file a user hands us: a line that is not a well-formed
 record of this schema (not JSON, not an object, not UTF-8, a field of the wrong type) is
@@ -233,6 +234,24 @@ def confirm_pass(rec) -> Optional[tuple]:
     return (float(start), pass_id)
 
 
+def _preferred_in_pass(rec, than) -> bool:
+    """Within one confirmation pass (ok records): the one the tuner marked chosen wins (it
+    keeps the heuristic unless a candidate beats it by a margin); in a pass without a mark,
+    the fastest."""
+    if bool(rec.get("chosen")) != bool(than.get("chosen")):
+        return bool(rec.get("chosen"))
+    return _better(rec, than)
+
+
+def pass_choice(recs) -> Optional[dict]:
+    """The record a confirmation pass (its records) decides for, or None (none ok)."""
+    best = None
+    for rec in recs:
+        if record_time(rec) is not None and (best is None or _preferred_in_pass(rec, best)):
+            best = rec
+    return best
+
+
 def _better(rec, than) -> bool:
     """rec (an ok record) is faster than `than` (an ok record, or None)."""
     return than is None or record_time(rec) < record_time(than)
@@ -269,7 +288,8 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
         if tag is not None:
             run_kind = (rec["op_key"], rec.get("mode"), rec.get("search"))
             have = confirmed.get(run_kind)
-            if have is None or tag > have[0] or (tag == have[0] and _better(rec, have[1])):
+            if have is None or tag > have[0] or (tag == have[0] and
+                                                 _preferred_in_pass(rec, have[1])):
                 confirmed[run_kind] = (tag, rec)
     # An op's latest confirmation pass decides it: its candidates (the heuristic's among
     # them) were re-timed together, so its fastest is not one lucky measurement. A file
@@ -326,9 +346,9 @@ class RecordStore:
 
     def best_for_op(self, op_key: str, device: str) -> dict | None:
         """The record the planner uses for this operation on this device, or None: the
-        fastest ok record of the op's latest confirmation pass (confirm_pass) if it has one
-        (of each kind of run, mode x search, the fastest of their winners), else its fastest
-        ok record of any family."""
+        choice of the op's latest confirmation pass (confirm_pass, pass_choice) if it has
+        one (of each kind of run, mode x search, the fastest of their choices), else its
+        fastest ok record of any family."""
         return _device_index(self.path, device, self.select).get(op_key)
 
     def best_knobs(self, family: str, spec, device: str, knobs_type) -> Any | None:

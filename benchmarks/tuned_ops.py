@@ -3,15 +3,25 @@ and on the best kernel of each tuning run kind in a records file (joint / loop-o
 random search), timed interleaved in one process on the same inputs.
 
 Run: python -m benchmarks.tuned_ops --model=resnet50 --records=r50.jsonl [--rounds=15]
-Entry points: main (absl), op_rows(model, records_path, rounds) -> rows.
+         [--in_model]
+Entry points: main (absl), op_rows(model, records_path, rounds) -> rows,
+in_model_rows(model, records_path, rounds) -> rows, format_rows(rows).
 Each round times every variant of an op once (runtime.time_numpy: C++ loop, a repeat long
 enough to be >= --min_repeat_ms); the table reports medians over rounds and the median over
 rounds of t_untuned / t_tuned. Kernels are those the planner would build from the records.
 Weights are read cold, as in a model and as the tuner measures them (--cold; see
 tuner.measure.MeasureConfig).
+
+--in_model times each op where it finally runs: the whole model, optimized once per variant
+(untuned, and each run kind's records), runs in interleaved rounds with the FFI handler's
+dispatch trace on (ALT_JAX_TRACE_DISPATCH), and each op's time is its kernel's seconds per
+call in that round. Isolated timings (the default) see one kernel alone in a process of its
+own making; in the model an op also meets the cache state its neighbours leave and the
+buffers XLA assigns, and an op can rank differently there.
 """
 from __future__ import annotations
 
+import os
 import statistics
 
 import numpy as np
@@ -36,6 +46,9 @@ def define_flags() -> None:
     flags.DEFINE_float("min_repeat_ms", 20.0, "minimum duration of one timed repeat")
     flags.DEFINE_bool("cold", True, "weights read cold (rotated copies), as the tuner times "
                       "them; --nocold: warm")
+    flags.DEFINE_bool("in_model", False, "time each op inside the whole model (dispatch "
+                      "trace) instead of alone")
+    flags.DEFINE_integer("calls", 5, "--in_model: model calls per variant per round")
 
 
 def _variants(workload, space_isa, records_path: str) -> dict:
@@ -102,6 +115,84 @@ def op_rows(model, records_path: str, rounds: int, min_repeat_s: float,
     return rows
 
 
+def _model_variants(model, records_path: str) -> dict:
+    """label -> the model optimized with that variant's records, weights bound (prepare)."""
+    import jax
+
+    import alt_jax
+
+    runs = tuning_runs(records_path) or [("tuned", {})]
+    out = {"untuned": False}
+    out.update({label: records_mod.RecordStore(records_path, select) for label, select in runs})
+    return {label: alt_jax.optimize(jax.jit(model.apply), fallback="silent",
+                                    records=records).prepare(model.params)
+            for label, records in out.items()}
+
+
+def _op_keys(plan) -> list:
+    """(op label, kernel symbol) per op of a plan on a kernel, in program order."""
+    out = []
+    for d in plan.rewritten:
+        epi = getattr(d.spec, "epilogue", None)
+        label = f"{d.primitive} {d.signature}" + (
+            f" +{epi.describe()}" if epi is not None and not epi.is_identity else "")
+        out.append((label, d.kernel.symbol))
+    return out
+
+
+def in_model_rows(model, records_path: str, rounds: int, calls: int = 5) -> list:
+    """Per op, its kernel's seconds per call inside the whole model, for the untuned model
+    and each run kind's tuned one, in interleaved rounds (see the module docstring)."""
+    import json
+
+    import jax
+
+    from alt_jax import _core
+
+    if os.environ.get("ALT_JAX_TRACE_DISPATCH", "")[:1] in ("", "0"):
+        raise RuntimeError("in_model_rows needs ALT_JAX_TRACE_DISPATCH=1 in the environment "
+                           "before the first kernel runs (python -m benchmarks.tuned_ops "
+                           "--in_model sets it)")
+    variants = _model_variants(model, records_path)
+    ops = {label: _op_keys(fn.plan_for(*model.inputs)) for label, fn in variants.items()}
+    order = [label for label, _ in ops["untuned"]]
+    for label, pairs in ops.items():
+        if [l for l, _ in pairs] != order:
+            raise AssertionError(f"{label}: its plan puts other ops on kernels than the "
+                                 f"untuned one; per-op rows would not line up")
+    for fn in variants.values():
+        for _ in range(2):
+            jax.block_until_ready(fn(*model.inputs))
+    per_call = {label: {} for label in variants}  # label -> symbol -> [seconds per call]
+    for r in range(rounds):
+        names = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for label in names:
+            before = json.loads(_core.dispatch_trace())
+            for _ in range(calls):
+                jax.block_until_ready(variants[label](*model.inputs))
+            after = json.loads(_core.dispatch_trace())
+            for sym, t in after.items():
+                n = t["calls"] - before.get(sym, {}).get("calls", 0)
+                if n:
+                    s = t["seconds"] - before.get(sym, {}).get("seconds", 0.0)
+                    per_call[label].setdefault(sym, []).append(s / n)
+    rows = []
+    seen: dict = {}
+    for i, op in enumerate(order):
+        if op in seen:
+            seen[op]["multiplicity"] += 1
+            continue
+        times = {label: per_call[label][ops[label][i][1]] for label in variants}
+        row = {"op": op, "multiplicity": 1,
+               "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+               "vs_untuned": {k: statistics.median(u / t for u, t in zip(times["untuned"], v))
+                              for k, v in times.items() if k != "untuned"},
+               "choice": {label: ops[label][i][1] for label in variants}}
+        seen[op] = row
+        rows.append(row)
+    return rows
+
+
 def format_rows(rows) -> str:
     labels = list(dict.fromkeys(k for r in rows for k in r["ms"]))
     lines = [f"{'op':<96} {'x':>2} " + " ".join(f"{k + ' ms':>22}" for k in labels)
@@ -129,12 +220,21 @@ def main(argv):
     if not FLAGS.records:
         raise app.UsageError("--records is required")
     model = models.build(FLAGS.model, layout=FLAGS.layout)
-    print(f"{device.fingerprint()}: {model.name}, {FLAGS.rounds} interleaved rounds per op")
-    rows = op_rows(model, FLAGS.records, FLAGS.rounds, FLAGS.min_repeat_ms / 1e3, FLAGS.cold)
+    if FLAGS.in_model:
+        print(f"{device.fingerprint()}: {model.name}, ops timed inside the model, "
+              f"{FLAGS.rounds} interleaved rounds of {FLAGS.calls} calls per variant")
+        rows = in_model_rows(model, FLAGS.records, FLAGS.rounds, FLAGS.calls)
+    else:
+        print(f"{device.fingerprint()}: {model.name}, {FLAGS.rounds} interleaved rounds per op")
+        rows = op_rows(model, FLAGS.records, FLAGS.rounds, FLAGS.min_repeat_ms / 1e3,
+                       FLAGS.cold)
     print()
     print(format_rows(rows))
 
 
 if __name__ == "__main__":
+    # For --in_model; the handler reads it once, at its first call, and the isolated timings
+    # do not go through the handler.
+    os.environ.setdefault("ALT_JAX_TRACE_DISPATCH", "1")
     define_flags()
     app.run(main)

@@ -227,6 +227,33 @@ def test_confirmation_pass_decides_over_lucky_measurements(tmp_path, cache):
     assert store.best_for_op("op", here)["knobs"] == best["knobs"]
 
 
+class FlatFamily(FakeFamily):
+    """Every candidate but the heuristic takes `factor` x the heuristic's time."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def time_s(self, spec, knobs):
+        return 1e-3 * (1.0 if knobs == FakeKnobs() else self.factor)
+
+
+@pytest.mark.parametrize("factor, heuristic_kept", [(0.99, True), (0.9, False)])
+def test_confirmation_keeps_the_heuristic_unless_beaten_by_the_margin(tmp_path, cache, factor,
+                                                                       heuristic_kept):
+    """A candidate 1% faster than the heuristic is a tie (margin 3%): the heuristic stays;
+    one 10% faster is chosen. The records mark the choice, and optimize() follows it."""
+    store, summary, _ = _tune(tmp_path, cache, [_workload("op")], trials=20, patience=500,
+                              families={"fake": FlatFamily(factor)}, confirm_margin=0.03)
+    best = store.best_for_op("op", device.fingerprint(cache.isa or device.detect_isa()))
+    assert best["stage"] == "confirm" and best["chosen"]
+    assert best["heuristic"] is heuristic_kept
+    chosen = [r for r in store.records() if r.get("chosen")]
+    assert chosen == [best]
+    untuned, tuned = summary.tasks[0].result
+    assert untuned / tuned == pytest.approx(1.0 if heuristic_kept else 1 / factor)
+
+
 def test_confirmation_is_not_repeated_on_resume(tmp_path, cache):
     """Resuming a finished run measures nothing: no new trials, and the latest pass already
     covers the same candidates."""

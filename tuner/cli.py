@@ -81,6 +81,9 @@ def _define(fv: flags.FlagValues) -> None:
                          "of that pass (default: TuneOptions.confirm; 0: no pass)", **kw)
     flags.DEFINE_integer("confirm_rounds", None, "interleaved rounds of the confirmation "
                          "pass (default: TuneOptions.confirm_rounds)", **kw)
+    flags.DEFINE_float("confirm_margin", None, "the confirmation pass keeps the heuristic "
+                       "unless a candidate is this much faster (default: "
+                       "TuneOptions.confirm_margin, 0.03)", **kw)
     flags.DEFINE_bool("progress", None, "progress bars (default: when stderr is a terminal)",
                       **kw)
     flags.DEFINE_list("inputs", [], "tune MODULE:FUNCTION: the shapes of FUNCTION's "
@@ -316,7 +319,7 @@ def tune_options(fv):
 
     given = {"trials": fv.trials, "time_budget_s": fv.time_budget, "batch": fv.batch,
              "mode": fv.mode, "search": fv.search, "seed": fv.seed, "confirm": fv.confirm,
-             "confirm_rounds": fv.confirm_rounds}
+             "confirm_rounds": fv.confirm_rounds, "confirm_margin": fv.confirm_margin}
     try:
         return TuneOptions(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:

@@ -9,8 +9,8 @@ Per model (the records' "model" label) and op (op_key): untuned = the fastest ok
 of the heuristic's knobs (every run measures them first, so runs of different modes share
 one baseline); tuned = the fastest ok record of one (mode, search) variant; speedup =
 untuned / tuned. Where a variant has a confirmation pass for the op (the tuner re-timed the
-heuristic and its best candidates together), tuned is the fastest of that pass, as
-optimize() chooses, and the speedup is against the heuristic's time in the same pass. The whole model sums time x multiplicity over the ops that have both.
+heuristic and its best candidates together), tuned is that pass's choice, as optimize()
+chooses, and the speedup is against the heuristic's time in the same pass. The whole model sums time x multiplicity over the ops that have both.
 A file holding several variants (joint vs loop_only, model vs random) gives a column group
 per variant, so an ablation reads as one table.
 """
@@ -23,7 +23,7 @@ import re
 import textwrap
 from typing import Optional
 
-from alt_jax.records import confirm_pass, record_time
+from alt_jax.records import confirm_pass, pass_choice, record_time
 
 NO_MODEL = "(no model label)"
 
@@ -46,13 +46,13 @@ class VariantResult:
 
     @property
     def best(self) -> Optional[dict]:
-        """The record optimize() would use: the fastest of the confirmation pass if there is
-        one, else the fastest ok record."""
-        for recs in (self.confirmation, self.records):
-            ok = [r for r in recs if record_time(r) is not None]
-            if ok:
-                return min(ok, key=record_time)
-        return None
+        """The record optimize() would use: the confirmation pass's choice if there is one,
+        else the fastest ok record."""
+        chosen = pass_choice(self.confirmation)
+        if chosen is not None:
+            return chosen
+        ok = [r for r in self.records if record_time(r) is not None]
+        return min(ok, key=record_time) if ok else None
 
     @property
     def confirmed_untuned_s(self) -> Optional[float]:
