@@ -106,6 +106,12 @@ def test_show_speedups_per_variant(records_file, capsys):
         in out
     # The other device's 0.1 ms record is not in this table.
     assert "0.100" not in out and OTHER_DEV not in out
+    # Equal budget (netA only: two run kinds): 5 trials each, the curves' whole model.
+    assert ("equal budget: whole model (search trials, best so far) after 5 trials of each "
+            "run kind; untuned 10.000 ms") in out
+    assert "joint/model      6.200 ms (1.613x); after all 7 trials 6.200 ms (1.613x)" in out
+    assert "loop_only/model  7.300 ms (1.370x); after all 5 trials 7.300 ms (1.370x)" in out
+    assert out.count("equal budget:") == 1
 
 
 def test_show_numbers_match_the_records(records_file):

@@ -406,8 +406,11 @@ def cmd_show(fv, args: list, argv: list) -> int:
     reports = _reports(fv, args, "show")
     if reports is None:
         return 1
-    print("untuned: the heuristic's knobs (their fastest measurement); <mode>/<search> ms: "
-          "the fastest ok\nrecord of that mode and search; speedup = untuned / tuned\n")
+    print("untuned: the heuristic's knobs; <mode>/<search> ms: what optimize() uses from that "
+          "mode and search\n(the choice of its confirmation pass, else its fastest ok record); "
+          "speedup = untuned / tuned,\nboth from the same confirmation pass where there is "
+          "one (the untuned column is the\nheuristic's fastest time in any trial, so a column's "
+          "ratio may differ from its speedup)\n")
     print(report.format_report(reports), end="")
     return 0
 

@@ -1,7 +1,8 @@
 """What a records file says about tuning: the `alt-tune show` table and `alt-tune plot` curves.
 
 Entry points: load(path, device) / summarize(records, device) -> [ModelReport],
-format_report(reports) -> str, plot(reports, out) -> [paths written], columns(rows, right),
+format_report(reports) -> str (with equal_budget_lines(report) when a model has several
+run kinds), plot(reports, out) -> [paths written], columns(rows, right),
 format_ms(seconds), short_label(label).
 Reads records only (never builds or measures).
 
@@ -264,8 +265,26 @@ def format_report(reports: list) -> str:
                 tag = f" [{v}]" if len(variants) > 1 else ""
                 table.append(f"      chosen{tag}: {describe_choice(res.best if res else None)}")
         table.append(lines[-1])
-        out += table + [f"note: {n}" for n in notes] + [""]
+        out += table + [f"note: {n}" for n in notes] + equal_budget_lines(rep) + [""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def equal_budget_lines(rep) -> list:
+    """With several run kinds: the whole model's best-so-far (search trials, as the curves)
+    of each at the budget of the shortest run, and after all of its trials."""
+    if len(rep.variants) < 2:
+        return []
+    curves = {v: rep.model_curve(v) for v in rep.variants}
+    n = min(len(xs) - 1 for xs, _ in curves.values())
+    base = next(iter(curves.values()))[1][0]
+    if n < 1 or not base:
+        return []
+    out = [f"equal budget: whole model (search trials, best so far) after {n} trials of each "
+           f"run kind; untuned {format_ms(base)} ms"]
+    for v, (xs, ys) in curves.items():
+        out.append(f"  {v:<16} {format_ms(ys[n])} ms ({base / ys[n]:.3f}x); after all "
+                   f"{xs[-1]} trials {format_ms(ys[-1])} ms ({base / ys[-1]:.3f}x)")
+    return out
 
 
 # ---- the plot -----------------------------------------------------------------------------
