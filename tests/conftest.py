@@ -23,3 +23,16 @@ def optimize(kernel_cache):
         kw.setdefault("min_flops", 0)
         return alt_jax.optimize(fn, cache=kernel_cache, **kw)
     return make
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in this process, and children started meanwhile get
+    its default disposition (exec resets a handled signal, not an ignored one), even when
+    the test run itself was started with SIGINT ignored (a background job of a
+    non-interactive shell), where Python installs no handler."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -398,7 +398,7 @@ def test_tune_show_plot_end_to_end(tune_env, tmp_path, capsys, monkeypatch):
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 5000
 
 
-def test_ctrl_c_then_resume(tune_env, tmp_path):
+def test_ctrl_c_then_resume(tune_env, tmp_path, sigint_raises):
     path = tmp_path / "r.jsonl"
     argv = [sys.executable, "-m", "tuner", *TUNE_ARGS, f"--records={path}"]
     proc = subprocess.Popen(argv, cwd=ROOT, env=tune_env, stdout=subprocess.PIPE,

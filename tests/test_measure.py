@@ -218,7 +218,7 @@ def test_builder_dedupes_and_keeps_order(tmp_path):
         assert kernels[0].lib not in f.read()
 
 
-def test_keyboard_interrupt_kills_the_worker(built, operands):
+def test_keyboard_interrupt_kills_the_worker(built, operands, sigint_raises):
     kernels, sources = built
     with m.Runner(dataclasses.replace(CONFIG, timeout_s=60.0)) as r:
         _check_ok(r.measure(kernels["good"], _input(sources["good"], operands)))
