@@ -2,10 +2,10 @@
 fingerprint and workload.
 
 Entry points: RecordStore(path).append / .best / .best_for_op / .best_knobs / .records /
-.compact, merge_files, make_record, record_time, confirm_pass, pass_choice, knobs_as_json, knobs_from_record,
-workload_key, SCHEMA_VERSION, STATUSES, check_record. Records hold decisions (family,
-layout, knobs, times), never code: kernels are rebuilt from them, and every knob read back
-is validated by its template.
+.compact, merge_files, make_record, record_time, confirm_pass, latest_passes, pass_choice,
+knobs_as_json, knobs_from_record, workload_key, SCHEMA_VERSION, STATUSES, check_record.
+Records hold decisions (family, layout, knobs, times), never code: kernels are rebuilt from
+them, and every knob read back is validated by its template.
 
 A record (schema 2) names: the family and its workload (the spec) and workload_key; the
 op_key of the operation whatever family computes it (so that families computing the same
@@ -243,6 +243,23 @@ def _preferred_in_pass(rec, than) -> bool:
     return _better(rec, than)
 
 
+def latest_passes(recs, group) -> dict:
+    """{group(rec): the records of that group's latest confirmation pass} over the records
+    of recs that belong to a pass (confirm_pass), in their order."""
+    latest: dict = {}
+    for rec in recs:
+        tag = confirm_pass(rec)
+        if tag is None:
+            continue
+        key = group(rec)
+        have = latest.get(key)
+        if have is None or tag > have[0]:
+            latest[key] = (tag, [rec])
+        elif tag == have[0]:
+            have[1].append(rec)
+    return {key: members for key, (_, members) in latest.items()}
+
+
 def pass_choice(recs) -> Optional[dict]:
     """The record a confirmation pass (its records) decides for, or None (none ok)."""
     best = None
@@ -264,6 +281,11 @@ _INDEX: dict = {}
 _INDEX_LOCK = threading.Lock()
 
 
+def _op_and_run_kind(rec) -> tuple:
+    """(op_key, (mode, search)): each kind of tuning run of an op has its own passes."""
+    return rec["op_key"], (rec.get("mode"), rec.get("search"))
+
+
 def _device_index(path: str, device: str, select: tuple = ()) -> dict:
     key = _stat_key(path)
     if key is None:
@@ -273,7 +295,7 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
         if hit is not None and hit[0] == key:
             return hit[1]
     best: dict = {}
-    confirmed: dict = {}  # op_key -> (pass, fastest ok record of the op's latest pass)
+    in_passes: list = []
     skipped = _Skipped()
     needle = json.dumps(device).encode()
     for rec in _stream(path, skipped, needle):
@@ -284,19 +306,15 @@ def _device_index(path: str, device: str, select: tuple = ()) -> dict:
         for k in ((rec["family"], rec["workload_key"]), rec["op_key"]):
             if _better(rec, best.get(k)):
                 best[k] = rec
-        tag = confirm_pass(rec)
-        if tag is not None:
-            run_kind = (rec["op_key"], rec.get("mode"), rec.get("search"))
-            have = confirmed.get(run_kind)
-            if have is None or tag > have[0] or (tag == have[0] and
-                                                 _preferred_in_pass(rec, have[1])):
-                confirmed[run_kind] = (tag, rec)
+        if confirm_pass(rec) is not None:
+            in_passes.append(rec)
     # An op's latest confirmation pass decides it: its candidates (the heuristic's among
-    # them) were re-timed together, so its fastest is not one lucky measurement. A file
+    # them) were re-timed together, so its choice is not one lucky measurement. A file
     # with several kinds of run (joint and loop-only, model and random search) has a latest
-    # pass per kind; the fastest of their winners decides.
+    # pass per kind; the fastest of their choices decides.
     winners: dict = {}
-    for (op, _, _), (_, rec) in confirmed.items():
+    for (op, _), recs in latest_passes(in_passes, _op_and_run_kind).items():
+        rec = pass_choice(recs)
         if _better(rec, winners.get(op)):
             winners[op] = rec
     best.update(winners)
@@ -360,24 +378,15 @@ class RecordStore:
         """Rewrites the file keeping only the best ok record per (family, workload, device),
         and the ok records of each op's latest confirmation pass (which decide the op)."""
         keep: dict = {}
-        passes: dict = {}  # (op_key, device, select fields) -> (pass, [records])
-        for rec in self.records():
-            if rec["status"] != "ok" or not rec["times_s"]:
-                continue
+        ok = [rec for rec in self.records() if record_time(rec) is not None]
+        for rec in ok:
             k = (rec["family"], rec["workload_key"], rec["device"])
             if _better(rec, keep.get(k)):
                 keep[k] = rec
-            tag = confirm_pass(rec)
-            if tag is not None:
-                op = (rec["op_key"], rec["device"], rec.get("mode"), rec.get("search"))
-                have = passes.get(op)
-                if have is None or tag > have[0]:
-                    passes[op] = (tag, [rec])
-                elif tag == have[0]:
-                    have[1].append(rec)
+        passes = latest_passes(ok, lambda rec: (rec["device"], _op_and_run_kind(rec)))
         out = list(keep.values())
         seen = {id(r) for r in out}
-        out += [r for _, recs in passes.values() for r in recs if id(r) not in seen]
+        out += [r for recs in passes.values() for r in recs if id(r) not in seen]
         _write_atomically(self.path, out)
 
 

@@ -70,6 +70,16 @@ def _variants(workload, space_isa, records_path: str) -> dict:
     return out
 
 
+def _row(op: str, multiplicity: int, times: dict, choice: dict) -> dict:
+    """A table row from per-round seconds per variant ('untuned' among them): medians, and
+    the median over rounds of untuned / variant."""
+    return {"op": op, "multiplicity": multiplicity,
+            "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+            "vs_untuned": {k: statistics.median(u / t for u, t in zip(times["untuned"], v))
+                           for k, v in times.items() if k != "untuned"},
+            "choice": choice}
+
+
 def op_rows(model, records_path: str, rounds: int, min_repeat_s: float,
             cold: bool = True) -> list:
     from tuner.cli import bound_workloads
@@ -104,11 +114,7 @@ def op_rows(model, records_path: str, rounds: int, min_repeat_s: float,
             for label, (kernel, inputs, out, number, _, rotate) in prepared.items():
                 times[label].append(runtime.time_numpy(kernel, inputs, [out], number=number,
                                                        repeat=1, rotate=rotate)[0])
-        row = {"op": w.label, "multiplicity": w.multiplicity,
-               "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-               "vs_untuned": {k: statistics.median(u / t for u, t in zip(times["untuned"], v))
-                              for k, v in times.items() if k != "untuned"},
-               "choice": {k: p[4] for k, p in prepared.items()}}
+        row = _row(w.label, w.multiplicity, times, {k: p[4] for k, p in prepared.items()})
         rows.append(row)
         print(f"  {w.label[:100]}: " + ", ".join(f"{k} {ms:.3f} ms" for k, ms in row["ms"].items()),
               flush=True)
@@ -183,11 +189,7 @@ def in_model_rows(model, records_path: str, rounds: int, calls: int = 5) -> list
             seen[op]["multiplicity"] += 1
             continue
         times = {label: per_call[label][ops[label][i][1]] for label in variants}
-        row = {"op": op, "multiplicity": 1,
-               "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-               "vs_untuned": {k: statistics.median(u / t for u, t in zip(times["untuned"], v))
-                              for k, v in times.items() if k != "untuned"},
-               "choice": {label: ops[label][i][1] for label in variants}}
+        row = _row(op, 1, times, {label: ops[label][i][1] for label in variants})
         seen[op] = row
         rows.append(row)
     return rows

@@ -77,8 +77,8 @@ def _define(fv: flags.FlagValues) -> None:
                       "random: the baseline. Default model", **kw)
     flags.DEFINE_integer("seed", None, "search seed (default 0)", **kw)
     flags.DEFINE_integer("confirm", None, "after the search, re-time each op's heuristic and "
-                         "this many best candidates together; optimize() uses the fastest "
-                         "of that pass (default: TuneOptions.confirm; 0: no pass)", **kw)
+                         "this many best candidates together; optimize() uses that pass's "
+                         "choice (default: TuneOptions.confirm; 0: no pass)", **kw)
     flags.DEFINE_integer("confirm_rounds", None, "interleaved rounds of the confirmation "
                          "pass (default: TuneOptions.confirm_rounds)", **kw)
     flags.DEFINE_float("confirm_margin", None, "the confirmation pass keeps the heuristic "

@@ -68,9 +68,8 @@ class ProgressBars(Listener):
                 self.current.close()
             label = short_label(task.workload.label)
             label = label if len(label) <= 48 else label[:47] + "…"
-            index = next((i for i, t in enumerate(self.tasks, 1) if t is task), 0)
             self.current = self.tqdm(total=None, initial=task.trials - 1,
-                                     desc=f"op {index}/{len(self.tasks)} {label}",
+                                     desc=f"op {self._number(task)} {label}",
                                      unit="trial", position=1, file=self.stream,
                                      dynamic_ncols=True, leave=False)
             self.current_key = task.workload.op_key
@@ -88,11 +87,14 @@ class ProgressBars(Listener):
         if self.current is not None:  # the search's per-op bar is done
             self.current.close()
             self.current, self.current_key = None, None
-        index = next((i for i, t in enumerate(self.tasks, 1) if t is task), 0)
-        self.overall.set_description_str(f"confirmed op {index}/{len(self.tasks)}",
-                                         refresh=False)
+        self.overall.set_description_str(f"confirmed op {self._number(task)}", refresh=False)
         self._overall_postfix()
         self.overall.refresh()
+
+    def _number(self, task) -> str:
+        """'i/n': task's place among the run's tasks."""
+        index = next((i for i, t in enumerate(self.tasks, 1) if t is task), 0)
+        return f"{index}/{len(self.tasks)}"
 
     def close(self) -> None:
         for bar in (self.current, self.overall):

@@ -11,7 +11,8 @@ of the heuristic's knobs (every run measures them first, so runs of different mo
 one baseline); tuned = the fastest ok record of one (mode, search) variant; speedup =
 untuned / tuned. Where a variant has a confirmation pass for the op (the tuner re-timed the
 heuristic and its best candidates together), tuned is that pass's choice, as optimize()
-chooses, and the speedup is against the heuristic's time in the same pass. The whole model sums time x multiplicity over the ops that have both.
+chooses, and the speedup is against the heuristic's time in the same pass. The whole model
+sums time x multiplicity over the ops that have both.
 A file holding several variants (joint vs loop_only, model vs random) gives a column group
 per variant, so an ablation reads as one table.
 """
@@ -24,7 +25,7 @@ import re
 import textwrap
 from typing import Optional
 
-from alt_jax.records import confirm_pass, pass_choice, record_time
+from alt_jax.records import confirm_pass, latest_passes, pass_choice, record_time
 
 NO_MODEL = "(no model label)"
 
@@ -152,16 +153,12 @@ def summarize(records, device: Optional[str]) -> list:
                          if r.get("heuristic") and confirm_pass(r) is None]
             heuristic = [t for t in heuristic if t is not None]
             by_variant: dict = {}
-            passes: dict = {}  # variant -> {pass: [records]}
             for r in op_recs:
                 result = by_variant.setdefault(variant_of(r), VariantResult())
-                tag = confirm_pass(r)
-                if tag is None:
+                if confirm_pass(r) is None:
                     result.records.append(r)
-                else:
-                    passes.setdefault(variant_of(r), {}).setdefault(tag, []).append(r)
-            for v, by_pass in passes.items():
-                by_variant[v].confirmation = by_pass[max(by_pass)]
+            for v, recs in latest_passes(op_recs, variant_of).items():
+                by_variant[v].confirmation = recs
             label = next((r["op"] for r in op_recs if isinstance(r.get("op"), str)),
                          f"{op_recs[0]['family']} {op_recs[0]['workload_key']}")
             mult = max((r["multiplicity"] for r in op_recs

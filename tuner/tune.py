@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 import time
 import uuid
 from typing import Optional, Sequence
@@ -247,18 +246,15 @@ class _Run:
         return None if knobs is None else Choice(rec["family"], knobs)
 
     def _resume(self, task: TaskState, space: JointSpace, recs: list) -> None:
-        passes: dict = {}
-        for rec in recs:
-            choice = self._choice_of(rec, space)
-            if choice is None:
-                continue
-            tag = records_mod.confirm_pass(rec)
-            if tag is not None:  # a re-timing, not a trial
-                passes.setdefault(tag, []).append((choice, rec))
-                continue
-            self._account(task, choice, rec, bool(rec.get("heuristic")), rec.get("stage", ""))
-        if passes:
-            self._take_confirmation(task, passes[max(passes)])
+        choices = {id(rec): self._choice_of(rec, space) for rec in recs}
+        known = [rec for rec in recs if choices[id(rec)] is not None]
+        for rec in known:
+            if records_mod.confirm_pass(rec) is None:  # a trial; a pass only re-times
+                self._account(task, choices[id(rec)], rec, bool(rec.get("heuristic")),
+                              rec.get("stage", ""))
+        latest = records_mod.latest_passes(known, lambda rec: task.workload.op_key)
+        for members in latest.values():
+            self._take_confirmation(task, [(choices[id(r)], r) for r in members])
 
     def _take_confirmation(self, task: TaskState, measured: list) -> None:
         """task's confirmed (untuned, chosen) times from one pass [(Choice, record)]."""
@@ -331,9 +327,9 @@ class _Run:
         together, options.confirm_rounds interleaved rounds (each candidate once per round,
         its repeats as the protocol says), and records them as one pass: a search keeps the
         fastest of many noisy measurements, so its best is biased low; timed side by side,
-        the heuristic and the candidates that looked best face the same machine, and the
-        fastest of the pass is what optimize() uses. Skipped when the latest pass already
-        covered the same candidates, or when the heuristic is the only one."""
+        the heuristic and the candidates that looked best face the same machine. The pass
+        marks its choice (_pass_winner), which optimize() uses. Skipped when the latest pass
+        already covered the same candidates, or when the heuristic is the only one."""
         space = self.spaces[task.workload.op_key]
         default = space.default
         ranked = sorted((t for t in task.history if t.median_s is not None and not t.heuristic
@@ -357,36 +353,37 @@ class _Run:
                     failed.setdefault(c.key, result)
         start, pass_id = time.time(), f"{self.run_id}:{len(task.history)}"
         w = task.workload
-        chosen = self._pass_winner(picks, times, failed, default)
         measured = []
         for c in picks:
             bad = failed.get(c.key)
-            rec = records_mod.make_record(
+            measured.append((c, records_mod.make_record(
                 c.family, space.spec(c), c.knobs, self.device,
                 () if bad else times[c.key], bad.status if bad else "ok", op_key=w.op_key,
                 layout=space.layout_dict(c), op=w.label, multiplicity=w.multiplicity,
                 model=self.options.model, mode=self.options.mode, search=self.options.search,
                 heuristic=c.key == default.key, stage=records_mod.CONFIRM_STAGE,
                 trial=task.trials, run_id=self.run_id, confirm_pass=pass_id,
-                confirm_start=start, chosen=c.key == chosen,
-                **({"error": str(bad.error)[:500]} if bad else {}))
+                confirm_start=start, **({"error": str(bad.error)[:500]} if bad else {}))))
+        chosen = self._pass_winner([r for _, r in measured])
+        for _, rec in measured:
+            rec["chosen"] = rec is chosen
             self.store.append(rec)
-            measured.append((c, rec))
         self._take_confirmation(task, measured)
         self.listener.on_confirm(task)
 
-    def _pass_winner(self, picks: list, times: dict, failed: dict, default: Choice):
-        """The key a pass chooses: its fastest candidate when that beats the heuristic by
-        options.confirm_margin, else the heuristic (the fastest ok one if it failed)."""
-        medians = {c.key: statistics.median(times[c.key]) for c in picks
-                   if c.key not in failed and times[c.key]}
-        if not medians:
+    def _pass_winner(self, recs: list) -> Optional[dict]:
+        """The record a pass chooses: its fastest when that beats the heuristic's by
+        options.confirm_margin, else the heuristic's (the fastest if the heuristic failed);
+        None when none is ok."""
+        ok = [r for r in recs if records_mod.record_time(r) is not None]
+        if not ok:
             return None
-        fastest = min(medians, key=medians.get)
-        heuristic = medians.get(default.key)
-        if heuristic is None or medians[fastest] <= (1 - self.options.confirm_margin) * heuristic:
+        fastest = min(ok, key=records_mod.record_time)
+        heuristic = next((r for r in ok if r["heuristic"]), None)
+        if heuristic is None or (records_mod.record_time(fastest) <= (
+                1 - self.options.confirm_margin) * records_mod.record_time(heuristic)):
             return fastest
-        return default.key
+        return heuristic
 
     def train(self) -> None:
         if self.options.search != "model":

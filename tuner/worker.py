@@ -126,8 +126,7 @@ def measure_one(core, req: dict) -> dict:
         return _reply("wrong_result", error=wrong)
     for _ in range(cfg["warmup"]):
         core.run(lib, sym, inputs, [out], ws, threads)
-    rotate = cold_copies(inputs, req.get("cold", ()), cfg.get("cold_bytes", 0),
-                         cfg.get("max_cold_copies", 1))
+    rotate = cold_copies(inputs, req["cold"], cfg["cold_bytes"], cfg["max_cold_copies"])
     probe = core.time(lib, sym, inputs, [out], ws, threads, 1, 1, rotate)[0]
     best = req["best_so_far_s"]
     if best is not None and probe > cfg["cut_factor"] * best:
