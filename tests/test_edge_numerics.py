@@ -1,9 +1,9 @@
 """Special and extreme values through the conv kernels give what jax.jit gives: the same NaN
 and inf positions (and signs), finite values within tolerance.
 
-Winograd's transforms mix a 4x4 input patch and a 3x3 filter, so one inf becomes inf - inf
-over a tile and values near 3e38 overflow: WinogradFamily.safe_operands sends such calls to
-XLA (decided at trace time for constant weights, per call for traced ones). The depthwise
+Winograd's transforms mix a 4x4 (6x6) input patch and a 3x3 filter, so one inf becomes
+inf - inf over a tile and values near 3e38 overflow: the kernel checks the values it reads
+and computes the plain convolution for such calls, with no check in the graph. The depthwise
 kernel's in-place path skips padded taps, where XLA forms 0 * w (NaN for an inf weight): it
 adds those 0 * w itself. Normal values still run on the kernels.
 
@@ -12,12 +12,14 @@ Run: python3 -m pytest tests/test_edge_numerics.py
 from __future__ import annotations
 
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
 import alt_jax
-from alt_jax import device, runtime
+from alt_jax import device, jaxpr_pass, runtime
 from isa_cases import TABLE_ISA
 from alt_jax.ops import depthwise
 from alt_jax.ops.depthwise import DepthwiseKnobs
@@ -91,7 +93,25 @@ def _winograd_fn(x, w):
     return _conv(x, w, NHWC)
 
 
+def _check_winograd_kernels(cache, x, w):
+    """Each output tile, filter packed or transformed per call, run directly."""
+    from alt_jax.ops.winograd import FAMILY, OUT_TILES
+
+    eqn = jax.make_jaxpr(_winograd_fn)(x, w).jaxpr.eqns[0]
+    want = jax.jit(_winograd_fn)(x, w)
+    for out_tile in OUT_TILES:
+        for prepacked in (False, True):
+            spec = dataclasses.replace(FAMILY.match(eqn), prepacked=prepacked)
+            knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), out_tile=out_tile)
+            kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+            ops = FAMILY.kernel_inputs(spec, knobs, [x, w], ISA)
+            got = np.full(spec.out_shape, np.nan, np.float32)
+            runtime.run_numpy(kernel, [np.asarray(a) for a in ops], [got])
+            assert_same_numerics(got, want)
+
+
 def _check_winograd_args(cache, x, w):
+    _check_winograd_kernels(cache, x, w)
     opt = _optimize(_winograd_fn, cache)
     assert _families(opt, x, w) == ["winograd"]
     assert_same_numerics(opt(x, w), jax.jit(_winograd_fn)(x, w))
@@ -154,21 +174,30 @@ def test_winograd_nan_weight(cache):
     _check_winograd_const(cache, x, w)
 
 
-def test_winograd_guard_is_static_for_constant_weights():
-    """A bad constant filter decides at trace time; a good one leaves only the input check."""
+def test_winograd_needs_no_check_in_the_graph(cache):
+    """The kernel checks its values itself: the optimized program is the kernel call alone,
+    with constant and with traced weights (no lax.cond, no pass over the input)."""
     from alt_jax.ops.winograd import FAMILY
 
+    assert not hasattr(FAMILY, "safe_operands")
     x, w = _winograd_case()
-    eqn = jax.make_jaxpr(_winograd_fn)(x, w).jaxpr.eqns[0]
-    spec = FAMILY.match(eqn)
-    assert FAMILY.safe_operands(spec, x, w) is True
-    bad = w.copy()
-    bad[0, 0, 0, 0] = np.inf
-    assert FAMILY.safe_operands(spec, x, bad) is False
-    traced = jax.make_jaxpr(lambda x: FAMILY.safe_operands(spec, x, bad))(x)
-    assert traced.out_avals[0].shape == () and not traced.eqns  # no runtime check at all
-    traced = jax.make_jaxpr(lambda x: FAMILY.safe_operands(spec, x, w))(x)
-    assert traced.out_avals[0].dtype == np.bool_ and traced.eqns  # only |x| is checked
+    for fn, args in ((_winograd_fn, (x, w)), (lambda x: _winograd_fn(x, w), (x,))):
+        opt = _optimize(fn, cache)
+        assert _families(opt, *args) == ["winograd"]
+        prims = {e.primitive.name for e in jaxpr_pass.walk(jax.make_jaxpr(opt)(*args))}
+        assert "cond" not in prims and "reduce_and" not in prims, prims
+
+
+def test_winograd_fallback_is_per_call(cache):
+    """One program, two calls: the out-of-range one is exact through the fallback, the next
+    normal one runs the transforms again (bit-identical to the kernel on the same values)."""
+    x, w = _winograd_case(seed=2)
+    opt = _assert_on_the_kernel(_winograd_fn, "winograd", x, w, cache)
+    first = np.asarray(opt(x, w))
+    bad = x.copy()
+    bad[0, 3, 4, 5] = np.inf
+    assert_same_numerics(opt(bad, w), jax.jit(_winograd_fn)(bad, w))
+    np.testing.assert_array_equal(opt(x, w), first)
 
 
 def test_winograd_normal_values_run_on_the_kernel(cache):

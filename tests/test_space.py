@@ -40,7 +40,7 @@ KINDS = {
                    ow_tile="loop", chunk_tiles="loop", ic_chunk="loop", oc_outer="loop"),
     "depthwise": dict(c_block="layout", pack="layout", ow_tile="loop", oh_rows="loop",
                       c_inner="loop"),
-    "winograd": dict(oc_vecs="layout", tile_block="loop", kb_outer="loop"),
+    "winograd": dict(out_tile="layout", oc_vecs="layout", tile_block="loop", kb_outer="loop"),
     "matmul": dict(pack_a="layout", pack_b="layout", fuse_b="layout", dot="layout", mr="loop",
                    nv="loop", kc="loop", mc="loop", nc="loop", par="loop", unroll="loop"),
     "naive_matmul": dict(rows_per_task="loop"),

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) kernels against lax: layouts, partial tiles, channel tails, padding,
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) kernels against lax: layouts, partial tiles, channel tails, padding,
 fused epilogues, prepacked and per-call filter transforms, narrow ISAs; what match() declines
 and what validate() rejects.
 
@@ -69,16 +69,18 @@ GRID = [
 
 @pytest.mark.parametrize("n,c,k,hw,padding,dn", GRID)
 @pytest.mark.parametrize("prepacked", [False, True])
-def test_matches_lax(cache, n, c, k, hw, padding, dn, prepacked):
+@pytest.mark.parametrize("out_tile", winograd.OUT_TILES)
+def test_matches_lax(cache, n, c, k, hw, padding, dn, prepacked, out_tile):
     f, x, w, eqn = _case(n, c, k, hw, padding, dn)
     spec = dataclasses.replace(FAMILY.match(eqn), prepacked=prepacked)
-    knobs = FAMILY.default_knobs(spec, ISA)
+    knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), out_tile=out_tile)
     rhs = np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA)) if prepacked else w
     assert _rel_err(_run(cache, spec, knobs, [x, rhs]), np.asarray(f(x, w))) <= TOL
 
 
 @pytest.mark.parametrize("knobs", [WinogradKnobs(4, 3, False), WinogradKnobs(1, 1, True),
-                                   WinogradKnobs(14, 1, True)])
+                                   WinogradKnobs(14, 1, True), WinogradKnobs(5, 2, False, 4),
+                                   WinogradKnobs(1, 3, True, 4)])
 def test_every_valid_knob_choice_matches_lax(cache, knobs):
     f, x, w, eqn = _case(1, 11, 19, (9, 7))
     spec = FAMILY.match(eqn)
@@ -87,10 +89,11 @@ def test_every_valid_knob_choice_matches_lax(cache, knobs):
 
 
 @pytest.mark.parametrize("epi", EPILOGUES, ids=lambda e: e.describe())
-def test_fused_epilogue(cache, epi):
+@pytest.mark.parametrize("out_tile", winograd.OUT_TILES)
+def test_fused_epilogue(cache, epi, out_tile):
     f, x, w, eqn = _case(1, 10, 21, (7, 8), dn=("NCHW", "OIHW", "NCHW"), seed=1)
     spec = dataclasses.replace(FAMILY.match(eqn), epilogue=epi, prepacked=True)
-    knobs = FAMILY.default_knobs(spec, ISA)
+    knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), out_tile=out_tile)
     rng = np.random.default_rng(2)
     extra = {"scale": rng.standard_normal(21).astype(np.float32),
              "shift": rng.standard_normal(21).astype(np.float32),
@@ -102,12 +105,13 @@ def test_fused_epilogue(cache, epi):
 
 
 @pytest.mark.parametrize("isa", [device.SSE2, device.SCALAR], ids=lambda i: i.name)
-def test_narrow_isas_match_lax(isa, tmp_path):
+@pytest.mark.parametrize("out_tile", winograd.OUT_TILES)
+def test_narrow_isas_match_lax(isa, tmp_path, out_tile):
     cache = runtime.KernelCache(tmp_path, isa=isa)
     f, x, w, eqn = _case(1, 6, 9, (5, 6))
     spec = dataclasses.replace(FAMILY.match(eqn), prepacked=True,
                                epilogue=Epilogue(shift=True, activation="relu"))
-    knobs = FAMILY.default_knobs(spec, isa)
+    knobs = dataclasses.replace(FAMILY.default_knobs(spec, isa), out_tile=out_tile)
     shift = np.linspace(-1, 1, 9).astype(np.float32)
     ops = [x, np.asarray(FAMILY.pack_weights(spec, knobs, w, isa)), shift]
     want = np.maximum(np.asarray(f(x, w)) + shift, 0)
@@ -155,3 +159,36 @@ def test_validate_rejects_illegal_knobs():
         FAMILY.validate(spec, WinogradKnobs(tile_block=0), ISA)
     with pytest.raises(KnobError, match="kb_outer"):
         FAMILY.validate(spec, WinogradKnobs(kb_outer=1), ISA)
+    with pytest.raises(KnobError, match="out_tile=3"):
+        FAMILY.validate(spec, WinogradKnobs(out_tile=3), ISA)
+
+
+@pytest.mark.parametrize("c,k,hw", [(64, 64, (56, 56)), (128, 128, (28, 28)),
+                                    (256, 256, (14, 14)), (512, 512, (7, 7))])
+def test_f4x4_error_stays_well_inside_the_tolerance(cache, c, k, hw):
+    """F(4x4, 3x3) on ResNet-50's 3x3 shapes with unit-variance data and He-scaled weights
+    (as the zoo's): its error, relative to max |out|, stays below a fifth of TOL (measured
+    0.7e-5 to 1.2e-5 here, 8x to 15x F(2x2, 3x3)'s on the same data: the transforms' larger
+    entries, up to 8 in A and 5 in B, amplify rounding); a wrong matrix entry would be orders
+    of magnitude off."""
+    f, x, w, eqn = _case(1, c, k, hw, seed=3)
+    w *= np.float32(np.sqrt(2.0 / (9 * c)))
+    spec = dataclasses.replace(FAMILY.match(eqn), prepacked=True)
+    want = np.asarray(f(x, w))
+    errs = {}
+    for out_tile in winograd.OUT_TILES:
+        knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), out_tile=out_tile)
+        packed = np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA))
+        errs[out_tile] = _rel_err(_run(cache, spec, knobs, [x, packed]), want)
+    assert errs[4] <= TOL / 5, errs
+    assert errs[2] <= TOL / 50, errs
+
+
+def test_default_output_tile_follows_the_tile_count():
+    """F(4x4) where the batch has MIN_F4_TILES 4x4 tiles (28x28 and up at batch 1), F(2x2)
+    below, where its smaller filter panels measured faster."""
+    for n, hw, want in [(1, (56, 56), 4), (1, (28, 28), 4), (1, (14, 14), 2), (1, (7, 7), 2),
+                        (4, (14, 14), 4)]:
+        spec = FAMILY.match(_case(n, 64, 64, hw)[3])
+        assert FAMILY.default_knobs(spec, ISA).out_tile == want, (n, hw)
+    assert winograd.MIN_F4_TILES == 49

@@ -1,10 +1,15 @@
-"""3x3 stride-1 convolutions by Winograd's F(2x2, 3x3): 16 multiply-adds per 2x2 outputs and
-channel pair instead of 36.
+"""3x3 stride-1 convolutions by Winograd's minimal filtering: F(2x2, 3x3) does 16
+multiply-adds per 2x2 outputs and channel pair instead of 36, F(4x4, 3x3) 36 per 4x4 outputs
+instead of 144. The output tile (2 or 4) is a layout knob: it decides the transformed
+filter's layout (4x4 or 6x6 panels) and the workspace's.
 
 Entry points: FAMILY (WinogradFamily: match/flops/prefers/default_knobs/validate/space/
 render/lower/pack_weights/kernel_inputs), WinogradSpec, WinogradKnobs. Template
-codegen/winograd.cc; its inputs are [lhs, U = pack_weights(rhs) (the transformed filter),
-*Spec.epilogue.inputs()].
+codegen/winograd.cc; its inputs are [lhs, pack_weights(rhs) (the transformed filter U, the
+filter and its max |g|) or the rhs itself, *Spec.epilogue.inputs()]. The kernel checks that
+the values it reads are within the transforms' safe range (the bounds are in the template)
+and computes the plain convolution when they are not, so it matches XLA for every input and
+needs no check in the graph (no safe_operands).
 
 Tried before the direct conv2d family. match() declines (Unsupported) only what the kernel
 cannot compute; prefers() says False where the direct convolution measured faster (few
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from typing import Sequence
 
 import numpy as np
@@ -21,47 +27,30 @@ import numpy as np
 from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
-from alt_jax.ops.conv_common import (FLT_MAX, ConvOperands, all_within,
-                                     check_types, conv_kernel_inputs, lower_conv, read_conv)
+from alt_jax.ops.conv_common import (ConvOperands, check_types, conv_kernel_inputs,
+                                     lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
-# G of F(2x2, 3x3): U = G g G^T turns a 3x3 filter into the 4x4 one the tiles multiply by.
-_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
-              np.float32)
-# Values the transforms can take without overflowing. With |input| <= X and |filter| <= W:
-#   input transform B^T d B: every entry sums 4 inputs with signs ............. <= 4 X
-#   filter transform G g G^T: partial sums (g0 + g1 + g2, then the same over rows of G g)
-#     <= 4.5 W before the halvings, entries <= 2.25 W
-#   the 16 GEMMs over C channels, every partial sum ............... <= C 4X 2.25W = 9 C X W
-#   output transform A^T M A: 3 then 3 terms of M ............................. <= 81 C X W
-# so with 81 C X W, 4 X and 4.5 W below FLT_MAX / 2 (a factor 2 for the rounding of all of
-# the above and of the bounds) nothing overflows, XLA's own sums (<= 9 C X W) are finite as
-# well, and the two agree up to rounding. Outside the bounds they need not: an inf or a value
-# near 3e38 turns into inf - inf over a whole tile, and a NaN fails every <= test.
-_INPUT_LIMIT = FLT_MAX / (2 * 4)
-_FILTER_LIMIT = FLT_MAX / (2 * 4.5)
-
-
-def _product_limit(c: int) -> float:
-    """The largest max|input| * max|filter| whose transforms cannot overflow over c channels."""
-    return FLT_MAX / (2 * 81 * c)
-
-
-def _concrete_max_abs(x):
-    """max |x| of a concrete array (NaN if it holds one), None for a tracer."""
-    import jax
-
-    if isinstance(x, jax.core.Tracer):
-        return None
-    return float(np.max(np.abs(np.asarray(x, np.float32))))
-
-
+# G of F(m x m, 3x3) (Lavin & Gray): U = G g G^T turns a 3x3 filter into the (m+2)^2 one the
+# tiles multiply by. The template writes the same matrices out as code.
+_G = {
+    2: np.array([[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]),
+    4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+}
+OUT_TILES = tuple(_G)
 # Where the transform pays (measured on the 2-core Zen3 dev VM, see docs/ARCHITECTURE.md):
 # enough tiles per image to fill the GEMM rows and enough channels to amortise the
 # transforms. A heuristic (prefers()), not a limit: the kernel computes smaller convs too.
 MIN_CHANNELS = 64
 MIN_OUTPUTS = 14 * 14
+# F(4x4, 3x3) from this many 4x4 tiles in the batch: each U panel (36/16 the size of
+# F(2x2)'s, read from memory on every call: a model's weights do not stay in cache) must
+# serve enough tiles. Measured with cold weights on the dev VM (AVX-512, 2 cores), best knobs
+# of each: 56x56x64 0.221 ms (F4) vs 0.286 (F2), 28x28x128 0.261 vs 0.278; 14x14x256 0.508
+# vs 0.370 and 7x7x512 0.968 vs 0.845, where F(4x4) pads 14 to 16 and has 16 or 4 tiles.
+MIN_F4_TILES = 49
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,21 +83,24 @@ class WinogradSpec(ConvOperands):
     def rhs_in_channels(self) -> int:
         return self.c
 
-    @property
-    def tiles(self) -> int:
-        """2x2 output tiles in the whole batch."""
-        return self.n * (-(-self.oh // 2)) * (-(-self.ow // 2))
+    def tiles(self, out_tile: int = 2) -> int:
+        """out_tile x out_tile output tiles in the whole batch."""
+        return self.n * (-(-self.oh // out_tile)) * (-(-self.ow // out_tile))
 
 
 @dataclasses.dataclass(frozen=True, order=True)
 class WinogradKnobs:
     """tile_block: tiles per register tile (GEMM rows); oc_vecs: vectors of output channels
     per register tile; kb_outer: parallel items ordered oc block major (each oc block's U
-    panels stay in L2 while the tile blocks go by) rather than tile block major."""
+    panels stay in L2 while the tile blocks go by) rather than tile block major; out_tile:
+    outputs per tile side, 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3): 2.25x fewer multiply-adds than
+    F(2x2) on full tiles, but 36/16 the transformed filter's size and more padded outputs
+    when the image is not a multiple of 4)."""
 
     tile_block: int = 6
     oc_vecs: int = 2
     kb_outer: bool = True
+    out_tile: int = 2
 
 
 class WinogradFamily:
@@ -148,33 +140,23 @@ class WinogradFamily:
         filters outweigh 16 tiles)."""
         return min(spec.c, spec.k) >= MIN_CHANNELS and spec.oh * spec.ow >= MIN_OUTPUTS
 
-    # ---- operand values ----
-    def safe_operands(self, spec: WinogradSpec, lhs, rhs):
-        """Whether the transforms stay within float range for these values (see _INPUT_LIMIT):
-        a bool when the operands are concrete or a constant filter already decides, else a
-        traced bool (the planner then runs XLA on the calls where it is False). A constant
-        filter is checked once, here, and bounds the input by its own max |w|; a traced one
-        is bounded like the input, by sqrt of the product limit (6e16 at C = 512)."""
-        limit = _product_limit(spec.c)
-        w = _concrete_max_abs(rhs)
-        if w is None:
-            both = min(_INPUT_LIMIT, _FILTER_LIMIT, float(np.sqrt(limit)))
-            return all_within(lhs, both) & all_within(rhs, both)
-        if not w <= _FILTER_LIMIT:  # NaN fails too
-            return False
-        return all_within(lhs, min(_INPUT_LIMIT, limit / w) if w > 0 else _INPUT_LIMIT)
-
     # ---- knobs ----
     def default_knobs(self, spec: WinogradSpec, isa: device.Isa) -> WinogradKnobs:
-        """6 tiles x 2 vectors: 12 accumulators, as the direct conv's best tile."""
+        """6 tiles x 2 vectors: 12 accumulators, as the direct conv's best tile; F(4x4) from
+        MIN_F4_TILES tiles."""
         oc_vecs = 2 if spec.k > isa.vector_floats else 1
         budget = isa.vector_registers - oc_vecs - 1
-        knobs = WinogradKnobs(tile_block=max(1, min(6, budget // oc_vecs)), oc_vecs=oc_vecs)
+        knobs = WinogradKnobs(tile_block=max(1, min(6, budget // oc_vecs)), oc_vecs=oc_vecs,
+                              out_tile=4 if spec.tiles(4) >= MIN_F4_TILES else 2)
         self.validate(spec, knobs, isa)
         return knobs
 
     def validate(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa) -> None:
-        check_types(spec, knobs, ints=("tile_block", "oc_vecs"), bools=("kb_outer",))
+        check_types(spec, knobs, ints=("tile_block", "oc_vecs", "out_tile"),
+                    bools=("kb_outer",))
+        if knobs.out_tile not in OUT_TILES:
+            raise KnobError(f"out_tile={knobs.out_tile}: Winograd here is F(m x m, 3x3) for m "
+                            f"in {OUT_TILES}")
         if not 1 <= knobs.tile_block <= 16:
             raise KnobError(f"tile_block={knobs.tile_block} must be in [1, 16]")
         if not 1 <= knobs.oc_vecs <= 4:
@@ -185,19 +167,21 @@ class WinogradFamily:
                             f"{regs} vector registers, {isa.name} has {isa.vector_registers}")
 
     def space(self, spec: WinogradSpec, isa: device.Isa) -> Space:
-        """Layout: the U panels' oc block (oc_vecs vectors; with prepacked weights it is the
-        packed filter's layout). Loop: tiles per register tile, item order. The register
-        budget of a (tile_block, oc_vecs) pair is validate()'s."""
+        """Layout: the output tile (F(2x2) or F(4x4): the transformed filter's and the
+        workspace's panels) and the U panels' oc block (oc_vecs vectors; with prepacked
+        weights they are the packed filter's layout). Loop: tiles per register tile, item
+        order. The register budget of a (tile_block, oc_vecs) pair is validate()'s."""
         d = self.default_knobs(spec, isa)
         vw, regs = isa.vector_floats, isa.vector_registers
         oc_vecs = axis_values(range(1, min(4, -(-spec.k // vw)) + 1), d.oc_vecs)
         # small blocks, 8, and the block that fills the registers for each oc_vecs; no more
-        # tiles than the batch has
-        cap = min(16, spec.tiles)
+        # tiles than the batch has (at the smaller output tile)
+        cap = min(16, spec.tiles(min(OUT_TILES)))
         blocks = axis_values([min(cap, max(1, t)) for t in
                               [1, 2, 4, 8] + [(regs - v - 1) // v for v in oc_vecs]],
                              d.tile_block)
         return Space(self.name, WinogradKnobs, (
+            Axis("out_tile", axis_values(OUT_TILES, d.out_tile), "layout"),
             Axis("oc_vecs", oc_vecs, "layout"),
             Axis("tile_block", blocks, "loop"),
             Axis("kb_outer", (False, True), "loop"),
@@ -209,7 +193,7 @@ class WinogradFamily:
         ocb = knobs.oc_vecs * vw
         cp = -(-spec.c // vw) * vw
         kb = -(-spec.k // ocb)
-        ntb = -(-spec.tiles // knobs.tile_block)
+        ntb = -(-spec.tiles(knobs.out_tile) // knobs.tile_block)
         return vw, ocb, cp, kb, ntb
 
     def render(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa):
@@ -226,8 +210,9 @@ class WinogradFamily:
             PT=pt, PB=pb, PL=pl, PR=pr, LHS_N=ln, LHS_C=lc, LHS_H=lh, LHS_W=lw,
             RHS_O=ro, RHS_I=ri, RHS_H=rh, RHS_W=rw, OUT_N=on, OUT_K=ok, OUT_H=oh, OUT_W=ow,
             PREPACKED=spec.prepacked, TILE_BLOCK=knobs.tile_block, OC_VECS=knobs.oc_vecs,
-            KB_OUTER=knobs.kb_outer,
-            TH=-(-spec.oh // 2), TW=-(-spec.ow // 2), CP=cp, KB=kb, NTB=ntb,
+            KB_OUTER=knobs.kb_outer, OUT_TILE=knobs.out_tile,
+            TH=-(-spec.oh // knobs.out_tile), TW=-(-spec.ow // knobs.out_tile), CP=cp, KB=kb,
+            NTB=ntb,
             ACT=spec.epilogue.activation_code, HAS_SCALE=spec.epilogue.scale,
             HAS_SHIFT=spec.epilogue.shift, HAS_RESIDUAL=spec.epilogue.residual)
         for key, v in values.items():
@@ -237,8 +222,9 @@ class WinogradFamily:
         values["SYMBOL"] = f"alt_winograd_{digest}"
         code = R.render(R.load_template(_TEMPLATE), values)
         # the transformed input panels, then (not prepacked) the transformed filter
-        ws_floats = 16 * ntb * knobs.tile_block * cp
-        ws_bytes = 4 * (ws_floats + (0 if spec.prepacked else 16 * kb * cp * ocb))
+        xi = (knobs.out_tile + 2) ** 2
+        ws_floats = xi * ntb * knobs.tile_block * cp
+        ws_bytes = 4 * (ws_floats + (0 if spec.prepacked else xi * kb * cp * ocb))
         return runtime.KernelSource(symbol=values["SYMBOL"], code=code, workspace_bytes=ws_bytes)
 
     def lower(self, spec: WinogradSpec, kernel, operands: Sequence,
@@ -254,24 +240,37 @@ class WinogradFamily:
         return conv_kernel_inputs(self, spec, knobs, operands, isa)
 
     # ---- weights ----
+    def _u_shape(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa) -> tuple:
+        """The transformed filter's panels: ((out_tile + 2)^2, K/oc_block, C padded to the
+        lanes, oc_block)."""
+        vw, ocb, cp, kb, _ = self._sizes(spec, knobs, isa)
+        return ((knobs.out_tile + 2) ** 2, kb, cp, ocb)
+
     def packed_weight_shape(self, spec: WinogradSpec, knobs: WinogradKnobs,
                             isa: device.Isa) -> tuple:
-        """(16, K/oc_block, C padded to the lanes, oc_block)."""
-        vw, ocb, cp, kb, _ = self._sizes(spec, knobs, isa)
-        return (16, kb, cp, ocb)
+        """One flat buffer: U's panels, the filter itself [K][C][3][3] (the kernel's
+        fallback for values outside the transforms' safe range) and its max |g|."""
+        return (math.prod(self._u_shape(spec, knobs, isa)) + spec.k * spec.c * 9 + 1,)
 
     def pack_weights(self, spec: WinogradSpec, knobs: WinogradKnobs, rhs, isa: device.Isa):
         """U = G g G^T for every (output, input) channel pair, in the kernel's panels
-        [xi = 4a + b][oc block][c][oc in block] (oc block = oc_vecs x isa's lanes),
-        zero-padded; jnp, so it traces."""
+        [xi = T a + b][oc block][c][oc in block] (T = out_tile + 2; oc block = oc_vecs x
+        isa's lanes), zero-padded, then the filter [K][C][3][3] and max |g| (-1 if a tap is
+        not finite), flat (packed_weight_shape); jnp, so it traces."""
         import jax.numpy as jnp
 
-        _, kb, cp, ocb = self.packed_weight_shape(spec, knobs, isa)
+        xi, kb, cp, ocb = self._u_shape(spec, knobs, isa)
         g = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_spec)  # O, I, 3, 3
-        u = jnp.einsum("ax,oixy,by->abio", _G, g, _G)  # 4, 4, I, O
-        u = jnp.pad(u.reshape(16, spec.c, spec.k),
+        big_g = jnp.asarray(_G[knobs.out_tile], jnp.float32)
+        u = jnp.einsum("ax,oixy,by->abio", big_g, g, big_g,
+                       precision="highest")  # T, T, I, O
+        u = jnp.pad(u.reshape(xi, spec.c, spec.k),
                     ((0, 0), (0, cp - spec.c), (0, kb * ocb - spec.k)))
-        return jnp.transpose(u.reshape(16, cp, kb, ocb), (0, 2, 1, 3))
+        u = jnp.transpose(u.reshape(xi, cp, kb, ocb), (0, 2, 1, 3))
+        # NaN-safe: XLA's max reduction may drop a NaN, isfinite does not
+        max_g = jnp.where(jnp.all(jnp.isfinite(g)), jnp.max(jnp.abs(g)), -1.0)
+        return jnp.concatenate([u.reshape(-1), g.reshape(-1),
+                                max_g.reshape(1).astype(jnp.float32)])
 
 
 FAMILY = WinogradFamily()
