@@ -177,9 +177,9 @@ def _walk_with_where(jaxpr, prefix: str = ""):
 def _guarded(family, spec, lhs, rhs, on_kernel: Callable, in_xla: Callable):
     """on_kernel() where the family vouches for these operand values, else in_xla().
 
-    A family whose kernel computes what XLA computes only for some values (Winograd's
-    transforms overflow near the float range and spread one inf over a tile; a kernel that
-    skips padded taps never forms XLA's 0 * inf) says so with safe_operands(spec, lhs, rhs):
+    A family whose kernel computes what XLA computes only for some values (a padded 1x1
+    conv whose weight is not finite, where XLA's own answer depends on how it rewrote the
+    conv) says so with safe_operands(spec, lhs, rhs):
     None (always), a Python bool (decided now, e.g. from constant weights) or a traced bool
     (decided per call: both branches are compiled, the kernel runs unless values need XLA)."""
     check = getattr(family, "safe_operands", None)
