@@ -192,3 +192,13 @@ def test_default_output_tile_follows_the_tile_count():
         spec = FAMILY.match(_case(n, 64, 64, hw)[3])
         assert FAMILY.default_knobs(spec, ISA).out_tile == want, (n, hw)
     assert winograd.MIN_F4_TILES == 49
+
+
+def test_space_has_balanced_tile_blocks():
+    """49 tiles (14x14 at F(2x2), 28x28 at F(4x4)) split 7 x 7: the space has tile_block 7,
+    which no register budget names, and every block in it is a legal knob somewhere."""
+    for hw in [(14, 14), (28, 28)]:
+        spec = FAMILY.match(_case(1, 64, 64, hw)[3])
+        assert 7 in FAMILY.space(spec, device.AVX512).axis("tile_block").values
+    assert winograd._balanced_block(49, 8) == 7 and winograd._balanced_block(49, 9) == 9
+    assert winograd._balanced_block(196, 9) == 9 and winograd._balanced_block(5, 16) == 5

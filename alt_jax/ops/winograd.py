@@ -53,6 +53,11 @@ MIN_OUTPUTS = 14 * 14
 MIN_F4_TILES = 49
 
 
+def _balanced_block(tiles: int, block: int) -> int:
+    """The smallest block that still splits `tiles` into as few blocks as `block` does."""
+    return -(-tiles // -(-tiles // block))
+
+
 @dataclasses.dataclass(frozen=True)
 class WinogradSpec(ConvOperands):
     """A 3x3 stride-1, undilated, ungrouped convolution: logical sizes and the positions of
@@ -175,11 +180,14 @@ class WinogradFamily:
         vw, regs = isa.vector_floats, isa.vector_registers
         oc_vecs = axis_values(range(1, min(4, -(-spec.k // vw)) + 1), d.oc_vecs)
         # small blocks, 8, and the block that fills the registers for each oc_vecs; no more
-        # tiles than the batch has (at the smaller output tile)
+        # tiles than the batch has (at the smaller output tile); and each of those balanced
+        # over each output tile's tile count (as many blocks, fewest padded rows: 49 tiles
+        # in 7 blocks of 7 rather than 6 of 9, measured 5-9% faster at 14x14 and 28x28)
         cap = min(16, spec.tiles(min(OUT_TILES)))
-        blocks = axis_values([min(cap, max(1, t)) for t in
-                              [1, 2, 4, 8] + [(regs - v - 1) // v for v in oc_vecs]],
-                             d.tile_block)
+        sizes = {min(cap, max(1, t)) for t in
+                 [1, 2, 4, 8] + [(regs - v - 1) // v for v in oc_vecs]}
+        balanced = {_balanced_block(spec.tiles(m), b) for m in OUT_TILES for b in sizes}
+        blocks = axis_values(sizes | balanced, d.tile_block)
         return Space(self.name, WinogradKnobs, (
             Axis("out_tile", axis_values(OUT_TILES, d.out_tile), "layout"),
             Axis("oc_vecs", oc_vecs, "layout"),
