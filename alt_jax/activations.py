@@ -103,7 +103,7 @@ def is_pointwise(eqn) -> bool:
         return eqn.params["new_dtype"] == jnp.float32 and all(
             isinstance(v, jcore.Literal) or v.aval.dtype == jnp.float32 for v in eqn.invars)
     if eqn.primitive in _CALLS:
-        body = jaxpr_pass._open(eqn.params[_CALLS[eqn.primitive]])
+        body = jaxpr_pass.open_jaxpr(eqn.params[_CALLS[eqn.primitive]])
         return len(body.outvars) == 1 and all(is_pointwise(e) for e in body.eqns)
     return eqn.primitive in _POINTWISE
 
@@ -112,7 +112,7 @@ def _numpy_eval(eqns, env: dict) -> None:
     for eqn in eqns:
         ins = [_read(v, env) for v in eqn.invars]
         if eqn.primitive in _CALLS:
-            body = jaxpr_pass._open(eqn.params[_CALLS[eqn.primitive]])
+            body = jaxpr_pass.open_jaxpr(eqn.params[_CALLS[eqn.primitive]])
             inner = dict(zip(body.invars, ins))
             _numpy_eval(body.eqns, inner)
             out = _read(body.outvars[0], inner)
@@ -160,7 +160,7 @@ def _literals(eqns) -> list:
         out += [float(v.val) for v in eqn.invars
                 if isinstance(v, jcore.Literal) and np.isfinite(float(v.val))]
         if eqn.primitive in _CALLS:
-            out += _literals(jaxpr_pass._open(eqn.params[_CALLS[eqn.primitive]]).eqns)
+            out += _literals(jaxpr_pass.open_jaxpr(eqn.params[_CALLS[eqn.primitive]]).eqns)
     return out
 
 
@@ -292,7 +292,7 @@ def _structure(eqns, env: dict) -> bool:
         if any(e is None for e in ins):
             return False
         if eqn.primitive in _CALLS:
-            body = jaxpr_pass._open(eqn.params[_CALLS[eqn.primitive]])
+            body = jaxpr_pass.open_jaxpr(eqn.params[_CALLS[eqn.primitive]])
             inner = dict(zip(body.invars, ins))
             out = _value(body.outvars[0], inner) if _structure(body.eqns, inner) else None
         else:

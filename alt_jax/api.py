@@ -87,7 +87,7 @@ class Optimized:
             self._plans[self._key(args, kwargs)] = plan
         if self.verbose:
             print(plan)
-        outs = plan.finish(jaxpr_pass.evaluate(plan.jaxpr, jaxpr_pass._consts(plan.jaxpr),
+        outs = plan.finish(jaxpr_pass.evaluate(plan.jaxpr, jaxpr_pass.jaxpr_consts(plan.jaxpr),
                                                leaves, plan.replacements))
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 

@@ -59,7 +59,7 @@ class EpilogueMatch:
 
 def uses_of(jaxpr) -> dict:
     """var -> number of uses (equation operands, plus 1 per appearance as a jaxpr output)."""
-    jaxpr = jaxpr_pass._open(jaxpr)
+    jaxpr = jaxpr_pass.open_jaxpr(jaxpr)
     uses: dict = {}
     for eqn in jaxpr.eqns:
         for v in eqn.invars:
@@ -87,7 +87,7 @@ def find_epilogue(jaxpr, anchor, channel_axis: int, uses: dict,
                   taken: frozenset = frozenset()) -> Optional[EpilogueMatch]:
     """The longest fusable chain after anchor (a conv/dot equation) in flat jaxpr, or None.
     Equations whose id() is in `taken` belong to another group and end the chain."""
-    eqns = jaxpr_pass._open(jaxpr).eqns
+    eqns = jaxpr_pass.open_jaxpr(jaxpr).eqns
     start = next(i for i, e in enumerate(eqns) if e is anchor)
     consumers: dict = {}
     for e in eqns[start + 1:]:

@@ -1,11 +1,12 @@
 """Re-evaluates a jaxpr with planned equations replaced by kernel calls.
 
 Entry points: evaluate(jaxpr, consts, args, replacements), Group, SKIP, inline_calls(closed),
-differentiable_as(primal, original), subjaxprs(eqn), walk(jaxpr).
+differentiable_as(primal, original), subjaxprs(eqn), walk(jaxpr); for the modules that read
+jaxprs on both jax versions: open_jaxpr(jaxpr), jaxpr_consts(jaxpr), bind_eqn(eqn, invals).
 Shaped like jax.core.eval_jaxpr: an environment, one loop over equations, higher-order
 rules keyed by primitive object; every other equation is re-bound unchanged. Works on
 jax 0.10 (ClosedJaxpr) and 0.12 (Jaxpr with .consts): sub-jaxprs are read through
-`_open` / `_consts`, and primitives are matched by identity, never by name.
+`open_jaxpr` / `jaxpr_consts`, and primitives are matched by identity, never by name.
 """
 from __future__ import annotations
 
@@ -40,12 +41,13 @@ class Group:
         self.invars, self.outvars, self.fn = list(invars), list(outvars), fn
 
 
-def _open(jaxpr):
+def open_jaxpr(jaxpr):
     """The open Jaxpr of a ClosedJaxpr (0.10) or Jaxpr (0.12, where .jaxpr is itself)."""
     return getattr(jaxpr, "jaxpr", jaxpr)
 
 
-def _consts(jaxpr) -> list:
+def jaxpr_consts(jaxpr) -> list:
+    """The constants of a ClosedJaxpr (0.10) or Jaxpr (0.12); [] for an open jaxpr."""
     return list(getattr(jaxpr, "consts", ()) or ())
 
 
@@ -62,7 +64,7 @@ def subjaxprs(eqn) -> list:
 
 def walk(jaxpr) -> Iterator:
     """Every equation of jaxpr and of all nested jaxprs, depth first."""
-    for eqn in _open(jaxpr).eqns:
+    for eqn in open_jaxpr(jaxpr).eqns:
         yield eqn
         for sub in subjaxprs(eqn):
             yield from walk(sub)
@@ -75,7 +77,7 @@ def evaluate(jaxpr, consts: Sequence, args: Sequence,
     A replacement is a Replacement (the equation's outputs from its inputs), a Group (placed
     at its last equation), or SKIP. inline=True also inlines every jit / closed_call body.
     """
-    jaxpr = _open(jaxpr)
+    jaxpr = open_jaxpr(jaxpr)
     env: dict = {}
 
     def read(v):
@@ -105,13 +107,14 @@ def evaluate(jaxpr, consts: Sequence, args: Sequence,
         elif eqn.primitive in _HIGHER_ORDER and _contains(eqn, replacements):
             outvals = list(_HIGHER_ORDER[eqn.primitive](eqn, invals, replacements))
         else:
-            outvals = _bind(eqn, invals)
+            outvals = bind_eqn(eqn, invals)
         for v, value in zip(eqn.outvars, outvals):
             write(v, value)
     return [read(v) for v in jaxpr.outvars]
 
 
-def _bind(eqn, invals) -> list:
+def bind_eqn(eqn, invals) -> list:
+    """eqn's primitive applied to invals with eqn's params and context: its outputs, a list."""
     params = eqn.primitive.get_bind_params(eqn.params)  # one dict on jax 0.10 and 0.12
     with eqn.ctx.manager:  # keeps the equation's context (e.g. attached compute settings)
         out = eqn.primitive.bind(*invals, **params)
@@ -125,11 +128,11 @@ def _contains(eqn, replacements) -> bool:
 
 def _fn(jaxpr, replacements) -> Callable:
     """jaxpr (closed) as a function of its non-const inputs, with replacements."""
-    return lambda *args: evaluate(jaxpr, _consts(jaxpr), args, replacements)
+    return lambda *args: evaluate(jaxpr, jaxpr_consts(jaxpr), args, replacements)
 
 
 def _fn_inline(jaxpr) -> Callable:
-    return lambda *args: evaluate(jaxpr, _consts(jaxpr), args, {}, inline=True)
+    return lambda *args: evaluate(jaxpr, jaxpr_consts(jaxpr), args, {}, inline=True)
 
 
 def inline_calls(closed):
@@ -137,10 +140,10 @@ def inline_calls(closed):
     fusion and layout propagation see a model body that a jax.jit wrapper nests. Constants
     (closed-over arrays, e.g. weights bound by prepare()) stay constants of the result.
     custom_jvp / custom_vjp calls stay whole: their derivative rules are the user's."""
-    avals = [v.aval for v in _open(closed).invars]
+    avals = [v.aval for v in open_jaxpr(closed).invars]
     specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False))
              for a in avals]
-    return jax.make_jaxpr(lambda *args: evaluate(closed, _consts(closed), args, {},
+    return jax.make_jaxpr(lambda *args: evaluate(closed, jaxpr_consts(closed), args, {},
                                                  inline=True))(*specs)
 
 
@@ -187,7 +190,7 @@ def _custom_vjp(eqn, invals, replacements):
 
 
 def _bind_tuple(eqn, *invals):
-    return tuple(_bind(eqn, invals))
+    return tuple(bind_eqn(eqn, invals))
 
 
 def _scan_groups(params, invals):

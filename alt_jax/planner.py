@@ -166,7 +166,7 @@ def _signature(eqn) -> str:
 
 
 def _walk_with_where(jaxpr, prefix: str = ""):
-    for i, eqn in enumerate(jaxpr_pass._open(jaxpr).eqns):
+    for i, eqn in enumerate(jaxpr_pass.open_jaxpr(jaxpr).eqns):
         here = f"{prefix}eqn {i}"
         yield here, eqn
         for sub in jaxpr_pass.subjaxprs(eqn):
@@ -193,7 +193,7 @@ def _guarded(family, spec, lhs, rhs, on_kernel: Callable, in_xla: Callable):
 
 def make_replacement(eqn, family, spec, kernel) -> jaxpr_pass.Replacement:
     """eqn's outputs from the family's kernel, differentiable through eqn's own (lax) JVP."""
-    original = lambda *ops: tuple(jaxpr_pass._bind(eqn, ops))
+    original = lambda *ops: tuple(jaxpr_pass.bind_eqn(eqn, ops))
 
     def primal(*ops):
         return _guarded(family, spec, ops[0], ops[1],
@@ -379,7 +379,7 @@ def _find_groups(flat, options: PlanOptions) -> dict:
     uses = fusion.uses_of(flat)
     taken: set = set()
     groups = {}
-    for eqn in jaxpr_pass._open(flat).eqns:
+    for eqn in jaxpr_pass.open_jaxpr(flat).eqns:
         if not options.families_for(eqn.primitive):
             continue
         axis = _channel_axis(eqn)
@@ -422,7 +422,7 @@ def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=Non
         env = {v: propagate.convert(x, p, logical(v)) for v, x, p in zip(invars, vals, in_perms)}
         for e in members:
             ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
-            env.update(zip(e.outvars, jaxpr_pass._bind(e, ins)))
+            env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
         return propagate.convert(env[match.out_var], logical(match.out_var), out_perm)
 
     if kernel is None:
@@ -470,7 +470,7 @@ def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=Non
 
 def _last_uses(jaxpr) -> dict:
     """var -> position of the last equation reading it (len(eqns) for program outputs)."""
-    jaxpr = jaxpr_pass._open(jaxpr)
+    jaxpr = jaxpr_pass.open_jaxpr(jaxpr)
     last: dict = {}
     for i, eqn in enumerate(jaxpr.eqns):
         for v in eqn.invars:
@@ -562,7 +562,7 @@ def _program(jaxpr, options: PlanOptions) -> _Program:
     prop.run(lambda e: propagate.channels_last(e.params["dimension_numbers"].out_spec)
              if options.propagate and e.primitive is conv else
              tuple(range(len(e.outvars[0].aval.shape))))
-    return _Program(flat, groups, prop, set(jaxpr_pass._open(flat).constvars))
+    return _Program(flat, groups, prop, set(jaxpr_pass.open_jaxpr(flat).constvars))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,9 +683,9 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
     inside scan / cond / while bodies are replaced one by one, in their logical layouts."""
     program = _program(jaxpr, options)
     flat, groups, prop, constvars = program.flat, program.groups, program.prop, program.constvars
-    program_inputs = constvars | set(jaxpr_pass._open(flat).invars)
+    program_inputs = constvars | set(jaxpr_pass.open_jaxpr(flat).invars)
     last_use = _last_uses(flat)
-    position = {id(e): i for i, e in enumerate(jaxpr_pass._open(flat).eqns)}
+    position = {id(e): i for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
 
     chosen = []  # (eqn, decision, build)
     for where, eqn, view, refine in program.ops(options):
@@ -696,7 +696,7 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
         chosen.append((eqn, decision, build))
 
     built = _build_all(chosen, options)
-    consts = dict(zip(jaxpr_pass._open(flat).constvars, jaxpr_pass._consts(flat)))
+    consts = dict(zip(jaxpr_pass.open_jaxpr(flat).constvars, jaxpr_pass.jaxpr_consts(flat)))
     decisions, replacements = [], {}
     for eqn, decision, build in chosen:
         kernel, packed_rhs = None, None

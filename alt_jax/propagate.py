@@ -67,7 +67,7 @@ class Propagation:
     def __init__(self, flat, groups: dict, skipped: set):
         # groups: id(anchor conv eqn) -> out var the kernel produces (the group's last value)
         # skipped: ids of equations a group computes (not evaluated on their own)
-        self.jaxpr = jaxpr_pass._open(flat)
+        self.jaxpr = jaxpr_pass.open_jaxpr(flat)
         self.groups, self.skipped = groups, skipped
         self.perms: dict = {}
         self.replacements: dict = {}
@@ -139,7 +139,7 @@ class Propagation:
     def _pointwise_call(eqn) -> bool:
         if eqn.primitive is not P.custom_jvp_call_p or len(eqn.invars) != 1:
             return False
-        body = jaxpr_pass._open(eqn.params["call_jaxpr"])
+        body = jaxpr_pass.open_jaxpr(eqn.params["call_jaxpr"])
         return _pointwise_body(body, set(body.invars))
 
     def _full(self, eqn):
@@ -171,7 +171,7 @@ class Propagation:
             ins = [x if plan is None else convert(x, *plan) for x, plan in zip(invals, plans)]
             if eqn.primitive is P.custom_jvp_call_p:
                 return [_pointwise_call_on(eqn, ins[0], target)]
-            return jaxpr_pass._bind(eqn, ins)
+            return jaxpr_pass.bind_eqn(eqn, ins)
         self.replacements[id(eqn)] = run
 
     def _windowed(self, eqn) -> None:
@@ -205,7 +205,7 @@ class Propagation:
                 self.conversions.append(Conversion(eqn.primitive.name, tuple(v.aval.shape), p,
                                                    _identity(len(p))))
                 plans.append((p, _identity(len(p))))
-        self.replacements[id(eqn)] = lambda invals, eqn=eqn, plans=plans: jaxpr_pass._bind(
+        self.replacements[id(eqn)] = lambda invals, eqn=eqn, plans=plans: jaxpr_pass.bind_eqn(
             eqn, [x if plan is None else convert(x, *plan) for x, plan in zip(invals, plans)])
 
     # -- kernels ----------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def _pointwise_body(body, derived: set) -> bool:
         if any(v not in derived and len(v.aval.shape) > 0 for v in ins):
             return False
         if e.primitive is P.jit_p:
-            inner = jaxpr_pass._open(e.params["jaxpr"])
+            inner = jaxpr_pass.open_jaxpr(e.params["jaxpr"])
             inner_derived = {iv for iv, ov in zip(inner.invars, e.invars) if ov in derived}
             if not _pointwise_body(inner, inner_derived):
                 return False
@@ -255,9 +255,9 @@ def _pointwise_call_on(eqn, x, perm):
     logical = tuple(range(len(perm)))
 
     def on_physical(xp):
-        return jaxpr_pass.evaluate(body, jaxpr_pass._consts(body), [xp], {}, inline=True)[0]
+        return jaxpr_pass.evaluate(body, jaxpr_pass.jaxpr_consts(body), [xp], {}, inline=True)[0]
 
     def original(xp):  # physical in and out, through the original call on the logical layout
-        return convert(jaxpr_pass._bind(eqn, [convert(xp, perm, logical)])[0], logical, perm)
+        return convert(jaxpr_pass.bind_eqn(eqn, [convert(xp, perm, logical)])[0], logical, perm)
 
     return jaxpr_pass.differentiable_as(on_physical, original)(x)

@@ -20,6 +20,8 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
+from alt_jax import jaxpr_pass
+
 OPSET = 17  # ReduceSum takes axes as an input, ReduceMax/Min/Prod as an attribute
 
 
@@ -27,14 +29,6 @@ def _onnx():
     import onnx  # imported lazily: benchmarks without the ONNX peer never need it
     from onnx import helper, numpy_helper
     return onnx, helper, numpy_helper
-
-
-def _open(jaxpr):
-    return getattr(jaxpr, "jaxpr", jaxpr)
-
-
-def _consts(jaxpr) -> list:
-    return list(getattr(jaxpr, "consts", ()) or ())
 
 
 def _inverse(perm) -> tuple:
@@ -584,7 +578,7 @@ _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.remat_p: "jaxpr",
 # --- driver ---------------------------------------------------------------------------------
 
 def _evaluate(g: _Graph, jaxpr, consts: Sequence, args: Sequence[str]) -> list:
-    jaxpr = _open(jaxpr)
+    jaxpr = jaxpr_pass.open_jaxpr(jaxpr)
     env: dict = {}
 
     def read(v) -> str:
@@ -600,7 +594,7 @@ def _evaluate(g: _Graph, jaxpr, consts: Sequence, args: Sequence[str]) -> list:
         names = [read(v) for v in eqn.invars]
         if eqn.primitive in _INLINE:
             body = eqn.params[_INLINE[eqn.primitive]]
-            outs = _evaluate(g, body, _consts(body), names)
+            outs = _evaluate(g, body, jaxpr_pass.jaxpr_consts(body), names)
         else:
             rule = RULES.get(eqn.primitive)
             if rule is None:
@@ -640,7 +634,7 @@ def convert(fn: Callable, params, *inputs, opset: int = OPSET) -> Conversion:
     """Traces fn(params, *inputs) and builds the ONNX model; params become initializers."""
     _, helper, _ = _onnx()
     closed, out_shapes = jax.make_jaxpr(fn, return_shape=True)(params, *inputs)
-    jaxpr = _open(closed)
+    jaxpr = jaxpr_pass.open_jaxpr(closed)
     param_paths = jax.tree_util.tree_flatten_with_path(params)[0]
     input_leaves = jax.tree_util.tree_leaves(inputs)
     n_params = len(param_paths)
@@ -657,7 +651,7 @@ def convert(fn: Callable, params, *inputs, opset: int = OPSET) -> Conversion:
         graph_inputs.append(helper.make_tensor_value_info(
             name, helper.np_dtype_to_tensor_dtype(np.dtype(v.aval.dtype)), list(v.aval.shape)))
 
-    results = _evaluate(g, closed, _consts(closed), args)
+    results = _evaluate(g, closed, jaxpr_pass.jaxpr_consts(closed), args)
     graph_outputs, output_names = [], []
     for i, (name, v) in enumerate(zip(results, jaxpr.outvars)):
         full = g.expand(name, v.aval.shape)

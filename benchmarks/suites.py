@@ -136,7 +136,7 @@ def model_ops(model: Model) -> list:
     for eqn, count in seen.values():
         lhs, rhs = (jnp.asarray(rng.standard_normal(v.aval.shape).astype(np.float32) * 0.1)
                     for v in eqn.invars)
-        apply = lambda w, x, eqn=eqn: jaxpr_pass._bind(eqn, [x, w])[0]
+        apply = lambda w, x, eqn=eqn: jaxpr_pass.bind_eqn(eqn, [x, w])[0]
         out.append((Model(_describe(eqn), apply, rhs, (lhs,)), count))
     return out
 

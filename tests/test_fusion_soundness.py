@@ -58,7 +58,7 @@ LOOK_ALIKES = [
 def _region(fn):
     """fn's equations as the planner sees them (calls inlined) and the value they start from."""
     jaxpr = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((4, 8), jnp.float32))
-    flat = jaxpr_pass._open(jaxpr_pass.inline_calls(jaxpr))
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jaxpr))
     return flat.eqns, flat.invars[0]
 
 
@@ -88,7 +88,7 @@ def test_look_alikes_are_refused_by_each_check(lookalike, fn):
 def test_bounded_activation_keeps_its_bound_out_of_the_kernel(fn, fused):
     w = np.ones((8, 8), np.float32)
     jaxpr = jax.make_jaxpr(lambda a: fn(a @ w))(jax.ShapeDtypeStruct((4, 8), jnp.float32))
-    flat = jaxpr_pass._open(jaxpr_pass.inline_calls(jaxpr))
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jaxpr))
     match = fusion.find_epilogue(flat, flat.eqns[0], 1, fusion.uses_of(flat))
     activation = match.activation if match else "none"
     assert activation == fused
