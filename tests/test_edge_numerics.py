@@ -23,6 +23,7 @@ from alt_jax import device, jaxpr_pass, runtime
 from isa_cases import TABLE_ISA
 from alt_jax.ops import depthwise
 from alt_jax.ops.depthwise import DepthwiseKnobs
+from alt_jax.ops.epilogue import Epilogue
 
 ISA = TABLE_ISA  # the knob tables' ISA (tests/isa_cases.py)
 TOL = 1e-4
@@ -172,6 +173,35 @@ def test_winograd_nan_weight(cache):
     w[1, 2, 3, 4] = np.nan
     _check_winograd_args(cache, x, w)
     _check_winograd_const(cache, x, w)
+
+
+@pytest.mark.parametrize("epi", [Epilogue(scale=True, shift=True, residual=True,
+                                          activation="relu"),
+                                 Epilogue(shift=True, activation="silu")],
+                         ids=lambda e: e.describe())
+def test_winograd_fallback_applies_the_fused_epilogue(cache, epi):
+    """An inf input sends the call to the kernel's plain convolution; its outputs still go
+    through the fused epilogue, in the kernel's order (scale, shift, residual, activation)."""
+    from alt_jax.ops.winograd import FAMILY, OUT_TILES
+
+    x, w = _winograd_case(seed=4)
+    x[0, 7, 2, 9] = np.inf
+    rng = np.random.default_rng(5)
+    extra = {"scale": rng.uniform(0.5, 1.5, 64).astype(np.float32),
+             "shift": rng.standard_normal(64).astype(np.float32),
+             "residual": rng.standard_normal((1, 16, 16, 64)).astype(np.float32)}
+    extra = [extra[n] for n in epi.inputs()]
+    want = epi.reference(jax.jit(_winograd_fn)(x, w), 3, **dict(zip(epi.inputs(), extra)))
+    eqn = jax.make_jaxpr(_winograd_fn)(x, w).jaxpr.eqns[0]
+    for out_tile in OUT_TILES:
+        for prepacked in (False, True):
+            spec = dataclasses.replace(FAMILY.match(eqn), prepacked=prepacked, epilogue=epi)
+            knobs = dataclasses.replace(FAMILY.default_knobs(spec, ISA), out_tile=out_tile)
+            kernel = cache.build(FAMILY.render(spec, knobs, ISA))
+            ops = FAMILY.kernel_inputs(spec, knobs, [x, w, *extra], ISA)
+            got = np.full(spec.out_shape, np.nan, np.float32)
+            runtime.run_numpy(kernel, [np.asarray(a) for a in ops], [got])
+            assert_same_numerics(got, want)
 
 
 def test_winograd_needs_no_check_in_the_graph(cache):

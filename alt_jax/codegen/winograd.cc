@@ -27,7 +27,8 @@
 // goes on with the filter itself, [K][C][3][3], and its max |g|, or -1 if a tap is not
 // finite), else computed from the rhs into the workspace, in parallel with the input
 // transform, on every call.
-// Inputs: lhs, U, then scale?, shift?, residual? (Epilogue.inputs() order).
+// Inputs: lhs, the packed buffer (PREPACKED) or the rhs, then scale?, shift?, residual?
+// (Epilogue.inputs() order).
 #include <float.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -102,6 +103,9 @@ constexpr float FILTER_LIMIT = FLT_MAX / (2.0f * 4.5f);
 constexpr float PRODUCT_LIMIT = FLT_MAX / (2.0f * OUT_GROWTH * static_cast<float>(C));
 constexpr int64_t U_FLOATS = XI * KB * UPANEL;  // the packed buffer: U, then g, then max |g|
 constexpr int64_t G_FLOATS = K * C * 9;
+// where the fallback reads the filter: the packed copy [K][C][3][3], or the rhs
+constexpr int64_t G_O = PREPACKED ? C * 9 : RHS_O, G_I = PREPACKED ? 9 : RHS_I;
+constexpr int64_t G_H = PREPACKED ? 3 : RHS_H, G_W = PREPACKED ? 1 : RHS_W;
 
 // The largest |input| the transforms take with this filter, from its max |g| (negative or
 // NaN: a tap that is not finite, or beyond FILTER_LIMIT: nothing is safe, returns -1).
@@ -382,11 +386,13 @@ void item(const float* ALT_RESTRICT ws, const float* ALT_RESTRICT u, float* ALT_
 }
 
 // The fallback for inputs or filters outside the safe range: output channel k of image n by
-// the plain convolution (g read through strides: the packed copy [K][C][3][3] or the rhs),
-// then the same epilogue. Its products and sums form NaN and inf where XLA's do.
-void direct_item(const float* ALT_RESTRICT lhs, const float* ALT_RESTRICT g, int64_t g_o,
-                 int64_t g_i, int64_t g_h, int64_t g_w, float* out, const float* scale,
-                 const float* shift, const float* res, int64_t n, int64_t k) {
+// the plain convolution (g: the filter, read through G_O..G_W), then the same epilogue
+// (store_out, one lane). Its products and sums form NaN and inf where XLA's do.
+void direct_item(const float* ALT_RESTRICT lhs, const float* ALT_RESTRICT g, float* out,
+                 const float* scale, const float* shift, const float* res, int64_t n,
+                 int64_t k) {
+  const V sc = vbroadcast<VW>(HAS_SCALE ? scale[k] : 0.0f);
+  const V sh = vbroadcast<VW>(HAS_SHIFT ? shift[k] : 0.0f);
   for (int64_t y = 0; y < OH; ++y)
     for (int64_t x = 0; x < OW; ++x) {
       float acc = 0.0f;
@@ -397,13 +403,9 @@ void direct_item(const float* ALT_RESTRICT lhs, const float* ALT_RESTRICT g, int
             const int64_t iy = y + a - PT, ix = x + b - PL;
             const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < IW;
             const float v = inside ? lhs[n * LHS_N + c * LHS_C + iy * LHS_H + ix * LHS_W] : 0.0f;
-            acc += v * g[k * g_o + c * g_i + a * g_h + b * g_w];
+            acc += v * g[k * G_O + c * G_I + a * G_H + b * G_W];
           }
-      const int64_t off = n * OUT_N + k * OUT_K + y * OUT_H + x * OUT_W;
-      if constexpr (HAS_SCALE) acc = acc * scale[k];
-      if constexpr (HAS_SHIFT) acc = acc + shift[k];
-      if constexpr (HAS_RES) acc += res[off];
-      out[off] = alt_activate<1, ACT>(acc);
+      store_out(out, res, n, k, 1, y, x, vbroadcast<VW>(acc), sc, sh);
     }
 }
 
@@ -437,11 +439,8 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
   });
   if (!in_range.load()) {  // rare: the plain convolution, in parallel over (image, channel)
     const float* g = PREPACKED ? rhs + U_FLOATS : rhs;
-    const int64_t g_o = PREPACKED ? C * 9 : RHS_O, g_i = PREPACKED ? 9 : RHS_I;
-    const int64_t g_h = PREPACKED ? 3 : RHS_H, g_w = PREPACKED ? 1 : RHS_W;
     alt_parallel_for(rt, N * K, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i)
-        direct_item(lhs, g, g_o, g_i, g_h, g_w, out, scale, shift, res, i / K, i % K);
+      for (int64_t i = b; i < e; ++i) direct_item(lhs, g, out, scale, shift, res, i / K, i % K);
     });
     return 0;
   }

@@ -230,9 +230,9 @@ class WinogradFamily:
         values["SYMBOL"] = f"alt_winograd_{digest}"
         code = R.render(R.load_template(_TEMPLATE), values)
         # the transformed input panels, then (not prepacked) the transformed filter
-        xi = (knobs.out_tile + 2) ** 2
-        ws_floats = xi * ntb * knobs.tile_block * cp
-        ws_bytes = 4 * (ws_floats + (0 if spec.prepacked else xi * kb * cp * ocb))
+        u_shape = self._u_shape(spec, knobs, isa)
+        ws_floats = u_shape[0] * ntb * knobs.tile_block * cp
+        ws_bytes = 4 * (ws_floats + (0 if spec.prepacked else math.prod(u_shape)))
         return runtime.KernelSource(symbol=values["SYMBOL"], code=code, workspace_bytes=ws_bytes)
 
     def lower(self, spec: WinogradSpec, kernel, operands: Sequence,
