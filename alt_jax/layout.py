@@ -276,8 +276,11 @@ def _linear(e):
     while merged:
         merged = False
         for t, a in list(terms.items()):
-            if _is(t, "%") and a and terms.get(_Bin("/", t.a, t.b), 0) == a * t.b.value:
-                del terms[t], terms[_Bin("/", t.a, t.b)]
+            # the partner as a chain writes it: (x/4)/4 is written x/16, so m/4%4 pairs
+            # with m/16 (a dim cut into three or more pieces, kept in order)
+            whole = _div(t.a, t.b.value) if _is(t, "%") else None
+            if whole is not None and a and terms.get(whole, 0) == a * t.b.value:
+                del terms[t], terms[whole]
                 _terms(t.a, a, terms)
                 merged = True
                 break
@@ -766,6 +769,71 @@ class Layout:
             return None
         return {n: linear[0].get(n, 0) for n in self.names}
 
+    # -- what kernels and the graph pass ask of a layout -----------------------------------
+    @functools.cached_property
+    def permutation(self) -> tuple[int, ...] | None:
+        """The logical dim at each physical position when the layout only reorders
+        (physical = transpose(logical, permutation)), else None."""
+        if sorted(self.dims) != sorted(self.names) or self.physical_shape != tuple(
+                self.shape[self.names.index(d)] for d in self.dims):
+            return None
+        return tuple(self.names.index(d) for d in self.dims)
+
+    def origins(self) -> tuple[frozenset, ...]:
+        """The logical dims each physical dim's coordinate depends on, outermost first."""
+        def names(e):
+            if isinstance(e, _Var):
+                return {e.name}
+            if isinstance(e, _Bin):
+                return names(e.a) | names(e.b)
+            if isinstance(e, _Max0):
+                return names(e.a)
+            return set()
+        return tuple(frozenset(names(d.expr)) for d in self._states[-1])
+
+    @functools.cached_property
+    def block_strides(self) -> dict[str, tuple[int, int, int]] | None:
+        """dim -> (block, outer, inner) when offset = sum over dims of
+        (i // block) * outer + (i % block) * inner: what a template needs to address a
+        channel-blocked layout (N C/8 H W 8c: C -> (8, H*W*8, 1)) with two strides per dim.
+        A dim that is not blocked has block = its size (and outer 0). None when the offset is
+        not of this form (pads, unfolds, splits inside fused dims that do not separate)."""
+        if any(isinstance(p, (Pad, Unfold)) for p in self.primitives):
+            return None
+        linear = self.strides()
+        if linear is not None:  # (keeps the dense stride of a size-1 dim, as strides() does)
+            return {n: (s, 0, linear[n]) for n, s in zip(self.names, self.shape)}
+        out = {}
+        for name, size in zip(self.names, self.shape):
+            f = [self.offset([i if n == name else 0 for n in self.names]) for i in range(size)]
+            inner = f[1] if size > 1 else 0
+            block = next((i for i in range(1, size) if f[i] != i * inner), size)
+            outer = f[block] if block < size else 0
+            if any(f[i] != (i // block) * outer + (i % block) * inner for i in range(size)):
+                return None
+            out[name] = (block, outer, inner)
+        # separable: a corner index adds up from the dims alone
+        corner = [s - 1 for s in self.shape]
+        if self.offset(corner) != sum(
+                ((s - 1) // b) * o + ((s - 1) % b) * i
+                for s, (b, o, i) in zip(self.shape, out.values())):
+            return None
+        return out
+
+    def with_logical_order(self, names) -> "Layout":
+        """The same physical arrangement over the same dims listed in another logical order
+        (an operand's canonical roles, e.g. NCHW, for a value whose axes are N H W C)."""
+        names = tuple(names)
+        if sorted(names) != sorted(self.names):
+            raise LayoutError(f"with_logical_order: {names} are not the dims of {self.names}")
+        shape = tuple(self.shape[self.names.index(n)] for n in names)
+        out = Layout(names, shape, self.primitives)
+        return out if out.dims == self.dims else out.reorder(*self.dims)
+
+    def logical(self) -> "Layout":
+        """The identity layout of the same logical tensor."""
+        return Layout(self.names, self.shape)
+
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"names": list(self.names), "shape": list(self.shape),
@@ -942,6 +1010,28 @@ def nchw_c(shape, block: int) -> Layout:
     """NCHW[x]c: logical NCHW -> N C/x H W xc (C padded to a multiple of x if needed)."""
     layout, outer, inner = _blocked(Layout("NCHW", shape), "C", block)
     return layout.reorder("N", outer, "H", "W", inner)
+
+
+def permuted(names, order_of_axes, shape) -> Layout:
+    """names[i] (size shape[i]) held at array axis order_of_axes[i]: jax's dimension
+    numbers as a Layout (the one place they become one)."""
+    names, order_of_axes = tuple(names), tuple(order_of_axes)
+    physical = [names[order_of_axes.index(a)] for a in range(len(names))]
+    layout = Layout(names, shape)
+    return layout if tuple(physical) == names else layout.reorder(*physical)
+
+
+def channel_blocked(layout: Layout, channel: str, block: int) -> Layout:
+    """layout with `channel` split by block, its inner part moved innermost:
+    N H W C -> N C/8 H W 8c. The channel count must be a multiple of block (no padding:
+    padded channels would have to be kept zero between kernels)."""
+    size = layout.shape[layout.names.index(channel)]
+    if size % block:
+        raise LayoutError(f"channel_blocked: {channel}={size} is not a multiple of {block}")
+    split = layout.split(channel, block)
+    outer, inner = f"{channel}/{block}", split.dims[split.dims.index(f"{channel}/{block}") + 1]
+    rest = [d for d in layout.dims if d != channel]
+    return split.reorder(rest[0], outer, *rest[1:], inner)
 
 
 def nhwc(shape) -> Layout:

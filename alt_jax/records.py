@@ -45,8 +45,10 @@ STATUSES = ("ok", "invalid", "build_error", "crash", "run_error", "timeout", "wr
 
 
 def workload(spec) -> dict:
-    """A spec as plain JSON data (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(spec)))
+    """A spec as plain JSON data (tuples become lists); a spec with a workload() method
+    (conv specs: layouts) says itself how it is keyed."""
+    data = spec.workload() if hasattr(spec, "workload") else dataclasses.asdict(spec)
+    return json.loads(json.dumps(data))
 
 
 def workload_key(family: str, spec) -> str:

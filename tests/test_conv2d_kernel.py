@@ -370,7 +370,7 @@ def _epi_operands(spec, epi, seed=1):
 def _epi_reference(case, spec, epi, extra):
     x, w = case.operands()
     y = jax.jit(case.fn())(x, w)
-    return np.asarray(epi.reference(y, spec.out_spec[1], **extra))
+    return np.asarray(epi.reference(y, spec.out_layout.dims.index("C"), **extra))
 
 
 @pytest.fixture(scope="session")

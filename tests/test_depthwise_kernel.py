@@ -348,7 +348,7 @@ def _check_epilogue(cache, case, knobs, epi, jit):
     FAMILY.validate(spec, knobs, ISA)
     kernel = cache.build(FAMILY.render(spec, knobs, ISA))
     extra, named = _epi_inputs(spec, epi)
-    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_layout.dims.index("C"), named["scale"],
                                    named["shift"], named["residual"]))
     out = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(kernel, [x, w, *extra], [out])
@@ -386,7 +386,7 @@ def test_epilogue_on_narrow_isas(tmp_path, isa):
         knobs = knobs or FAMILY.default_knobs(spec, isa)
         kernel = cache.build(FAMILY.render(spec, knobs, isa))
         extra, named = _epi_inputs(spec, epi)
-        ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+        ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_layout.dims.index("C"), named["scale"],
                                        named["shift"], named["residual"]))
         out = np.full(spec.out_shape, np.nan, np.float32)
         runtime.run_numpy(kernel, [x, w, *extra], [out])
@@ -458,7 +458,7 @@ def test_prepacked_with_epilogue_under_jit(cache):
     def g(x, w, *extra):
         return FAMILY.lower(spec, kernel, [x, FAMILY.pack_weights(spec, knobs, w, ISA), *extra])[0]
 
-    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_order[1], named["scale"],
+    ref = np.asarray(epi.reference(jax.jit(f)(x, w), spec.out_layout.dims.index("C"), named["scale"],
                                    named["shift"], named["residual"]))
     assert _rel_err(np.asarray(g(x, w, *extra)), ref) <= TOL
     with pytest.raises(ValueError, match="rhs shape"):

@@ -8,6 +8,9 @@ fused epilogues against Epilogue.reference, prepacked weights against the unpack
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +18,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from alt_jax import device, runtime
+from alt_jax import device, records, runtime
 from epilogue_cases import EPILOGUES as COMMON_EPILOGUES
+from alt_jax.layout import Layout, convert
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import ACTIVATIONS, Epilogue
 from alt_jax.ops.matmul import FAMILY, MatmulKnobs
@@ -43,6 +47,13 @@ def _operands(lshape, rshape, seed=0):
             rng.standard_normal(rshape, dtype=np.float32))
 
 
+def _as_read(spec, a, b):
+    """The equation's operands as the kernel reads them: lhs_source -> a_layout and
+    rhs_source -> b_layout (what lower() does in jnp)."""
+    return (np.asarray(convert(spec.lhs_source, spec.a_layout)(a)),
+            np.asarray(convert(spec.rhs_source, spec.b_layout)(b)))
+
+
 def _rel_err(out, ref):
     return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
 
@@ -53,8 +64,7 @@ def _check(cache, lshape, rshape, dn, knobs=None):
     knobs = knobs if knobs is not None else FAMILY.default_knobs(spec, ISA)
     FAMILY.validate(spec, knobs, ISA)
     kernel = cache.build(FAMILY.render(spec, knobs, ISA))
-    x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
-    y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
+    x, y = _as_read(spec, a, b)
     out = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(kernel, [x, y], [out])
     ref = np.asarray(lax.dot_general(a, b, dn, precision=lax.Precision.HIGHEST))
@@ -212,11 +222,196 @@ def test_ffi_call_in_jit(cache, lshape, rshape, dn):
 def test_match_spec_strides():
     spec = FAMILY.match(_eqn((7, 3, 13), (3, 13, 17), (((2,), (1,)), ((1,), (0,)))))
     assert (spec.batch, spec.m, spec.n, spec.k) == (3, 7, 17, 13)
+    assert spec.a_layout == spec.lhs_source == Layout("BMK", (3, 7, 13)).reorder("M", "B", "K")
     assert spec.a_strides == (13, 39, 1) and spec.lhs_perm is None
     assert spec.b_strides == (13 * 17, 17, 1) and spec.rhs_perm is None
     spec = FAMILY.match(_eqn((7, 13), (17, 13), (((1,), (1,)), ((), ()))))
-    assert spec.b_strides[1:] == (1, 13) and spec.rhs_perm is None  # B read as [N, K]
+    assert spec.b_layout == Layout("KN", (13, 17)).reorder("N", "K")  # no batch dim: no B
+    assert spec.b_strides == (0, 1, 13) and spec.rhs_perm is None  # B read as [N, K]
     hash(spec)
+
+
+def test_match_layouts_group_and_transpose():
+    # 'b m1 k0 m2 k1' x 'k1 b k0 n': M = (1, 4) and K = (2, 5) split into the lhs's dims; the
+    # lhs's K dims are not adjacent, so the kernel reads it transposed into group order.
+    spec = FAMILY.match(_eqn((3, 2, 1, 4, 5), (5, 3, 2, 6), (((1, 4), (2, 0)), ((0,), (1,)))))
+    assert str(spec.lhs_source) == "B K/5 M/4 4m 5k" and spec.lhs_source.physical_shape == (
+        3, 2, 1, 4, 5)
+    assert str(spec.a_layout) == "B M/4 4m K/5 5k" and spec.lhs_perm == (0, 2, 3, 1, 4)
+    assert str(spec.rhs_source) == "5k B K/5 N" and str(spec.b_layout) == "B K/5 5k N"
+    assert spec.rhs_perm == (1, 2, 0, 3) and spec.rhs_dims == ((1,), (2, 0), (3,))
+    assert spec.lhs_source.strides() is None
+    assert spec.a_strides == (40, 10, 1) and spec.b_strides == (60, 6, 1)
+    # an operand without a batch / free / contracting dim has no such logical dim
+    spec = FAMILY.match(_eqn((300,), (), (((), ()), ((), ()))))
+    assert spec.a_layout.names == ("M",) and spec.b_layout == Layout((), ())
+    assert (spec.batch, spec.m, spec.n, spec.k, spec.rhs_dims) == (1, 300, 1, 1, ((), (), ()))
+
+
+def test_strides_see_a_dim_cut_into_three_pieces():
+    # M = (2, 3, 4) flattened: the chain writes m/4/3 as m/12, and strides() still pairs
+    # m/4%3 with it (an operand's group of three dims is one linear dim)
+    lay = Layout("MK", (24, 5)).split("M", 4).split("M/4", 3)
+    assert lay.dims == ("M/4/3", "3(m/4)", "4m", "K")
+    assert lay.strides() == {"M": 5, "K": 1}
+    assert lay.reorder("M/4/3", "3(m/4)", "K", "4m").strides() is None
+    assert lay.reorder("K", "M/4/3", "3(m/4)", "4m").strides() == {"M": 1, "K": 24}
+
+
+def test_spec_checks_its_layouts():
+    spec = FAMILY.match(_eqn((7, 13), (13, 17), PLAIN))
+    with pytest.raises(ValueError, match="one logical tensor"):
+        dataclasses.replace(spec, lhs_source=Layout("MK", (13, 7)))
+    with pytest.raises(ValueError, match="over B M K"):
+        dataclasses.replace(spec, a_layout=Layout("KM", (13, 7)))
+    with pytest.raises(ValueError, match="K is 13 in A, 12 in B"):
+        dataclasses.replace(spec, b_layout=Layout("KN", (12, 17)),
+                            rhs_source=Layout("KN", (12, 17)))
+    blocked = Layout("MK", (7, 13)).pad("K", 8).split("K+pad8", 8)
+    with pytest.raises(KnobError, match="not linear"):
+        FAMILY.validate(dataclasses.replace(spec, a_layout=blocked.reorder(
+            "K+pad8/8", "M", "8k"), lhs_source=blocked.reorder("K+pad8/8", "M", "8k")),
+            MatmulKnobs(), ISA)
+
+
+# -- the layouts against the strides / transposes match() computed before them -----------
+def _old_row_major(shape):
+    return [math.prod(shape[i + 1:]) for i in range(len(shape))]
+
+
+def _old_group_stride(dims, shape, strides):
+    live = [d for d in dims if shape[d] != 1]
+    if not live:
+        return 0
+    for outer, inner in zip(live, live[1:]):
+        if strides[outer] != strides[inner] * shape[inner]:
+            return None
+    return strides[live[-1]]
+
+
+def _old_operand(shape, groups):
+    strides = _old_row_major(shape)
+    got = [_old_group_stride(g, shape, strides) for g in groups]
+    if all(s is not None for s in got):
+        return tuple(got), None
+    perm = tuple(d for g in groups for d in g)
+    pshape = [shape[d] for d in perm]
+    where = {d: i for i, d in enumerate(perm)}
+    return tuple(_old_group_stride([where[d] for d in g], pshape, _old_row_major(pshape))
+                 for g in groups), perm
+
+
+def _old_description(ls, rs, dn):
+    """(a_strides, b_strides, lhs_perm, rhs_perm, rhs_dims) as match() computed them
+    before layouts described the operands: the reference the layouts reproduce."""
+    (lc, rc), (lb, rb) = dn
+    lfree = [d for d in range(len(ls)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rs)) if d not in rc and d not in rb]
+    pairs = list(zip(lc, rc))
+    lst, rst = _old_row_major(ls), _old_row_major(rs)
+    orders = [sorted(pairs, key=lambda p: -lst[p[0]]), sorted(pairs, key=lambda p: -rst[p[1]])]
+    lk, rk = [p[0] for p in orders[0]], [p[1] for p in orders[0]]
+    for order in orders:
+        lk_, rk_ = [p[0] for p in order], [p[1] for p in order]
+        if (_old_group_stride(lk_, ls, lst) is not None
+                and _old_group_stride(rk_, rs, rst) is not None):
+            lk, rk = lk_, rk_
+            break
+    a, lperm = _old_operand(ls, [lb, lfree, lk])
+    b, rperm = _old_operand(rs, [rb, rk, rfree])
+    return a, b, lperm, rperm, (tuple(rb), tuple(rk), tuple(rfree))
+
+
+def _random_dot(rng):
+    """A dot_general structure: 0-2 batch, 0-3 contracting, 0-3 free dims on each side, sizes
+    1-5 (1 often), axes and pairs in random orders."""
+    nb, nc, nl, nr = rng.integers(0, 3), rng.integers(0, 4), rng.integers(0, 4), rng.integers(0, 4)
+    dims = ([("b", i) for i in range(nb)] + [("k", i) for i in range(nc)]
+            + [("l", i) for i in range(nl)] + [("r", i) for i in range(nr)])
+    size = {d: int(rng.choice([1, 1, 2, 3, 4, 5])) for d in dims}
+    lhs = [d for d in dims if d[0] in "bkl"]
+    rhs = [d for d in dims if d[0] in "bkr"]
+    lhs, rhs = ([ds[i] for i in rng.permutation(len(ds))] for ds in (lhs, rhs))
+    batch = [("b", i) for i in rng.permutation(nb)]
+    contract = [("k", i) for i in rng.permutation(nc)]
+    dn = ((tuple(lhs.index(d) for d in contract), tuple(rhs.index(d) for d in contract)),
+          (tuple(lhs.index(d) for d in batch), tuple(rhs.index(d) for d in batch)))
+    return tuple(size[d] for d in lhs), tuple(size[d] for d in rhs), dn
+
+
+def test_layouts_reproduce_the_old_strides_and_transposes():
+    rng = np.random.default_rng(7)
+    cases = GRID + KNOB_SHAPES + DOT_SHAPES + PACK_LAYOUTS + [_random_dot(rng) for _ in range(400)]
+    transposed = 0
+    for i, (ls, rs, dn) in enumerate(cases):
+        spec = FAMILY.match(_eqn(ls, rs, dn))
+        a, b, lperm, rperm, rhs_dims = _old_description(ls, rs, dn)
+        got = (spec.a_strides, spec.b_strides, spec.lhs_perm, spec.rhs_perm, spec.rhs_dims)
+        assert got == (a, b, lperm, rperm, rhs_dims), (ls, rs, dn, spec)
+        # the layouts are the arrays: the equation's operands, and what the kernel reads
+        assert spec.lhs_source.physical_shape == ls and spec.rhs_source.physical_shape == rs
+        for layout, shape, perm in ((spec.a_layout, ls, lperm), (spec.b_layout, rs, rperm)):
+            assert layout.physical_shape == tuple(shape[d] for d in (perm or range(len(shape))))
+        transposed += (lperm is not None) + (rperm is not None)
+        for src, dst, perm in ((spec.lhs_source, spec.a_layout, lperm),
+                               (spec.rhs_source, spec.b_layout, rperm)):
+            assert convert(src, dst).kind == ("identity" if perm is None else "transpose")
+        if i % 16 == 0:  # and so are the arrays lower() passes (jnp: a sample, for time)
+            x, y = _operands(ls, rs)
+            gx, gy = _as_read(spec, x, y)
+            np.testing.assert_array_equal(gx, np.transpose(x, lperm) if lperm else x)
+            np.testing.assert_array_equal(gy, np.transpose(y, rperm) if rperm else y)
+            logical = np.transpose(y, [d for g in rhs_dims for d in g]).reshape(
+                spec.batch, spec.k, spec.n)
+            np.testing.assert_array_equal(np.reshape(spec.rhs_source.invert(y), logical.shape),
+                                          logical)
+    assert transposed > 100  # the grid exercises both paths
+
+
+# -- records keep their keys ---------------------------------------------------------------
+_EPI0 = {"activation": "none", "residual": False, "scale": False, "shift": False}
+# records.workload(spec) and workload_key("matmul", spec) computed by the code before layouts
+# (MatmulSpec fields a_strides, b_strides, lhs_perm, rhs_perm, rhs_dims: dataclasses.asdict).
+PINNED_WORKLOADS = [
+    (((7, 3, 13), (3, 13, 17), (((2,), (1,)), ((1,), (0,)))), {}, "6c1120b131e02cdbfb25ef8e",
+     {"a_strides": [13, 39, 1], "b_strides": [221, 17, 1], "batch": 3, "epilogue": _EPI0,
+      "k": 13, "lhs_perm": None, "m": 7, "n": 17, "out_shape": [3, 7, 17],
+      "prepacked": False, "rhs_dims": [[0], [1], [2]], "rhs_perm": None}),
+    (((2, 3, 5, 7), (3, 2, 7, 4), (((3,), (2,)), ((0, 1), (1, 0)))), {},
+     "a635d244f68f484b8e5cc65d",
+     {"a_strides": [35, 7, 1], "b_strides": [28, 4, 1], "batch": 6, "epilogue": _EPI0,
+      "k": 7, "lhs_perm": None, "m": 5, "n": 4, "out_shape": [2, 3, 5, 4],
+      "prepacked": False, "rhs_dims": [[1, 0], [2], [3]], "rhs_perm": [1, 0, 2, 3]}),
+    (((2, 1, 9, 255), (2, 255, 1), (((3,), (1,)), ((0,), (0,)))), {},
+     "40c04173e2e7e3fd2196b679",
+     {"a_strides": [2295, 255, 1], "b_strides": [255, 1, 0], "batch": 2, "epilogue": _EPI0,
+      "k": 255, "lhs_perm": None, "m": 9, "n": 1, "out_shape": [2, 1, 9, 1],
+      "prepacked": False, "rhs_dims": [[0], [1], [2]], "rhs_perm": None}),
+    (((3, 2, 1, 4, 5), (5, 3, 2, 6), (((1, 4), (2, 0)), ((0,), (1,)))),
+     dict(epilogue=Epilogue(shift=True, activation="relu"), prepacked=True),
+     "8adcc7f9e27cd79342227f49",
+     {"a_strides": [40, 10, 1], "b_strides": [60, 6, 1], "batch": 3,
+      "epilogue": {"activation": "relu", "residual": False, "scale": False, "shift": True},
+      "k": 10, "lhs_perm": [0, 2, 3, 1, 4], "m": 4, "n": 6, "out_shape": [3, 1, 4, 6],
+      "prepacked": True, "rhs_dims": [[1], [2, 0], [3]], "rhs_perm": [1, 2, 0, 3]}),
+    (((300,), (), (((), ()), ((), ()))), {}, "057a8441d225e2713ad1eefd",
+     {"a_strides": [0, 1, 0], "b_strides": [0, 0, 0], "batch": 1, "epilogue": _EPI0,
+      "k": 1, "lhs_perm": None, "m": 300, "n": 1, "out_shape": [300], "prepacked": False,
+      "rhs_dims": [[], [], []], "rhs_perm": None}),
+]
+
+
+@pytest.mark.parametrize("case,change,key,expected", PINNED_WORKLOADS,
+                         ids=[str(p[0][0]) for p in PINNED_WORKLOADS])
+def test_workload_keys_are_the_pre_layout_ones(case, change, key, expected):
+    spec = dataclasses.replace(FAMILY.match(_eqn(*case)), **change)
+    assert records.workload(spec) == expected
+    assert list(spec.workload()) == ["batch", "m", "n", "k", "a_strides", "b_strides",
+                                     "lhs_perm", "rhs_perm", "out_shape", "rhs_dims",
+                                     "epilogue", "prepacked"]  # the old field order
+    text = json.dumps({"family": "matmul", "workload": expected}, sort_keys=True)
+    assert records.workload_key("matmul", spec) == key == hashlib.sha256(
+        text.encode()).hexdigest()[:24]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.int32])
@@ -336,11 +531,9 @@ def _epi_case(layout, epi, prepacked=False, knobs=None, seed=2):
 
 def _run_epi(cache, spec, knobs, a, b, extra):
     kernel = cache.build(FAMILY.render(spec, knobs, ISA))
-    x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
+    x, y = _as_read(spec, a, b)
     if spec.prepacked:
         y = np.asarray(FAMILY.pack_weights(spec, knobs, jnp.asarray(b), ISA))
-    else:
-        y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
     out = np.full(spec.out_shape, np.nan, np.float32)
     runtime.run_numpy(kernel, [x, y, *(extra[n] for n in spec.epilogue.inputs())], [out])
     return out, kernel
@@ -456,8 +649,7 @@ def _check_prepacked(cache, lshape, rshape, dn, knobs):
     pspec = dataclasses.replace(spec, prepacked=True)
     FAMILY.validate(pspec, knobs, ISA)
     a, b = _operands(lshape, rshape)
-    x = np.transpose(a, spec.lhs_perm) if spec.lhs_perm else a
-    y = np.transpose(b, spec.rhs_perm) if spec.rhs_perm else b
+    x, y = _as_read(spec, a, b)
     k0 = cache.build(FAMILY.render(spec, knobs, ISA))
     k1 = cache.build(FAMILY.render(pspec, knobs, ISA))
     want = np.full(spec.out_shape, np.nan, np.float32)

@@ -1,4 +1,5 @@
 // Direct 2-D convolution (any dimension numbers, strides, padding, rhs dilation, groups), fp32.
+// The lhs and the output may also be channel-blocked (N C/b H W bc): see LHS_CB / OUT_KB.
 // Entry point: the exported kernel @SYMBOL@ (kernel_abi.h); rendered by alt_jax/ops/conv2d.py.
 //
 // Shape of the computation (NeoCPU / oneDNN-style direct convolution):
@@ -27,6 +28,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <type_traits>
+#include <utility>
+
 #include "alt_jax/epilogue.h"
 #include "alt_jax/kernel_abi.h"
 #include "alt_jax/simd.h"
@@ -49,6 +53,12 @@ constexpr int64_t PT = @PT@, PL = @PL@;
 constexpr int64_t LHS_N = @LHS_N@, LHS_C = @LHS_C@, LHS_H = @LHS_H@, LHS_W = @LHS_W@;
 constexpr int64_t RHS_O = @RHS_O@, RHS_I = @RHS_I@, RHS_H = @RHS_H@, RHS_W = @RHS_W@;
 constexpr int64_t OUT_N = @OUT_N@, OUT_K = @OUT_K@, OUT_H = @OUT_H@, OUT_W = @OUT_W@;
+// Channel blocks (layout.block_strides): channel c of the lhs sits at
+// (c / LHS_CB) * LHS_CBS + (c % LHS_CB) * LHS_C, output channel k at
+// (k / OUT_KB) * OUT_KBS + (k % OUT_KB) * OUT_K. A block of all G x CG (G x KG) channels is
+// an unblocked, linear layout: LHS_C / OUT_K are then the plain strides.
+constexpr int64_t LHS_CB = @LHS_CB@, LHS_CBS = @LHS_CBS@;
+constexpr int64_t OUT_KB = @OUT_KB@, OUT_KBS = @OUT_KBS@;
 
 // ---- the knobs ----
 constexpr int ICB = @IC_BLOCK@;        // input channels per reduction block (unrolled)
@@ -94,6 +104,37 @@ static_assert(WP >= (OW - 1) * SW + (KW - 1) * DW + 1, "packed cols must cover e
 static_assert(PACK_IN || (PT == 0 && PL == 0 && CG % ICB == 0), "in-place input invalid");
 static_assert(WEIGHTS != W_INPLACE || (RHS_O == 1 && KG % OCB == 0 && CG % ICB == 0),
               "in-place weights");
+
+// ---- channel-blocked lhs / output (N C/b H W bc) ----
+constexpr bool LHS_BLOCKED = LHS_CB < G * CG;
+constexpr bool OUT_BLOCKED = OUT_KB < G * KG;
+static_assert(LHS_CB >= 1 && (G * CG) % LHS_CB == 0 && OUT_KB >= 1 && (G * KG) % OUT_KB == 0,
+              "channel blocks divide the channels");
+// group boundaries on block boundaries (a group's channels start a block)
+static_assert(!LHS_BLOCKED || G == 1 || CG % LHS_CB == 0, "lhs groups straddle channel blocks");
+static_assert(!OUT_BLOCKED || G == 1 || KG % OUT_KB == 0, "output groups straddle blocks");
+// in place, an ic block is one layout block: I_C = LHS_C, I_CB = LHS_CBS
+static_assert(PACK_IN || !LHS_BLOCKED || ICB == LHS_CB, "in-place blocked input: ic_block = block");
+// A tile's output channels are addressed from its first one (c0 = g * KG + kb * OCB) by
+// out_k_blocked(k), which holds while no tile channel carries into another block than that:
+// the tile lies inside one block (OUT_KB % OCB == 0), or starts one and covers whole ones
+// (OCB % OUT_KB == 0). Vector stores then write runs of min(VW, OUT_KB) channels, which stay
+// inside a block when one of VW, OUT_KB divides the other.
+static_assert(!OUT_BLOCKED || OUT_KB % OCB == 0 ||
+                  (OCB % OUT_KB == 0 && (OUT_KB % VW == 0 || VW % OUT_KB == 0)),
+              "oc_block and the output's channel block must divide one another");
+
+// Element offsets of lhs channel c (of all G x CG) in a channel-blocked lhs, and of output
+// channel k (of G x KG; also of channel k of a tile from the tile's first channel, see
+// above) in a channel-blocked output. Linear layouts keep their c * LHS_C / k * OUT_K
+// statements (constexpr branches), so that their kernels compile exactly as before.
+constexpr int64_t lhs_c_blocked(int64_t c) {
+  return (c / LHS_CB) * LHS_CBS + (c % LHS_CB) * LHS_C;
+}
+constexpr int64_t out_k_blocked(int64_t k) {
+  return (k / OUT_KB) * OUT_KBS + (k % OUT_KB) * OUT_K;
+}
+static_assert(!OUT_BLOCKED || OUT_K == 1, "a blocked output's channels are contiguous in a block");
 
 // In-register transpose of an 8 x 8 block (rows = a[i][0]), three shuffle rounds.
 // (W is a template parameter so that narrower ISAs never instantiate the 8-lane shuffles.)
@@ -142,6 +183,26 @@ struct Epi {
   const float* res;
 };
 
+// Lanes [S * PB, S * PB + PB) of a vector as a PB-lane vector (a register extract), and
+// f(integral_constant<int, S>) for S in [0, N): how a blocked output narrower than a
+// vector is stored (instantiated only then, so never for VW = 1).
+template <int PB, int S, int... I>
+ALT_INLINE typename altv<PB>::type lane_slice_(V y, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(y, y, (S * PB + I)...);
+}
+template <int PB, int S>
+ALT_INLINE typename altv<PB>::type lane_slice(V y) {
+  return lane_slice_<PB, S>(y, std::make_integer_sequence<int, PB>{});
+}
+template <typename F, int... S>
+ALT_INLINE void for_each_slice_(F&& f, std::integer_sequence<int, S...>) {
+  (f(std::integral_constant<int, S>{}), ...);
+}
+template <int N, typename F>
+ALT_INLINE void for_each_slice(F&& f) {
+  for_each_slice_(f, std::make_integer_sequence<int, N>{});
+}
+
 // Broadcast of a float loaded from memory. simd.h's vbroadcast computes {0..} + x, which the
 // compiler may not fold (0 + -0 is +0), so it emits a scalar add before every broadcast and
 // runs out of registers; x - 0 == x for every x, so this folds to one vbroadcastss.
@@ -157,7 +218,7 @@ constexpr bool FLAT = WRAP_IN == 0 && WRAP_OUT == 0;
 // T8: output positions contiguous per channel (NCHW-like) and 8 positions x 8 channels per
 // tile: the tile transposes in registers and stores one vector per channel instead of
 // scattering scalars (7x7/2 3->64@224 NCHW, 1 core: 2.9 ms vs 3.05-3.2 ms).
-constexpr bool CHANNEL_RUNS = OUT_K != 1 && OUT_W == 1 && OUT_H == OW;
+constexpr bool CHANNEL_RUNS = !OUT_BLOCKED && OUT_K != 1 && OUT_W == 1 && OUT_H == OW;
 constexpr bool T8 = CHANNEL_RUNS && VW == 8 && OCV == 1 && OWT == 8;
 // With reduction passes, at most SUB_TILES tiles keep partial sums in one 64 KiB stack buffer.
 constexpr bool PASSES = IC_CHUNK < CGB;
@@ -258,7 +319,48 @@ ALT_INLINE void tile(const float* ALT_RESTRICT in, const float* ALT_RESTRICT w,
       return;
     }
   }
-  if (OUT_K == 1 && kvalid == OCB) {
+  if constexpr (OUT_BLOCKED) {
+    // A channel-blocked output (N K/b OH OW bc, OUT_K == 1): vector stores of PB =
+    // min(VW, OUT_KB) channels, each inside one block, at out_k_blocked(channel) from the
+    // tile's first channel (see the static_assert on OUT_KB); blocks narrower than a vector
+    // (8c with 16 lanes) take a lane slice per block, in registers. A partial oc block is
+    // whole blocks (KG % OUT_KB == 0), so its stores end at kvalid. The residual is read
+    // at the same offsets.
+    // (OUT_BLOCKED in PB too: its types are formed even where the branch is discarded)
+    constexpr int PB = OUT_BLOCKED && OUT_KB < VW ? static_cast<int>(OUT_KB) : VW;
+    auto store = [&](int64_t limit) __attribute__((always_inline)) {
+#pragma GCC unroll 32
+      for (int j = 0; j < NW; ++j)
+#pragma GCC unroll 8
+        for (int v = 0; v < OCV; ++v) {
+          V y = acc[j][v];
+          if constexpr (PB == VW) {
+            if (v * VW < limit) {
+              if constexpr (HAS_RES) y += vload<VW>(ep.res + ooff(j) + out_k_blocked(v * VW));
+              vstore<VW>(out + ooff(j) + out_k_blocked(v * VW), alt_activate<VW, ACT>(y));
+            }
+          } else {
+            if constexpr (!HAS_RES) y = alt_activate<VW, ACT>(y);
+            for_each_slice<VW / PB>([&](auto h) __attribute__((always_inline)) {
+              constexpr int SL = decltype(h)::value;
+              const int64_t ch = v * VW + SL * PB;
+              if (ch < limit) {
+                typename altv<PB>::type p = lane_slice<PB, SL>(y);
+                if constexpr (HAS_RES)
+                  p = alt_activate<PB, ACT>(p + vload<PB>(ep.res + ooff(j) + out_k_blocked(ch)));
+                vstore<PB>(out + ooff(j) + out_k_blocked(ch), p);
+              }
+            });
+          }
+        }
+    };
+    if constexpr (KG % OCB == 0) {
+      store(OCB);
+    } else {
+      if (kvalid == OCB) store(OCB);
+      else store(kvalid);
+    }
+  } else if (OUT_K == 1 && kvalid == OCB) {
     // channels innermost in the output: straight vector stores
 #pragma GCC unroll 32
     for (int j = 0; j < NW; ++j)
@@ -430,7 +532,23 @@ void pack_input_row(const float* ALT_RESTRICT src, float* ALT_RESTRICT ws, int64
   const int64_t wbeg = PL, wend = (PL + IW) < WP ? (PL + IW) : WP;
   for (int64_t i = 0; i < wbeg * ICB; ++i) dst[i] = 0.0f;
   for (int64_t i = wend * ICB; i < WP * ICB; ++i) dst[i] = 0.0f;
-  if (LHS_W < LHS_C) {
+  if constexpr (LHS_BLOCKED) {
+    // a channel-blocked lhs (N C/b H W bc): per column, the ic block's channels as runs
+    // inside layout blocks (channel c at lhs_c_blocked(c))
+    const float* sb = src + n * LHS_N + h * LHS_H;
+    for (int64_t wp = wbeg; wp < wend; ++wp) {
+      const float* sw = sb + (wp - PL) * LHS_W;
+      float* d = dst + wp * ICB;
+      for (int64_t ic = 0; ic < nc;) {
+        const int64_t c = c0 + ic, left = LHS_CB - c % LHS_CB;
+        const int64_t run = nc - ic < left ? nc - ic : left;
+        const float* sc = sw + lhs_c_blocked(c);
+        for (int64_t r = 0; r < run; ++r) d[ic + r] = sc[r * LHS_C];
+        ic += run;
+      }
+      for (int64_t ic = nc; ic < ICB; ++ic) d[ic] = 0.0f;
+    }
+  } else if (LHS_W < LHS_C) {
     // width is the faster source dim (NCHW-like): contiguous reads along w per channel
     for (int64_t ic = 0; ic < ICB; ++ic) {
       if (ic < nc) {
@@ -529,7 +647,8 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
         const int64_t c0 = g * KG + kb * OCB;
         EpiPad pad;
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t oo = n * OUT_N + c0 * OUT_K;
+          int64_t oo = n * OUT_N + c0 * OUT_K;
+          if constexpr (OUT_BLOCKED) oo = n * OUT_N + out_k_blocked(c0);
           tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB, out + oo, 0, NT, kvalid,
                 epi_block(scale, shift, res, c0, kvalid, oo, pad));
         }
@@ -552,7 +671,9 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
         const int64_t n = ng / G, g = ng % G;
         const int64_t kvalid = (KG - kb * OCB) < OCB ? (KG - kb * OCB) : OCB;
         const int64_t t0 = pc * CHUNK_TILES, t1 = t0 + CHUNK_TILES < NT ? t0 + CHUNK_TILES : NT;
-        const int64_t c0 = g * KG + kb * OCB, oo = n * OUT_N + c0 * OUT_K;
+        const int64_t c0 = g * KG + kb * OCB;
+        int64_t oo = n * OUT_N + c0 * OUT_K;
+        if constexpr (OUT_BLOCKED) oo = n * OUT_N + out_k_blocked(c0);
         EpiPad pad;
         tiles(in + n * I_N + g * I_G, wt + g * W_G + kb * W_KB, out + oo, t0, t1, kvalid,
               epi_block(scale, shift, res, c0, kvalid, oo, pad));

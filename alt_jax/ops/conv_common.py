@@ -1,11 +1,11 @@
 """What the conv families share: reading a conv_general_dilated equation into canonical
 geometry, with the refusals every conv kernel makes, and placing logical dims in arrays.
 
-Entry points: ConvGeometry, read_conv(eqn), ConvOperands (operand shapes and strides for a
-conv spec), check_types (the type checks each conv family's validate starts with),
-lower_conv (the checked FFI call of a conv kernel), conv_kernel_inputs (what that call
-passes, from the equation's operands), physical_shape(order, logical),
-logical_strides(order, shape).
+Entry points: ConvGeometry (.layouts: the operands as alt_jax.layout Layouts), read_conv(eqn),
+ConvOperands (operand shapes and strides for a conv spec, from its layouts), relayout (a
+spec over other activation layouts), check_types (the type checks each conv family's
+validate starts with), lower_conv (the checked FFI call of a conv kernel),
+conv_kernel_inputs (what that call passes, from the equation's operands).
 """
 from __future__ import annotations
 
@@ -14,56 +14,89 @@ import dataclasses
 import numpy as np
 from jax import lax
 
+from alt_jax.layout import Layout, permuted
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
 
 
-def physical_shape(order, logical) -> tuple:
-    """The array shape when logical dim i (size logical[i]) sits at axis order[i]."""
-    shape = [0] * len(order)
-    for axis, size in zip(order, logical):
-        shape[axis] = size
-    return tuple(shape)
-
-
-def logical_strides(order, shape) -> tuple:
-    """Element strides of the logical dims (at axes `order`) in a dense row-major `shape`."""
-    dense = [int(np.prod(shape[d + 1:], dtype=np.int64)) for d in range(len(shape))]
-    return tuple(dense[axis] for axis in order)
+LHS_NAMES, RHS_NAMES, OUT_NAMES = "NCHW", "OIHW", "NCHW"  # canonical roles of the operands
 
 
 class ConvOperands:
-    """Shapes and element strides of a conv's dense operands, derived from the spec's logical
-    sizes (n, c, h, w, k, kh, kw, oh, ow) and where its logical dims live. A spec mixing this
-    in provides `dim_orders` -> (lhs, rhs, out) axis positions of (N, C, H, W), (O, I, KH, KW),
-    (N, K, OH, OW), and `rhs_in_channels` (input channels per group)."""
+    """Shapes and addressing of a conv's dense operands, from the spec's layouts: a spec
+    mixing this in has lhs_layout / rhs_layout / out_layout (alt_jax.layout.Layout over the
+    canonical roles N C H W, O I H W, N C H W), each the arrangement its kernel reads or
+    writes. Dimension numbers become these layouts once, in read_conv."""
+
+    # the spec fields holding layouts, and the dimension-number field names records used
+    # before layouts were the vocabulary: a permutation keeps its old record key
+    LAYOUT_FIELDS = (("lhs_layout", "lhs_spec"), ("rhs_layout", "rhs_spec"),
+                     ("out_layout", "out_spec"))
 
     @property
     def lhs_shape(self):
-        return physical_shape(self.dim_orders[0], (self.n, self.c, self.h, self.w))
+        return self.lhs_layout.physical_shape
 
     @property
     def rhs_shape(self):
-        return physical_shape(self.dim_orders[1], (self.k, self.rhs_in_channels, self.kh, self.kw))
+        return self.rhs_layout.physical_shape
 
     @property
     def out_shape(self):
-        return physical_shape(self.dim_orders[2], (self.n, self.k, self.oh, self.ow))
+        return self.out_layout.physical_shape
+
+    @staticmethod
+    def _linear(layout, names):
+        strides = layout.strides()
+        if strides is None:
+            raise KnobError(f"layout {layout} is not a permutation: this kernel addresses "
+                            f"its operands by one stride per dim")
+        return tuple(strides[n] for n in names)
 
     @property
     def lhs_strides(self):
-        """Element strides of (N, C, H, W) in the dense lhs."""
-        return logical_strides(self.dim_orders[0], self.lhs_shape)
+        """Element strides of (N, C, H, W) in the lhs (a layout linear in them)."""
+        return self._linear(self.lhs_layout, LHS_NAMES)
 
     @property
     def rhs_strides(self):
-        """Element strides of (O, I, KH, KW) in the dense rhs."""
-        return logical_strides(self.dim_orders[1], self.rhs_shape)
+        """Element strides of (O, I, KH, KW) in the rhs."""
+        return self._linear(self.rhs_layout, RHS_NAMES)
 
     @property
     def out_strides(self):
-        """Element strides of (N, K, OH, OW) in the dense output."""
-        return logical_strides(self.dim_orders[2], self.out_shape)
+        """Element strides of (N, K, OH, OW) in the output."""
+        return self._linear(self.out_layout, OUT_NAMES)
+
+    @property
+    def linear_layouts(self) -> bool:
+        """Every operand addressed by one stride per dim (no channel blocks)."""
+        return all(getattr(self, f).strides() is not None for f, _ in self.LAYOUT_FIELDS)
+
+    def workload(self) -> dict:
+        """The spec as records key it: a permutation layout as the dimension numbers it
+        was keyed by before (so records tuned then still apply), any other as its chain."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            legacy = dict(self.LAYOUT_FIELDS).get(f.name)
+            if legacy is not None:
+                perm = v.permutation
+                if perm is not None:
+                    out[legacy] = [v.dims.index(n) for n in v.names]
+                else:
+                    out[f.name] = v.to_dict()
+            elif dataclasses.is_dataclass(v):
+                out[f.name] = dataclasses.asdict(v)
+            else:
+                out[f.name] = v
+        return out
+
+
+def _layouts(g: "ConvGeometry") -> dict:
+    return dict(lhs_layout=permuted(LHS_NAMES, g.lhs_spec, (g.n, g.c, g.h, g.w)),
+                rhs_layout=permuted(RHS_NAMES, g.rhs_spec, (g.k, g.ci, g.kh, g.kw)),
+                out_layout=permuted(OUT_NAMES, g.out_spec, (g.n, g.k, g.oh, g.ow)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +121,11 @@ class ConvGeometry:
     lhs_spec: tuple
     rhs_spec: tuple
     out_spec: tuple
+
+    @property
+    def layouts(self) -> dict:
+        """lhs_layout / rhs_layout / out_layout: the dimension numbers as Layouts."""
+        return _layouts(self)
 
 
 def _ints(values) -> tuple:
@@ -231,3 +269,32 @@ def finite_weights_if_padded_1x1(spec, rhs):
     if (spec.kh, spec.kw) != (1, 1) or not any(lo or hi for lo, hi in spec.padding):
         return None
     return all_within(rhs, FLT_MAX)
+
+
+def relayout(spec, lhs: Layout | None = None, out: Layout | None = None, *, blocked=False):
+    """spec reading its lhs in `lhs` and writing `out` (canonical N C H W names; None keeps
+    the spec's). Unsupported when the logical tensor differs, or when a layout is not a
+    permutation and the family's kernels address by one stride per dim (blocked=False)."""
+    changes = {}
+    for field, layout in (("lhs_layout", lhs), ("out_layout", out)):
+        if layout is None:
+            continue
+        have = getattr(spec, field)
+        if (layout.names, layout.shape) != (have.names, have.shape):
+            raise Unsupported(f"{field} {layout} is over {layout.names} {layout.shape}, the "
+                              f"conv's is {have.names} {have.shape}")
+        if layout.permutation is None and not blocked:
+            raise Unsupported(f"{field} {layout}: this family's kernels read and write "
+                              f"permutations of N C H W only")
+        changes[field] = layout
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def dimension_numbers(spec) -> lax.ConvDimensionNumbers:
+    """jax's dimension numbers of a spec whose layouts are permutations (references)."""
+    def positions(layout):
+        if layout.permutation is None:
+            raise ValueError(f"layout {layout} is not a permutation: no dimension numbers")
+        return tuple(layout.dims.index(n) for n in layout.names)
+    return lax.ConvDimensionNumbers(positions(spec.lhs_layout), positions(spec.rhs_layout),
+                                    positions(spec.out_layout))

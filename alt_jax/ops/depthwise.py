@@ -16,7 +16,8 @@ from alt_jax import device as device_mod
 from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops.epilogue import Epilogue
-from alt_jax.ops.conv_common import (ConvOperands, check_types,
+from alt_jax.layout import Layout
+from alt_jax.ops.conv_common import (relayout, ConvOperands, check_types, dimension_numbers,
                                      conv_kernel_inputs, finite_weights_if_padded_1x1,
                                      lower_conv, read_conv)
 
@@ -24,12 +25,12 @@ _TEMPLATE = "depthwise.cc"
 _MAX_WORKSPACE = 1 << 30  # bytes; beyond this the tuner should pick pack=False or fewer rows
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class DepthwiseSpec(ConvOperands):
     """One depthwise conv, canonical: sizes, window, and each operand's dimension order.
 
-    lhs_order / out_order give the array axis holding (batch, channel, row, column);
-    rhs_order the axis holding (out channel, in channel [size 1], kernel row, kernel column).
+    lhs_layout / out_layout: the arrangement of (batch, channel, row, column) (Layouts over
+    N C H W); rhs_layout of (out channel, in channel [size 1], kernel row, kernel column).
     epilogue: fused into the store (match() gives the identity; the planner replaces it).
     prepacked: inputs[1] is FAMILY.pack_weights(spec, knobs, rhs), not rhs; no weight
     packing per call.
@@ -47,19 +48,15 @@ class DepthwiseSpec(ConvOperands):
     stride: tuple[int, int]
     dilation: tuple[int, int]                  # rhs_dilation
     padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
-    lhs_order: tuple[int, int, int, int]
-    rhs_order: tuple[int, int, int, int]
-    out_order: tuple[int, int, int, int]
+    lhs_layout: Layout
+    rhs_layout: Layout
+    out_layout: Layout
     epilogue: Epilogue = Epilogue()
     prepacked: bool = False
 
     @property
     def k(self) -> int:
         return self.c * self.mult
-
-    @property
-    def dim_orders(self):
-        return self.lhs_order, self.rhs_order, self.out_order
 
     rhs_in_channels = 1  # one input channel per group
 
@@ -104,8 +101,12 @@ class DepthwiseFamily:
                               "not depthwise, the conv2d family handles it")
         return DepthwiseSpec(n=g.n, c=g.c, mult=g.k // g.c, h=g.h, w=g.w, kh=g.kh, kw=g.kw,
                              oh=g.oh, ow=g.ow, stride=g.stride, dilation=g.dilation,
-                             padding=g.padding, lhs_order=g.lhs_spec, rhs_order=g.rhs_spec,
-                             out_order=g.out_spec)
+                             padding=g.padding, **g.layouts)
+
+    def relayout(self, spec, lhs=None, out=None):
+        """spec reading its lhs in `lhs` and writing `out` (Layouts over N C H W; None keeps
+        the spec's): permutations of N C H W only (its template addresses each dim by one stride); Unsupported otherwise."""
+        return relayout(spec, lhs, out, blocked=False)
 
     def safe_operands(self, spec: DepthwiseSpec, lhs, rhs):
         """A padded 1x1 conv with a non-finite weight runs in XLA (see
@@ -189,7 +190,7 @@ class DepthwiseFamily:
 
     def pack_weights(self, spec: DepthwiseSpec, knobs: DepthwiseKnobs, rhs,
                      isa: device_mod.Isa):
-        """rhs (in spec.rhs_order, a jax array or tracer) as the kernel's weight panels.
+        """rhs (in spec.rhs_layout, a jax array or tracer) as the kernel's weight panels.
 
         [k][1][kh][kw] -> [k // c_block][kh][kw][k % c_block], channels past K zero: what a
         spec with prepacked=True reads as inputs[1] for these knobs (plain jnp, traceable).
@@ -198,9 +199,9 @@ class DepthwiseFamily:
 
         if tuple(rhs.shape) != tuple(spec.rhs_shape):
             raise ValueError(f"pack_weights: rhs shape {tuple(rhs.shape)} is not the spec's "
-                             f"{tuple(spec.rhs_shape)} (rhs_order {spec.rhs_order})")
+                             f"{tuple(spec.rhs_shape)} (rhs layout {spec.rhs_layout})")
         nblk, kh, kw, cb = self.packed_weight_shape(spec, knobs, isa)
-        w = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_order)  # (k, 1, kh, kw)
+        w = spec.rhs_layout.invert(jnp.asarray(rhs, jnp.float32))  # (k, 1, kh, kw)
         w = jnp.reshape(w, (spec.k, kh, kw))
         w = jnp.pad(w, ((0, nblk * cb - spec.k), (0, 0), (0, 0)))
         return jnp.transpose(jnp.reshape(w, (nblk, cb, kh, kw)), (0, 2, 3, 1))
@@ -319,8 +320,7 @@ class DepthwiseFamily:
 
         return jax.lax.conv_general_dilated(
             lhs, rhs, spec.stride, spec.padding, rhs_dilation=spec.dilation,
-            dimension_numbers=jax.lax.ConvDimensionNumbers(
-                spec.lhs_order, spec.rhs_order, spec.out_order),
+            dimension_numbers=dimension_numbers(spec),
             feature_group_count=spec.c)
 
 

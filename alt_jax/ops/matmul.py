@@ -7,6 +7,7 @@ epilogue over N, optional prepacked B).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from typing import Sequence
@@ -14,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from alt_jax.codegen import render as rn
+from alt_jax.layout import Layout, Reorder, Split, convert
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops.epilogue import Epilogue
 
@@ -21,15 +23,57 @@ _MAX_DIM = 2**40
 _MAX_WORKSPACE = 2**31  # bytes; past this a knob choice is refused, not attempted
 
 
+A_NAMES, B_NAMES = ("B", "M", "K"), ("B", "K", "N")  # the logical dims of A and B
+
+
+def _sizes(layout: Layout) -> dict:
+    return dict(zip(layout.names, layout.shape))
+
+
+def _linear(layout: Layout, names) -> tuple:
+    """Element strides of names in layout's array; 0 for a dim of size 1 (or absent), which
+    only ever has index 0. KnobError unless one stride per dim addresses the array."""
+    strides = layout.strides()
+    if strides is None:
+        raise KnobError(f"layout {layout} is not linear in {' '.join(layout.names)}: this "
+                        f"kernel addresses A and B by one stride per dim")
+    sizes = _sizes(layout)
+    return tuple(0 if sizes.get(n, 1) == 1 else strides[n] for n in names)
+
+
+def _axis_groups(layout: Layout, names) -> tuple:
+    """Per name, the physical axes of layout holding its pieces, outermost piece first (()
+    for a name layout lacks): the dimension numbers an _operand_layout encodes."""
+    owner = {n: n for n in layout.names}
+    pieces = Layout(layout.names, layout.shape)  # the split prefix: pieces in group order
+    for p in layout.primitives:
+        if not isinstance(p, Split):
+            break
+        i, pieces = pieces.dims.index(p.dim), pieces.then(p)
+        owner[pieces.dims[i]] = owner[pieces.dims[i + 1]] = owner[p.dim]
+    rest = layout.primitives[len(pieces.primitives):]
+    if rest and not (len(rest) == 1 and isinstance(rest[0], Reorder)):
+        raise ValueError(f"layout {layout} is not an operand's dims grouped (splits, then a "
+                         f"reorder): build the spec with match()")
+    axis = {d: i for i, d in enumerate(layout.dims)}
+    return tuple(tuple(axis[d] for d in pieces.dims if owner[d] == n) for n in names)
+
+
 @dataclasses.dataclass(frozen=True)
 class MatmulSpec:
-    """A dot_general reduced to batch x (M x K) @ (K x N), with the operands' element strides.
+    """A dot_general reduced to batch x (M x K) @ (K x N), its operands as Layouts.
 
-    a_strides = (batch, m, k) and b_strides = (batch, k, n) address the arrays lower()
-    passes to the kernel: the equation's operands, or, where a group of dims cannot be
-    flattened into one stride, those operands transposed by lhs_perm / rhs_perm.
-    rhs_dims = (batch dims, contracting dims, free dims) of the original rhs, each in the
-    order the kernel flattens them (pack_weights reads B through them).
+    a_layout over ("B", "M", "K") and b_layout over ("B", "K", "N"): the arrays the kernel
+    reads, each logical dim split into the operand's dims of its group (batch, free or
+    contracting dims, outermost first: the order the kernel flattens them in) and arranged
+    in the array's axis order. A dim whose group is empty (size 1, no axis) is left out.
+    lhs_source / rhs_source: the equation's operands over the same dims and pieces, the
+    layouts lower() converts from. The kernel reads an operand in place (a_layout ==
+    lhs_source) when one stride per dim addresses it, else its pieces in group order (a
+    transpose). match() builds all four from the dimension numbers; batch, m, n, k,
+    a_strides, b_strides, lhs_perm, rhs_perm and rhs_dims are read off them. (Not named
+    lhs_layout: for conv specs that is the layout the kernel reads, and the planner reads
+    a spec with one as a conv's.)
 
     epilogue: fused into the store (the planner sets it); its channel is N, so scale and
     shift have length N and index the result's last (flattened rhs free) dims, and the
@@ -37,18 +81,92 @@ class MatmulSpec:
     for the knobs the kernel is rendered with, not the equation's rhs.
     """
 
-    batch: int
-    m: int
-    n: int
-    k: int
-    a_strides: tuple[int, int, int]
-    b_strides: tuple[int, int, int]
-    lhs_perm: tuple[int, ...] | None
-    rhs_perm: tuple[int, ...] | None
+    a_layout: Layout
+    b_layout: Layout
+    lhs_source: Layout
+    rhs_source: Layout
     out_shape: tuple[int, ...]
-    rhs_dims: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] = ((), (), ())
     epilogue: Epilogue = Epilogue()
     prepacked: bool = False
+
+    def __post_init__(self):
+        for field, names in (("a_layout", A_NAMES), ("b_layout", B_NAMES),
+                             ("lhs_source", A_NAMES), ("rhs_source", B_NAMES)):
+            layout = getattr(self, field)
+            if not isinstance(layout, Layout) or layout.names != tuple(
+                    n for n in names if n in layout.names):
+                raise ValueError(f"MatmulSpec.{field}={layout!r} must be a Layout over "
+                                 f"{' '.join(names)} (in that order; a size-1 dim may be "
+                                 f"left out)")
+        for read, given in (("a_layout", "lhs_source"), ("b_layout", "rhs_source")):
+            r, g = getattr(self, read), getattr(self, given)
+            if (r.names, r.shape) != (g.names, g.shape):
+                raise ValueError(f"MatmulSpec.{read} and {given} must be one logical tensor: "
+                                 f"{r.names} {r.shape} vs {g.names} {g.shape}")
+        a, b = _sizes(self.a_layout), _sizes(self.b_layout)
+        for n in ("B", "K"):
+            if a.get(n, 1) != b.get(n, 1):
+                raise ValueError(f"MatmulSpec: {n} is {a.get(n, 1)} in A, {b.get(n, 1)} in B")
+
+    @property
+    def batch(self) -> int:
+        return _sizes(self.a_layout).get("B", 1)
+
+    @property
+    def m(self) -> int:
+        return _sizes(self.a_layout).get("M", 1)
+
+    @property
+    def k(self) -> int:
+        return _sizes(self.a_layout).get("K", 1)
+
+    @property
+    def n(self) -> int:
+        return _sizes(self.b_layout).get("N", 1)
+
+    @functools.cached_property
+    def a_strides(self) -> tuple[int, int, int]:
+        """Element strides of (batch, m, k) in the array the kernel reads as A."""
+        return _linear(self.a_layout, A_NAMES)
+
+    @functools.cached_property
+    def b_strides(self) -> tuple[int, int, int]:
+        """Element strides of (batch, k, n) in the array the kernel reads as B."""
+        return _linear(self.b_layout, B_NAMES)
+
+    @staticmethod
+    def _perm(given: Layout, read: Layout):
+        if given == read:
+            return None
+        if sorted(given.dims) != sorted(read.dims):
+            raise ValueError(f"{read} is not a transpose of {given}")
+        return tuple(given.dims.index(d) for d in read.dims)
+
+    @property
+    def lhs_perm(self) -> tuple[int, ...] | None:
+        """The transpose taking the equation's lhs to the array the kernel reads, or None."""
+        return self._perm(self.lhs_source, self.a_layout)
+
+    @property
+    def rhs_perm(self) -> tuple[int, ...] | None:
+        return self._perm(self.rhs_source, self.b_layout)
+
+    @functools.cached_property
+    def rhs_dims(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(batch dims, contracting dims, free dims) of the equation's rhs, each in the order
+        the kernel flattens them."""
+        return _axis_groups(self.rhs_source, B_NAMES)
+
+    def workload(self) -> dict:
+        """The spec as records key it: the fields it had before layouts described its
+        operands, with the same values, so that records tuned then keep their keys."""
+        epi = self.epilogue
+        return dict(batch=self.batch, m=self.m, n=self.n, k=self.k,
+                    a_strides=self.a_strides, b_strides=self.b_strides,
+                    lhs_perm=self.lhs_perm, rhs_perm=self.rhs_perm, out_shape=self.out_shape,
+                    rhs_dims=self.rhs_dims,
+                    epilogue=dataclasses.asdict(epi) if dataclasses.is_dataclass(epi) else epi,
+                    prepacked=self.prepacked)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -90,37 +208,45 @@ def _is_f32(dtype) -> bool:
         return False
 
 
-def _row_major_strides(shape: Sequence[int]) -> list[int]:
-    strides, acc = [], 1
-    for d in reversed(shape):
-        strides.append(acc)
-        acc *= d
-    return strides[::-1]
+def _operand_layout(names, groups, shape, order=None) -> Layout:
+    """An operand of `shape` as a Layout over names: names[i] is its dims groups[i]
+    (outermost first) flattened, split back into them, and arranged as the array whose axes
+    are the operand's axes `order` (default: the operand itself). A name whose group is
+    empty (size 1, no axis) is left out."""
+    present = [(n, tuple(g)) for n, g in zip(names, groups) if g]
+    layout = Layout(tuple(n for n, _ in present),
+                    tuple(math.prod(shape[d] for d in g) for _, g in present))
+    piece = {}
+    for name, group in present:
+        for d in reversed(group[1:]):  # split the innermost remaining dim off the outer part
+            layout = layout.split(name, shape[d])
+            i = layout.dims.index(f"{name}/{shape[d]}")
+            name, piece[d] = layout.dims[i], layout.dims[i + 1]
+        piece[group[0]] = name
+    physical = tuple(piece[a] for a in (range(len(shape)) if order is None else order))
+    return layout if physical == layout.dims else layout.reorder(*physical)
 
 
-def _group_stride(dims: Sequence[int], shape, strides) -> int | None:
-    """One stride addressing dims (outer to inner) as a single flattened index, or None."""
+def _kernel_layout(names, groups, shape, given: Layout) -> Layout:
+    """What the kernel reads of an operand in layout `given`: the operand itself where one
+    stride per dim addresses it, else the operand transposed into group order (done by XLA
+    in lower), where every group is contiguous."""
+    if given.strides() is not None:
+        return given
+    return _operand_layout(names, groups, shape, order=[d for g in groups for d in g])
+
+
+def _flattens(dims, shape) -> bool:
+    """The operand's dims (outermost first) index it as one flattened dim: the ones longer
+    than 1 are in axis order with only size-1 axes between them."""
     live = [d for d in dims if shape[d] != 1]
-    if not live:
-        return 0
-    for outer, inner in zip(live, live[1:]):
-        if strides[outer] != strides[inner] * shape[inner]:
-            return None
-    return strides[live[-1]]
+    return all(a < b and all(shape[x] == 1 for x in range(a + 1, b))
+               for a, b in zip(live, live[1:]))
 
 
-def _operand_strides(shape, groups, perm_order):
-    """(strides of each group, perm or None): in place if every group flattens."""
-    strides = _row_major_strides(shape)
-    got = [_group_stride(g, shape, strides) for g in groups]
-    if all(s is not None for s in got):
-        return tuple(got), None
-    # Transposed into group order (done by XLA in lower), every group is contiguous.
-    perm = tuple(perm_order)
-    pshape = [shape[d] for d in perm]
-    pstrides = _row_major_strides(pshape)
-    where = {d: i for i, d in enumerate(perm)}
-    return tuple(_group_stride([where[d] for d in g], pshape, pstrides) for g in groups), perm
+def _rearranged(given: Layout, read: Layout, x):
+    """x (in layout given) as the kernel reads it (layout read)."""
+    return x if given == read else convert(given, read)(x)
 
 
 class MatmulFamily:
@@ -171,21 +297,24 @@ class MatmulFamily:
             if v > _MAX_DIM:
                 raise Unsupported(f"dot_general {name}={v} exceeds {_MAX_DIM}")
         # The contraction sums over pairs, so the pair order is free: take the one that lets
-        # the lhs (else the rhs) address K with a single stride.
+        # the lhs (else the rhs) address K with a single stride. (Sorted outermost first;
+        # axes only size-1 axes apart keep the pairs' order.)
         pairs = list(zip(lc, rc))
-        lst, rst = _row_major_strides(ls), _row_major_strides(rs)
-        orders = [sorted(pairs, key=lambda p: -lst[p[0]]), sorted(pairs, key=lambda p: -rst[p[1]])]
+        orders = [sorted(pairs, key=lambda p: -math.prod(ls[p[0] + 1:])),
+                  sorted(pairs, key=lambda p: -math.prod(rs[p[1] + 1:]))]
         lk, rk = [p[0] for p in orders[0]], [p[1] for p in orders[0]]
         for order in orders:
             lk_, rk_ = [p[0] for p in order], [p[1] for p in order]
-            if (_group_stride(lk_, ls, lst) is not None
-                    and _group_stride(rk_, rs, rst) is not None):
+            if _flattens(lk_, ls) and _flattens(rk_, rs):
                 lk, rk = lk_, rk_
                 break
-        (a_sb, a_sm, a_sk), lperm = _operand_strides(ls, [lb, lfree, lk], [*lb, *lfree, *lk])
-        (b_sb, b_sk, b_sn), rperm = _operand_strides(rs, [rb, rk, rfree], [*rb, *rk, *rfree])
-        return MatmulSpec(batch, m, n, k, (a_sb, a_sm, a_sk), (b_sb, b_sk, b_sn), lperm, rperm,
-                          out_shape, rhs_dims=(tuple(rb), tuple(rk), tuple(rfree)))
+        # The one place dimension numbers become layouts.
+        lgroups, rgroups = (lb, lfree, lk), (rb, rk, rfree)
+        lhs_source = _operand_layout(A_NAMES, lgroups, ls)
+        rhs_source = _operand_layout(B_NAMES, rgroups, rs)
+        return MatmulSpec(a_layout=_kernel_layout(A_NAMES, lgroups, ls, lhs_source),
+                          b_layout=_kernel_layout(B_NAMES, rgroups, rs, rhs_source),
+                          lhs_source=lhs_source, rhs_source=rhs_source, out_shape=out_shape)
 
     def flops(self, spec: MatmulSpec) -> int:
         return 2 * spec.batch * spec.m * spec.n * spec.k
@@ -275,6 +404,8 @@ class MatmulFamily:
             raise KnobError("fuse_b=True packs B inside the tasks; it needs pack_b=True")
         if knobs.par not in _PARS:
             raise KnobError(f"par={knobs.par!r}: choose one of {_PARS}")
+        for layout in (spec.a_layout, spec.b_layout):
+            _linear(layout, layout.names)  # KnobError unless one stride per dim addresses it
         if knobs.dot:
             self._validate_dot(spec, knobs, isa)
         else:
@@ -443,17 +574,17 @@ class MatmulFamily:
     @staticmethod
     def _ffi_operands(spec: MatmulSpec, operands: Sequence) -> list:
         """The arrays the kernel reads, from [lhs, rhs, *epilogue inputs] with the rhs
-        already packed when spec.prepacked (pack_weights applies rhs_perm itself): lhs and
-        rhs transposed by lhs_perm / rhs_perm; scale and shift flattened to N (they index
-        the flattened rhs free dims), the residual reshaped to the result's shape."""
+        already packed when spec.prepacked (pack_weights rearranges it itself): lhs and
+        rhs converted from lhs_source / rhs_source to a_layout / b_layout; scale and shift
+        flattened to N (they index the flattened rhs free dims), the residual reshaped to
+        the result's shape."""
         import jax.numpy as jnp
 
         names = MatmulFamily._check_count(spec, operands)
         lhs, rhs, *extra = operands
-        if spec.lhs_perm is not None:
-            lhs = jnp.transpose(lhs, spec.lhs_perm)
-        if spec.rhs_perm is not None and not spec.prepacked:
-            rhs = jnp.transpose(rhs, spec.rhs_perm)
+        lhs = _rearranged(spec.lhs_source, spec.a_layout, lhs)
+        if not spec.prepacked:
+            rhs = _rearranged(spec.rhs_source, spec.b_layout, rhs)
         shapes = {"scale": (spec.n,), "shift": (spec.n,), "residual": spec.out_shape}
         extra = [jnp.reshape(jnp.asarray(x, jnp.float32), shapes[n]) for n, x in zip(names, extra)]
         return [lhs, rhs, *extra]
@@ -491,19 +622,16 @@ class MatmulFamily:
 
         pack_b (not dot): B[batch, k, n] cut into nr-wide panels, zero-padded along N,
         shape [batch, ceil(N/nr), K, nr] (nr = nv * isa.vector_floats). Otherwise the kernel
-        reads B in place: the rhs canonicalised by rhs_perm, as lower() would pass it.
+        reads B in place: the rhs in b_layout, as lower() would pass it.
         """
         import jax.numpy as jnp
 
         if not (knobs.pack_b and not knobs.dot):
-            return jnp.transpose(rhs, spec.rhs_perm) if spec.rhs_perm is not None else rhs
-        rb, rk, rfree = spec.rhs_dims
-        if len(rb) + len(rk) + len(rfree) != rhs.ndim:
-            raise ValueError(f"pack_weights: spec.rhs_dims={spec.rhs_dims} do not cover the "
-                             f"rhs of shape {rhs.shape}: build the spec with match()")
+            return _rearranged(spec.rhs_source, spec.b_layout, rhs)
         nr = knobs.nv * isa.vector_floats
         npb = -(-spec.n // nr)
-        b = jnp.reshape(jnp.transpose(rhs, (*rb, *rk, *rfree)), (spec.batch, spec.k, spec.n))
+        # rhs_source.invert: the logical B[batch, k, n] (size-1 dims it leaves out aside)
+        b = jnp.reshape(spec.rhs_source.invert(rhs), (spec.batch, spec.k, spec.n))
         b = jnp.pad(b, ((0, 0), (0, 0), (0, npb * nr - spec.n)))
         return jnp.transpose(jnp.reshape(b, (spec.batch, spec.k, npb, nr)), (0, 2, 1, 3))
 

@@ -26,8 +26,9 @@ import numpy as np
 
 from alt_jax import device
 from alt_jax.codegen import render as R
+from alt_jax.layout import Layout
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
-from alt_jax.ops.conv_common import (ConvOperands, check_types, conv_kernel_inputs,
+from alt_jax.ops.conv_common import (relayout, ConvOperands, check_types, conv_kernel_inputs,
                                      lower_conv, read_conv)
 from alt_jax.ops.epilogue import Epilogue
 
@@ -60,8 +61,8 @@ def _balanced_block(tiles: int, block: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class WinogradSpec(ConvOperands):
-    """A 3x3 stride-1, undilated, ungrouped convolution: logical sizes and the positions of
-    the logical dims in the operands (jax's dimension numbers, as in Conv2dSpec).
+    """A 3x3 stride-1, undilated, ungrouped convolution: logical sizes and the operands'
+    layouts (permutations of N C H W / O I H W, as in Conv2dSpec).
     epilogue / prepacked as in Conv2dSpec; prepacked means the rhs input is already U."""
 
     n: int
@@ -72,17 +73,13 @@ class WinogradSpec(ConvOperands):
     oh: int
     ow: int
     padding: tuple[tuple[int, int], tuple[int, int]]
-    lhs_spec: tuple[int, int, int, int]
-    rhs_spec: tuple[int, int, int, int]
-    out_spec: tuple[int, int, int, int]
+    lhs_layout: Layout
+    rhs_layout: Layout
+    out_layout: Layout
     epilogue: Epilogue = Epilogue()
     prepacked: bool = False
     kh = 3
     kw = 3
-
-    @property
-    def dim_orders(self):
-        return self.lhs_spec, self.rhs_spec, self.out_spec
 
     @property
     def rhs_in_channels(self) -> int:
@@ -132,8 +129,12 @@ class WinogradFamily:
         if g.oh != g.h + sum(g.padding[0]) - 2 or g.ow != g.w + sum(g.padding[1]) - 2:
             raise Unsupported("output size disagrees with the 3x3 stride-1 window")
         return WinogradSpec(n=g.n, c=g.c, h=g.h, w=g.w, k=g.k, oh=g.oh, ow=g.ow,
-                            padding=g.padding, lhs_spec=g.lhs_spec, rhs_spec=g.rhs_spec,
-                            out_spec=g.out_spec)
+                            padding=g.padding, **g.layouts)
+
+    def relayout(self, spec, lhs=None, out=None):
+        """spec reading its lhs in `lhs` and writing `out` (Layouts over N C H W; None keeps
+        the spec's): permutations of N C H W only (its template addresses each dim by one stride); Unsupported otherwise."""
+        return relayout(spec, lhs, out, blocked=False)
 
     def flops(self, spec: WinogradSpec) -> int:
         """The convolution's own flops (what it replaces), not the fewer the kernel runs."""
@@ -268,7 +269,7 @@ class WinogradFamily:
         import jax.numpy as jnp
 
         xi, kb, cp, ocb = self._u_shape(spec, knobs, isa)
-        g = jnp.transpose(jnp.asarray(rhs, jnp.float32), spec.rhs_spec)  # O, I, 3, 3
+        g = spec.rhs_layout.invert(jnp.asarray(rhs, jnp.float32))  # O, I, 3, 3
         big_g = jnp.asarray(_G[knobs.out_tile], jnp.float32)
         u = jnp.einsum("ax,oixy,by->abio", big_g, g, big_g,
                        precision="highest")  # T, T, I, O
