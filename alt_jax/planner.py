@@ -24,7 +24,9 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
-from alt_jax import device, fusion, jaxpr_pass, propagate, records as records_mod, runtime
+from alt_jax import (device, fusion, jaxpr_pass, layout_plans, propagate, records as records_mod,
+                     runtime)
+from alt_jax.layout import LayoutError
 from alt_jax.ops import registry
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
@@ -62,6 +64,11 @@ class PlanOptions:
     fuse: bool = True          # absorb affine / residual / activation epilogues into kernels
     pack_weights: bool = True  # pack constant weights once, at plan time
     propagate: bool = True     # keep conv activations channels-last between kernels
+    # The graph level: the layout each conv writes, by its position in the flat program
+    # ("eqn 17" -> "NC8"), or one name for every conv (tests force each candidate); names
+    # from propagate.LAYOUT_CHOICES. Unnamed convs follow the fixed rule (channels-last when
+    # propagate). The graph tuner's choice for a program, replayed from its records.
+    layout_plan: Any = None
 
     def families_for(self, primitive) -> tuple:
         if self.families is None:
@@ -80,6 +87,21 @@ class PlanOptions:
             raise ValueError(f"fallback={self.fallback!r}: choose one of {FALLBACK_MODES}")
         if self.min_flops < 0:
             raise ValueError(f"min_flops={self.min_flops} must be >= 0")
+        plan = self.layout_plan
+        names = ([plan] if isinstance(plan, str) else
+                 list(dict(plan).values()) if plan is not None else [])
+        bad = sorted({n for n in names if n not in propagate.LAYOUT_CHOICES})
+        if bad:
+            raise ValueError(f"layout_plan names {bad}: choose from {propagate.LAYOUT_CHOICES}")
+
+    def layout_choice(self, where: str) -> str:
+        """The layout the conv at `where` writes: the plan's, else the fixed rule's."""
+        plan = self.layout_plan
+        if isinstance(plan, str):
+            return plan
+        if plan is not None and where in plan:
+            return plan[where]
+        return "NHWC" if self.propagate else "logical"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +131,7 @@ class Plan:
     replacements: dict  # id(eqn) -> jaxpr_pass.Replacement | Group | SKIP
     jaxpr: Any = None   # the (flattened) program the replacements refer to
     propagation: Any = None  # propagate.Propagation: layouts of values, conversions
+    conversion_costs: dict = dataclasses.field(default_factory=dict)  # str(c) -> seconds
 
     @property
     def conversions(self) -> list:
@@ -150,7 +173,9 @@ class Plan:
         conversions = self.conversions
         lines.append(f"  layout conversions of full-size values: {len(conversions)}")
         for c in conversions:
-            lines.append(f"    at {c.where}: {c.shape} kept as {c.src} -> {c.dst}")
+            cost = self.conversion_costs.get(str(c))
+            measured = f" (measured {cost * 1e3:.3f} ms)" if cost is not None else ""
+            lines.append(f"    at {c.where}: {c}{measured}")
         return "\n".join(lines)
 
 
@@ -337,19 +362,12 @@ def _fall_back(decisions: list, options: PlanOptions) -> None:
             warnings.warn(FallbackWarning(message), stacklevel=4)
 
 
-def _layout_text(eqn, prop) -> str:
-    """e.g. 'reads NCHW, writes NHWC': the kernel's physical dim orders, named by role."""
-    if eqn.primitive is not lax.conv_general_dilated_p or id(eqn) not in prop.kernel_in_perm:
+def _layout_text(spec) -> str:
+    """e.g. 'reads NCHW, writes N C/8 H W 8c': the layouts the kernel reads and writes."""
+    if not hasattr(spec, "lhs_layout"):
         return ""
-    dn = eqn.params["dimension_numbers"]
-    if len(dn.lhs_spec) != 4:
-        return ""
-
-    def named(spec, perm):
-        names = {axis: letter for axis, letter in zip(spec, "NCHW")}
-        return "".join(names[a] for a in perm)
-    return (f"reads {named(dn.lhs_spec, prop.kernel_in_perm[id(eqn)])}, "
-            f"writes {named(dn.out_spec, prop.kernel_out_perm[id(eqn)])}")
+    return (f"reads {propagate.describe(spec.lhs_layout)}, "
+            f"writes {propagate.describe(spec.out_layout)}")
 
 
 def _channel_axis(eqn) -> Optional[int]:
@@ -414,48 +432,45 @@ def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=Non
         for v in e.invars:
             if isinstance(v, jcore.Var) and v not in produced and v not in invars:
                 invars.append(v)
-    in_perms = [prop.perm(v) for v in invars]
-    out_perm = prop.perm(match.out_var)
-    logical = lambda v: tuple(range(len(v.aval.shape)))
+    in_layouts = [prop.layout(v) for v in invars]
+    out_layout = prop.layout(match.out_var)
 
-    def original(*vals):  # physical in, physical out, through the logical program
-        env = {v: propagate.convert(x, p, logical(v)) for v, x, p in zip(invars, vals, in_perms)}
+    def original(*vals):  # laid out in and out, through the logical program
+        env = {v: propagate.convert(x, lay, None) for v, x, lay in zip(invars, vals, in_layouts)}
         for e in members:
             ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
             env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
-        return propagate.convert(env[match.out_var], logical(match.out_var), out_perm)
+        return propagate.convert(env[match.out_var], None, out_layout)
 
     if kernel is None:
         return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [original(*vals)])
 
     epi = getattr(spec, "epilogue", None)
-    kernel_in = prop.kernel_in_perm[id(eqn)]
+    kernel_in = prop.kernel_in[id(eqn)]
 
     def kernel_call(*vals):
         env = dict(zip(invars, vals))
-        perm_of = dict(zip(invars, in_perms))
+        layout_of = dict(zip(invars, in_layouts))
         read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
         # a Literal (a scalar constant; unhashable on jax 0.10) has its logical layout
-        perm = lambda v: perm_of[v] if isinstance(v, jcore.Var) else logical(v)
+        lay = lambda v: layout_of[v] if isinstance(v, jcore.Var) else None
         lhs_var, rhs_var = eqn.invars[0], eqn.invars[1]
-        lhs = propagate.convert(read(lhs_var), perm(lhs_var), kernel_in)
+        lhs = propagate.convert(read(lhs_var), lay(lhs_var), kernel_in)
         if getattr(spec, "prepacked", False):
             rhs = packed_rhs
         else:
-            rhs = propagate.convert(read(rhs_var), perm(rhs_var),
-                                    logical(rhs_var))
+            rhs = propagate.convert(read(rhs_var), lay(rhs_var), None)
         ops = [lhs, rhs]
         if epi is not None and (epi.scale or epi.shift):
             # only matched when the result has a channel axis (fusion.find_epilogue)
             n_channels = eqn.outvars[0].aval.shape[_channel_axis(eqn)]
             # the per-channel operands flattened in their logical layout, as the chain reads them
-            affine = [propagate.convert(read(v), perm(v), logical(v))
-                      if isinstance(v, jcore.Var) else read(v) for _, v in match.affine]
+            affine = [propagate.convert(read(v), lay(v), None) for _, v in match.affine]
             scale, shift = match.scale_shift(affine, n_channels)
             ops += ([scale] if epi.scale else []) + ([shift] if epi.shift else [])
         if epi is not None and epi.residual:
             r = match.residual
-            ops.append(propagate.convert(read(r), perm_of[r], out_perm))
+            ops.append(propagate.convert(read(r), layout_of[r], out_layout))
         return family.lower(spec, kernel, ops, reuse_residual=reuse_residual)[0]
 
     def guarded_call(*vals):
@@ -496,8 +511,10 @@ def _reuses_residual(family, eqn, match, position, last_use, program_inputs) -> 
             and last_use.get(r, -1) <= position)
 
 
-def _refine_for(match, prepack: bool):
+def _refine_for(match, prepack: bool, layouts=None):
     def refine(family, spec):
+        if layouts is not None:
+            spec = family.relayout(spec, *layouts)
         fields = {f.name for f in dataclasses.fields(spec)}
         if "epilogue" in fields and match.eqns:
             spec = dataclasses.replace(spec, epilogue=match.epilogue)
@@ -522,47 +539,122 @@ def _build_all(chosen, options):
 
 @dataclasses.dataclass
 class _Program:
-    """A program laid out for planning: inlined, epilogue groups found, layouts propagated."""
+    """A program laid out for planning: inlined, epilogue groups found, layouts decided and
+    propagated."""
 
     flat: Any
     groups: dict      # id(anchor eqn) -> (anchor eqn, fusion.EpilogueMatch)
     prop: Any         # propagate.Propagation
     constvars: set
+    conversion_costs: dict = dataclasses.field(default_factory=dict)  # the graph tuner's
 
     def ops(self, options: PlanOptions):
-        """(where, eqn, view, refine) for every conv/matmul a family may take: view is the
-        equation as its kernel sees it (a top-level conv on the physical arrays layout
-        propagation gives it), refine adds what the graph allows (fused epilogue, weights
-        packed once when the rhs is a constant). Ops inside scan / cond / while bodies are
-        seen one by one, in their logical layouts."""
-        conv = lax.conv_general_dilated_p
+        """(where, eqn, refine) for every conv/matmul a family may take: refine gives a
+        family's spec what the graph decided and allows: the layouts the kernel reads and
+        writes (Unsupported when the family cannot address them), a fused epilogue, weights
+        packed once when the rhs is a constant. Ops inside scan / cond / while bodies are
+        seen one by one, in their logical layouts (refine None)."""
         for where, eqn in _walk_with_where(self.flat):
             if not options.families_for(eqn.primitive):
                 continue
             if id(eqn) not in self.groups:
-                yield where, eqn, eqn, None
+                yield where, eqn, None
                 continue
             _, match = self.groups[id(eqn)]
-            view = eqn
-            if eqn.primitive is conv:
-                view = self.prop.kernel_eqn_view(eqn, self.prop.kernel_in_perm[id(eqn)],
-                                                 self.prop.kernel_out_perm[id(eqn)])
             rhs = eqn.invars[1]  # a Literal (a scalar constant) is never packed
             prepack = (options.pack_weights and isinstance(rhs, jcore.Var)
                        and rhs in self.constvars)
-            yield where, eqn, view, _refine_for(match, prepack)
+            layouts = _kernel_layouts(eqn, self.prop.kernel_in[id(eqn)],
+                                      self.prop.kernel_out[id(eqn)])
+            yield where, eqn, _refine_for(match, prepack, layouts)
 
 
-def _program(jaxpr, options: PlanOptions) -> _Program:
-    flat = jaxpr_pass.inline_calls(jaxpr)
-    groups = _find_groups(flat, options)
+def _kernel_layouts(eqn, read, write):
+    """(lhs, out) spec layouts over N C H W of a 2-D conv reading `read` and writing
+    `write` (value layouts, None = logical); None for other kernels."""
+    if eqn.primitive is not lax.conv_general_dilated_p:
+        return None
+    dn = eqn.params["dimension_numbers"]
+    if len(dn.lhs_spec) != 4:
+        return None
+    lhs_roles, out_roles = propagate.role_names(dn.lhs_spec), propagate.role_names(dn.out_spec)
+    try:
+        lhs = propagate.spec_layout(read, lhs_roles, "NCHW", eqn.invars[0].aval.shape)
+        out = propagate.spec_layout(write, out_roles, "NCHW", eqn.outvars[0].aval.shape)
+    except LayoutError:  # a zero-size operand has no layout; the families refuse the op
+        return None
+    return None if lhs is None or out is None else (lhs, out)
+
+
+def _layouts_taken(eqn, layouts, options: PlanOptions) -> bool:
+    """Whether some family computes eqn reading and writing these (lhs, out) layouts."""
+    if layouts is None:
+        return False
+    for family in options.families_for(eqn.primitive):
+        try:
+            family.relayout(family.match(eqn), *layouts)
+            return True
+        except Exception:  # noqa: BLE001 - Unsupported (or a bug): this family does not
+            continue
+    return False
+
+
+def _decider(options: PlanOptions, where_of: dict, memo: Optional[dict] = None):
+    """Propagation's decide(): the layout each kernel writes (the layout plan's choice, or
+    the fixed rule), and whether it reads its lhs as it is kept or converted to the logical
+    layout: as kept when some family takes that pair, else logical; a written layout no
+    family can produce with either input becomes channels-last, then logical."""
+    def decide(eqn, have):
+        try:
+            if _kernel_layouts(eqn, None, None) is None:
+                return None, None  # matmuls and other conv ranks: logical in and out
+            wanted = propagate.choice_layout(eqn, options.layout_choice(where_of[id(eqn)]))
+            writes = (wanted, propagate.channels_last(eqn), None)
+        except Exception:  # noqa: BLE001 - e.g. a zero-size conv (no Layout): logical,
+            return None, None  # and the families refuse it with their own reason
+        for write in writes:
+            for read in ((have, None) if have is not None else (None,)):
+                key = (id(eqn), read, write)
+                taken = memo.get(key) if memo is not None else None
+                if taken is None:
+                    taken = _layouts_taken(eqn, _kernel_layouts(eqn, read, write), options)
+                    if memo is not None:
+                        memo[key] = taken
+                if taken:
+                    return read, write
+        return None, None
+    return decide
+
+
+def _stored_layout_plan(flat, options: PlanOptions) -> Optional[dict]:
+    """The graph tuner's entry for this program on this device (layout_plans), when its
+    records hold one and no plan was given."""
+    if options.layout_plan is not None or options.records is None:
+        return None
+    return layout_plans.load(layout_plans.path_for(options.records.path),
+                             layout_plans.program_key(flat), device.fingerprint(options.isa))
+
+
+def _program(jaxpr, options: PlanOptions, flat=None, memo: Optional[dict] = None) -> _Program:
+    """flat: jaxpr already inlined (the graph tuner plans one program many times; memo
+    then keeps which layouts families take per equation across those plans)."""
+    flat = jaxpr_pass.inline_calls(jaxpr) if flat is None else flat
+    stored = _stored_layout_plan(flat, options)
+    if stored is not None:
+        options = dataclasses.replace(options, layout_plan=stored["plan"])
+    groups = memo.get("groups") if memo is not None else None
+    if groups is None:  # the groups do not depend on layouts
+        groups = _find_groups(flat, options)
+        if memo is not None:
+            memo["groups"] = groups
     skipped = {id(e) for _, m in groups.values() for e in m.eqns}
-    conv = lax.conv_general_dilated_p
-    prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped)
-    prop.run(lambda e: propagate.channels_last(e.params["dimension_numbers"].out_spec)
-             if options.propagate and e.primitive is conv else
-             tuple(range(len(e.outvars[0].aval.shape))))
-    return _Program(flat, groups, prop, set(jaxpr_pass.open_jaxpr(flat).constvars))
+    where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
+    prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped,
+                                 {k: m.residual for k, (_, m) in groups.items()
+                                  if m.residual is not None})
+    prop.run(_decider(options, where_of, memo))
+    return _Program(flat, groups, prop, set(jaxpr_pass.open_jaxpr(flat).constvars),
+                    dict((stored or {}).get("conversion_costs", {})))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,6 +680,10 @@ class Workload:
     where: tuple = ()
     eqn: Any = dataclasses.field(default=None, compare=False, repr=False)
     channel_axis: Optional[int] = None
+    # the layouts (alt_jax.layout) the kernel reads its lhs in and writes, over the
+    # equation's own axes; None = as the equation has them. operand_shapes are physical.
+    in_layout: Any = dataclasses.field(default=None, compare=False)
+    out_layout: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -605,11 +701,14 @@ class Workload:
     def reference(self, operands):
         """The op's result in jnp from its operands [lhs, rhs, *epilogue inputs]."""
         epi = getattr(self.candidates[0][1], "epilogue", None)
-        y = self.eqn.primitive.bind(operands[0], operands[1], **self.eqn.params)
-        if epi is None or epi.is_identity:
-            return y
-        extra = dict(zip(epi.inputs(), operands[2:]))
-        return epi.reference(y, self.channel_axis, **extra)
+        lhs = propagate.convert(operands[0], self.in_layout, None)
+        y = self.eqn.primitive.bind(lhs, operands[1], **self.eqn.params)
+        if epi is not None and not epi.is_identity:
+            extra = dict(zip(epi.inputs(), operands[2:]))
+            if "residual" in extra:
+                extra["residual"] = propagate.convert(extra["residual"], self.out_layout, None)
+            y = epi.reference(y, self.channel_axis, **extra)
+        return propagate.convert(y, None, self.out_layout)
 
     def merged_with(self, other: "Workload") -> "Workload":
         """This op counted together with `other` (the same op_key seen again)."""
@@ -632,12 +731,14 @@ def merge_workloads(workloads) -> list:
     return list(merged.values())
 
 
-def _workload_of(where, eqn, view, refine, options: PlanOptions) -> Optional[Workload]:
-    """The workload of one op, or None when no family takes it (or it is too small)."""
+def _workload_of(where, eqn, refine, options: PlanOptions, layouts=(None, None)
+                 ) -> Optional[Workload]:
+    """The workload of one op, or None when no family takes it (or it is too small).
+    layouts: the value layouts its kernel reads and writes (None = the equation's own)."""
     candidates, preferred, flops = [], "", 0
-    for family in options.families_for(view.primitive):
+    for family in options.families_for(eqn.primitive):
         try:
-            spec, flops = _spec_for(family, view, options, refine)
+            spec, flops = _spec_for(family, eqn, options, refine)
             if flops < options.min_flops:
                 continue
             family.validate(spec, family.default_knobs(spec, options.isa), options.isa)
@@ -652,25 +753,32 @@ def _workload_of(where, eqn, view, refine, options: PlanOptions) -> Optional[Wor
         return None
     spec = candidates[0][1]
     epi = getattr(spec, "epilogue", None)
-    axis = _channel_axis(view) if epi is not None and not epi.is_identity else None
-    out_shape = tuple(view.outvars[0].aval.shape)
-    extra_shapes = [out_shape if name == "residual" else (out_shape[axis],)
-                    for name in _epilogue_inputs(spec)]
-    shapes = (tuple(view.invars[0].aval.shape), tuple(view.invars[1].aval.shape),
+    axis = _channel_axis(eqn) if epi is not None and not epi.is_identity else None
+    in_layout, out_layout = layouts
+    physical = lambda lay, aval: tuple(lay.physical_shape if lay is not None else aval.shape)
+    out_shape = physical(out_layout, eqn.outvars[0].aval)
+    extra_shapes = [out_shape if name == "residual" else
+                    (eqn.outvars[0].aval.shape[axis],) for name in _epilogue_inputs(spec)]
+    shapes = (physical(in_layout, eqn.invars[0].aval), tuple(eqn.invars[1].aval.shape),
               *extra_shapes)
-    return Workload(op_key=op_key(view, options, refine), primitive=view.primitive.name,
-                    signature=_signature(view), epilogue=epi.describe() if epi else "none",
+    return Workload(op_key=op_key(eqn, options, refine), primitive=eqn.primitive.name,
+                    signature=_signature(eqn), epilogue=epi.describe() if epi else "none",
                     candidates=tuple(candidates), preferred=preferred or candidates[0][0],
-                    flops=flops, operand_shapes=shapes, where=(where,), eqn=view,
-                    channel_axis=axis)
+                    flops=flops, operand_shapes=shapes, where=(where,), eqn=eqn,
+                    channel_axis=axis, in_layout=in_layout, out_layout=out_layout)
+
+
+def _value_layouts(program, eqn) -> tuple:
+    prop = program.prop
+    return prop.kernel_in.get(id(eqn)), prop.kernel_out.get(id(eqn))
 
 
 def list_workloads(jaxpr, options: PlanOptions) -> list:
     """The unique ops of a closed jaxpr that families would put on kernels, each once with
     its multiplicity, in program order. Compiles nothing."""
     program = _program(jaxpr, options)
-    found = (_workload_of(where, eqn, view, refine, options)
-             for where, eqn, view, refine in program.ops(options))
+    found = (_workload_of(where, eqn, refine, options, _value_layouts(program, eqn))
+             for where, eqn, refine in program.ops(options))
     return merge_workloads(w for w in found if w is not None)
 
 
@@ -688,11 +796,10 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
     position = {id(e): i for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
 
     chosen = []  # (eqn, decision, build)
-    for where, eqn, view, refine in program.ops(options):
-        decision, build = _choose(view, where, options, refine)
-        if refine is not None:
-            decision = dataclasses.replace(decision, signature=_signature(eqn),
-                                           layouts=_layout_text(eqn, prop))
+    for where, eqn, refine in program.ops(options):
+        decision, build = _choose(eqn, where, options, refine)
+        if refine is not None and decision.spec is not None:
+            decision = dataclasses.replace(decision, layouts=_layout_text(decision.spec))
         chosen.append((eqn, decision, build))
 
     built = _build_all(chosen, options)
@@ -741,4 +848,4 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
                options)
     for key, run in prop.replacements.items():
         replacements.setdefault(key, run)
-    return Plan(decisions, replacements, flat, prop)
+    return Plan(decisions, replacements, flat, prop, program.conversion_costs)
