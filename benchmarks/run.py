@@ -48,6 +48,9 @@ flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with p
 flags.DEFINE_bool("ablations", False, "add alt_jax columns with one optimisation off: no "
                   "layout propagation, no epilogue fusion, no weight packing, no Winograd "
                   "(3x3 convs on the direct template)")
+flags.DEFINE_bool("graph_ablation", True, "with --records: add 'alt_jax tuned, fixed NHWC' "
+                  "(op-tuned kernels on every conv writing channels-last) beside 'alt_jax "
+                  "tuned' (which replays the graph tuner's layout plan stored with the records)")
 flags.DEFINE_integer("batch", 1, "batch size for models")
 flags.DEFINE_integer("repeat", 10, "interleaved timing rounds per workload")
 flags.DEFINE_float("min_round_ms", 50.0, "minimum duration of one round per implementation")
@@ -103,8 +106,17 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
     impls["alt_jax"] = _alt_jax(model, records=False)
     if records:
         impls["alt_jax tuned"] = _alt_jax(model, records=records)
+        if FLAGS.graph_ablation:
+            # the same op-level records on today's fixed rule (every conv channels-last):
+            # "alt_jax tuned" replays the graph tuner's layout plan when records hold one
+            impls["alt_jax tuned, fixed NHWC"] = _alt_jax(model, records=records,
+                                                          layout_plan="NHWC")
         for label, select in tuning_runs(records):
-            impls[f"alt_jax {label}"] = _alt_jax(model, records=RecordStore(records, select))
+            # a loop-only run keeps today's fixed layouts between kernels too (the graph
+            # tuner's plan stored with the records is the joint run's)
+            fixed = dict(layout_plan="NHWC") if select["mode"] == "loop_only" else {}
+            impls[f"alt_jax {label}"] = _alt_jax(model, records=RecordStore(records, select),
+                                                 **fixed)
     if FLAGS.ablations:
         for label, options in (("no propagation", dict(propagate=False)),
                                ("no fusion", dict(fuse=False)),
@@ -112,6 +124,8 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
                                ("no Winograd", dict(families=registry.family_table(
                                    exclude=("winograd",))))):
             impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)
+        for choice in ("NC8", "NC16"):  # every conv writes channel blocks (heuristic knobs)
+            impls[f"alt_jax (all {choice})"] = _alt_jax(model, records=False, layout_plan=choice)
     return impls
 
 

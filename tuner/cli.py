@@ -28,6 +28,8 @@ USAGE = """usage:
   alt-tune tune MODULE:FUNCTION --inputs=1x224x224x3[,...] [--dtypes=f32[,...]] [options]
   alt-tune tune --model=NAME [--layout=nhwc|nchw] [--model_batch=1] [options]
   alt-tune ops --suite=NAME [options]
+  alt-tune layouts --model=NAME [--layout=nhwc|nchw] --records=R   (the graph level: each
+      conv's output layout over the whole program; run after `tune`, whose records it uses)
   alt-tune show RECORDS [--device=all|FINGERPRINT]
   alt-tune plot RECORDS --out=F.png [--device=all|FINGERPRINT]
   alt-tune merge OUT IN [IN...]
@@ -47,6 +49,7 @@ COMMAND_FLAGS = {
     "show": ("device",),
     "plot": ("device", "out"),
     "merge": (),
+    "layouts": ("records", "model", "layout", "model_batch"),
 }
 DEFAULT_RECORDS = "alt_jax_records.jsonl"
 DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64",
@@ -447,8 +450,29 @@ def cmd_merge(fv, args: list, argv: list) -> int:
     return 0
 
 
+def cmd_layouts(fv, args: list, argv: list) -> int:
+    if args or not fv.model:
+        raise UsageError("layouts needs --model=NAME and no positional arguments")
+    import functools
+
+    import jax
+
+    from tuner import graph_tuner
+
+    models, _ = _benchmarks()
+    try:
+        model = models.build(fv.model, layout=fv.layout, batch=fv.model_batch)
+    except ValueError as e:
+        raise UsageError(f"--model={fv.model}: {e}") from None
+    path = fv.records or DEFAULT_RECORDS
+    result = graph_tuner.tune_layouts(functools.partial(jax.jit(model.apply), model.params),
+                                      *model.inputs, records=path)
+    print(graph_tuner.format_result(result))
+    return 0
+
+
 COMMANDS = {"tune": cmd_tune, "ops": cmd_ops, "show": cmd_show, "plot": cmd_plot,
-            "merge": cmd_merge}
+            "merge": cmd_merge, "layouts": cmd_layouts}
 
 
 def main(argv: list) -> int:
