@@ -195,7 +195,7 @@ class Propagation:
                 self.kernel_in[id(eqn)], self.kernel_out[id(eqn)] = read, write
                 if write is not None:
                     self.layouts[out_var] = write
-                    self.source[out_var] = id(eqn)
+                self.source[out_var] = id(eqn)
             elif id(eqn) in self.skipped:
                 continue
             else:
@@ -225,7 +225,15 @@ class Propagation:
     def _plan_eqn(self, eqn) -> None:
         layouts = [self.layout(v) for v in eqn.invars]
         if all(lay is None for lay in layouts):
-            return  # nothing laid out flows in: the equation runs as written
+            # nothing laid out flows in: the equation runs as written; a value a layout
+            # would flow through still names its source (another plan may lay it out)
+            if eqn.outvars and (eqn.primitive in _ELEMENTWISE | _WINDOWED | _REDUCE
+                                | {lax.concatenate_p, lax.pad_p}
+                                or self._pointwise_call(eqn)):
+                self._inherit(eqn.outvars[0], next(
+                    (v for v in eqn.invars if isinstance(v, jcore.Var) and v in self.source),
+                    None))
+            return
         if eqn.primitive in _ELEMENTWISE or self._pointwise_call(eqn):
             self._elementwise(eqn)
         elif eqn.primitive in _WINDOWED and len(eqn.invars) == 1:
