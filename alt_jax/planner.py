@@ -170,6 +170,14 @@ class Plan:
                     lines.append(f"      layouts: {d.layouts}")
             else:
                 lines.append(f"      XLA: {d.reason}")
+        if self.propagation is not None and self.propagation.layouts:
+            kept: dict = {}
+            for lay in self.propagation.layouts.values():
+                if lay is not None:
+                    name = propagate.describe(lay)
+                    kept[name] = kept.get(name, 0) + 1
+            lines.append("  values kept laid out: " + ", ".join(
+                f"{n} x{k}" for n, k in sorted(kept.items(), key=lambda x: -x[1])))
         conversions = self.conversions
         lines.append(f"  layout conversions of full-size values: {len(conversions)}")
         for c in conversions:

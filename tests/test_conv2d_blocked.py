@@ -210,16 +210,8 @@ def _run(conv, spec, kernel, rhs=None, seed=1):
     return out, ref
 
 
-@pytest.mark.parametrize("job", _default_jobs(), ids=_job_id)
-def test_default_knobs_match_lax(job, built):
-    spec, knobs, kernel = built[job]
-    out, ref = _run(SHAPES[job[0]], spec, kernel)
-    err = _relerr(out, ref)
-    assert err <= 1e-4, f"{_job_id(job)} {knobs}: rel err {err}"
-
-
-@pytest.mark.parametrize("job", _knob_jobs(), ids=_job_id)
-def test_knob_variants_match_lax(job, built):
+@pytest.mark.parametrize("job", _default_jobs() + _knob_jobs(), ids=_job_id)
+def test_default_knobs_and_knob_variants_match_lax(job, built):
     spec, knobs, kernel = built[job]
     out, ref = _run(SHAPES[job[0]], spec, kernel)
     err = _relerr(out, ref)

@@ -94,3 +94,10 @@ def test_layouts_command_needs_a_model():
     from tuner import cli
 
     assert cli.main(["alt-tune", "layouts"]) == 2
+
+
+def test_tune_layouts_flag_is_checked():
+    from tuner import cli
+
+    assert cli.main(["alt-tune", "tune", "--model=tiny_cnn", "--layouts=NC7"]) == 2
+    assert cli.main(["alt-tune", "tune", "pkg:fn", "--inputs=1x2", "--layouts=NC8"]) == 2

@@ -29,7 +29,8 @@ USAGE = """usage:
   alt-tune tune --model=NAME [--layout=nhwc|nchw] [--model_batch=1] [options]
   alt-tune ops --suite=NAME [options]
   alt-tune layouts --model=NAME [--layout=nhwc|nchw] --records=R   (the graph level: each
-      conv's output layout over the whole program; run after `tune`, whose records it uses)
+      conv's output layout over the whole program; after `tune --layouts=NC8,NC16`, whose
+      records give it tuned kernels under each layout)
   alt-tune show RECORDS [--device=all|FINGERPRINT]
   alt-tune plot RECORDS --out=F.png [--device=all|FINGERPRINT]
   alt-tune merge OUT IN [IN...]
@@ -44,7 +45,7 @@ TUNING_FLAGS = ("records", "trials", "time_budget", "batch", "mode", "search", "
 # Which flags each command accepts: a flag given to a command that ignores it is an error
 # (`alt-tune show --trials=5` is a mistake worth saying so).
 COMMAND_FLAGS = {
-    "tune": TUNING_FLAGS + ("inputs", "dtypes", "model", "layout", "model_batch"),
+    "tune": TUNING_FLAGS + ("inputs", "dtypes", "model", "layout", "model_batch", "layouts"),
     "ops": TUNING_FLAGS + ("suite",),
     "show": ("device",),
     "plot": ("device", "out"),
@@ -98,6 +99,8 @@ def _define(fv: flags.FlagValues) -> None:
                         "alt_jax checkout), with its weights as constants exactly as "
                         "benchmarks.run binds them (prepare: weights packed once)", **kw)
     flags.DEFINE_enum("layout", "nhwc", ["nhwc", "nchw"], "--model's program layout", **kw)
+    flags.DEFINE_list("layouts", [], "tune --model: also tune its ops with every conv writing "
+                      "each of these layouts (NHWC, NC8, NC16, logical), for `layouts`", **kw)
     flags.DEFINE_integer("model_batch", 1, "--model's batch size", lower_bound=1, **kw)
     flags.DEFINE_string("suite", None, "op suite of benchmarks/suites.py for `ops`", **kw)
     flags.DEFINE_string("device", None, "show / plot: records of this device fingerprint; "
@@ -210,31 +213,50 @@ def _benchmarks():
     return models, suites
 
 
-def bound_workloads(model) -> list:
+def _zoo_model(fv):
+    """The benchmarks model --model / --layout / --model_batch name."""
+    models, _ = _benchmarks()
+    try:
+        return models.build(fv.model, layout=fv.layout, batch=fv.model_batch)
+    except ValueError as e:
+        raise UsageError(f"--model={fv.model}: {e}") from None
+
+
+def bound_workloads(model, layouts=()) -> list:
     """A zoo/suite Model's workloads as benchmarks.run's alt_jax runs it: optimize(jit(apply))
     .prepare(params), i.e. the params closed over as constants (weights packed once), so
-    the records' specs are the ones that run's optimize() looks up."""
+    the records' specs are the ones that run's optimize() looks up. layouts: also the
+    workloads with every conv writing each of these layouts (propagate.LAYOUT_CHOICES), so
+    that the graph tuner (`layouts`) finds tuned kernels for them."""
     import jax
 
+    from alt_jax import planner
     from tuner.tune import workloads_of
 
-    return workloads_of(functools.partial(jax.jit(model.apply), model.params), *model.inputs)
+    fn = functools.partial(jax.jit(model.apply), model.params)
+    found = workloads_of(fn, *model.inputs)
+    for choice in layouts:
+        found += workloads_of(fn, *model.inputs, layout_plan=choice)
+    return planner.merge_workloads(found)
 
 
 def workloads_for(fv, args: list) -> tuple:
     """(label written into the records, [Workload]) for `tune`."""
     if fv.model and args:
         raise UsageError("give either MODULE:FUNCTION or --model, not both")
+    if fv.layouts:
+        from alt_jax.propagate import LAYOUT_CHOICES
+
+        bad = [name for name in fv.layouts if name not in LAYOUT_CHOICES]
+        if bad or not fv.model:
+            raise UsageError(f"--layouts={','.join(fv.layouts)}: needs --model and names from "
+                             f"{', '.join(LAYOUT_CHOICES)}")
     if fv.model:
         if fv.inputs:
             raise UsageError("--inputs is for MODULE:FUNCTION; a --model has its own inputs")
-        models, _ = _benchmarks()
-        try:
-            model = models.build(fv.model, layout=fv.layout, batch=fv.model_batch)
-        except ValueError as e:
-            raise UsageError(f"--model={fv.model}: {e}") from None
+        model = _zoo_model(fv)
         label = model.name + (f"-b{fv.model_batch}" if fv.model_batch != 1 else "")
-        return label, bound_workloads(model)
+        return label, bound_workloads(model, fv.layouts)
     if len(args) != 1:
         raise UsageError("tune needs one MODULE:FUNCTION (or --model=NAME)"
                          + (f"; got {args}" if args else ""))
@@ -459,11 +481,7 @@ def cmd_layouts(fv, args: list, argv: list) -> int:
 
     from tuner import graph_tuner
 
-    models, _ = _benchmarks()
-    try:
-        model = models.build(fv.model, layout=fv.layout, batch=fv.model_batch)
-    except ValueError as e:
-        raise UsageError(f"--model={fv.model}: {e}") from None
+    model = _zoo_model(fv)
     path = fv.records or DEFAULT_RECORDS
     result = graph_tuner.tune_layouts(functools.partial(jax.jit(model.apply), model.params),
                                       *model.inputs, records=path)
