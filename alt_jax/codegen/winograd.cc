@@ -15,6 +15,7 @@
 //      vector loads of U), parks its XI results in L1, then the output transform
 //      Y = A^T M A and the fused epilogue act(y * scale + shift + residual) run on them and the
 //      MxM outputs are written in the equation's output layout.
+// The lhs and the output may also be channel-blocked (N C/b H W bc): see LHS_CB / OUT_KB.
 // The matrices are Lavin & Gray's (interpolation points 0, +-1 for M = 2; 0, +-1, +-2 for
 // M = 4); each transform below is written out once per M, with its matrix beside it.
 // Exact where XLA is: the transforms mix a whole patch and filter, so one inf becomes
@@ -34,6 +35,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <utility>
 #include <type_traits>
 
 #include "alt_jax/epilogue.h"
@@ -53,6 +55,12 @@ constexpr int64_t PT = @PT@, PL = @PL@;
 constexpr int64_t LHS_N = @LHS_N@, LHS_C = @LHS_C@, LHS_H = @LHS_H@, LHS_W = @LHS_W@;
 constexpr int64_t RHS_O = @RHS_O@, RHS_I = @RHS_I@, RHS_H = @RHS_H@, RHS_W = @RHS_W@;
 constexpr int64_t OUT_N = @OUT_N@, OUT_K = @OUT_K@, OUT_H = @OUT_H@, OUT_W = @OUT_W@;
+// Channel blocks (layout.block_strides), as in conv2d.cc: lhs channel c sits at
+// (c / LHS_CB) * LHS_CBS + (c % LHS_CB) * LHS_C, output channel k at
+// (k / OUT_KB) * OUT_KBS + (k % OUT_KB) * OUT_K. A block of all C (K) channels is an
+// unblocked, linear layout: LHS_C / OUT_K are then the plain strides.
+constexpr int64_t LHS_CB = @LHS_CB@, LHS_CBS = @LHS_CBS@;
+constexpr int64_t OUT_KB = @OUT_KB@, OUT_KBS = @OUT_KBS@;
 constexpr bool PREPACKED = @PREPACKED@;
 
 // ---- the knobs ----
@@ -83,6 +91,60 @@ static_assert(KB * OCB >= K && (KB - 1) * OCB < K, "KB must be ceil(K / OCB)");
 static_assert(NTB * TB >= TILES && (NTB - 1) * TB < TILES, "NTB must be ceil(tiles / TB)");
 static_assert(TB >= 1 && TB * OCV + OCV + 1 <= 32, "register tile out of range");
 static_assert(OH == H + PT + @PB@ - 2 && OW == IW + PL + @PR@ - 2, "3x3 stride-1 geometry");
+
+// ---- channel-blocked lhs / output (N C/b H W bc) ----
+constexpr bool LHS_BLOCKED = LHS_CB < C;
+constexpr bool OUT_BLOCKED = OUT_KB < K;
+static_assert(LHS_CB >= 1 && C % LHS_CB == 0 && OUT_KB >= 1 && K % OUT_KB == 0,
+              "channel blocks divide the channels");
+// Vectors of VW channels start at multiples of VW; a power-of-two block and VW divide one
+// another, so a vector's channels lie in one block or cover whole blocks: runs of
+// min(VW, block) channels, each inside one block, addressed from the run's first channel.
+static_assert(!LHS_BLOCKED || (LHS_CB & (LHS_CB - 1)) == 0, "lhs channel block: a power of two");
+static_assert(!OUT_BLOCKED || (OUT_KB & (OUT_KB - 1)) == 0, "output channel block: a power of two");
+static_assert(!OUT_BLOCKED || OUT_K == 1, "a blocked output's channels are contiguous in a block");
+// the runs (lanes per vector load or store) of a blocked lhs / output
+constexpr int LHS_RUN = LHS_BLOCKED && LHS_CB < VW ? static_cast<int>(LHS_CB) : VW;
+constexpr int OUT_RUN = OUT_BLOCKED && OUT_KB < VW ? static_cast<int>(OUT_KB) : VW;
+
+// Element offsets of lhs channel c and output channel k in a channel-blocked lhs / output.
+// Linear layouts keep their c * LHS_C / k * OUT_K statements (constexpr branches at the
+// call sites), so that their kernels compile exactly as before.
+constexpr int64_t lhs_c_blocked(int64_t c) {
+  return (c / LHS_CB) * LHS_CBS + (c % LHS_CB) * LHS_C;
+}
+constexpr int64_t out_k_blocked(int64_t k) {
+  return (k / OUT_KB) * OUT_KBS + (k % OUT_KB) * OUT_K;
+}
+
+// Lanes [S * W, S * W + W) of a vector as a W-lane vector (a register extract), the
+// concatenation of two W-lane vectors, and f(integral_constant<int, S>) for S in [0, N): how
+// vectors meet blocks narrower than themselves (instantiated only then, so never for VW = 1).
+template <int W, int S, int... I>
+ALT_INLINE typename altv<W>::type lane_slice_(V y, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(y, y, (S * W + I)...);
+}
+template <int W, int S>
+ALT_INLINE typename altv<W>::type lane_slice(V y) {
+  return lane_slice_<W, S>(y, std::make_integer_sequence<int, W>{});
+}
+template <int W, int... I>
+ALT_INLINE typename altv<2 * W>::type concat_(typename altv<W>::type a, typename altv<W>::type b,
+                                              std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, I...);
+}
+template <int W>
+ALT_INLINE typename altv<2 * W>::type concat(typename altv<W>::type a, typename altv<W>::type b) {
+  return concat_<W>(a, b, std::make_integer_sequence<int, 2 * W>{});
+}
+template <typename F, int... S>
+ALT_INLINE void for_each_slice_(F&& f, std::integer_sequence<int, S...>) {
+  (f(std::integral_constant<int, S>{}), ...);
+}
+template <int N, typename F>
+ALT_INLINE void for_each_slice(F&& f) {
+  for_each_slice_(f, std::make_integer_sequence<int, N>{});
+}
 
 ALT_INLINE V bcast(const float* p) { return *p - V{}; }
 
@@ -149,9 +211,36 @@ ALT_INLINE bool every_lane(Mask ok) {
   }
 }
 
+// W channels from c0 (a multiple of W) of a blocked lhs with its channels contiguous in a
+// block (LHS_C == 1), p at channel 0: one load per run of LHS_RUN channels, concatenated.
+template <int W>
+ALT_INLINE typename altv<W>::type load_runs(const float* ALT_RESTRICT p, int64_t c0) {
+  if constexpr (W <= LHS_RUN) {
+    return vload<W>(p + lhs_c_blocked(c0));
+  } else {
+    return concat<W / 2>(load_runs<W / 2>(p, c0), load_runs<W / 2>(p, c0 + W / 2));
+  }
+}
+
+// Input element (n, c0 .. c0+VW, y, x) of a channel-blocked lhs (channel c at
+// lhs_c_blocked(c) from the position), (y, x) inside the image. (A template, so that it is
+// instantiated only for a blocked lhs.)
+template <int W>
+ALT_INLINE typename altv<W>::type load_in_blocked(const float* ALT_RESTRICT lhs, int64_t n,
+                                                  int64_t c0, int64_t y, int64_t x) {
+  const float* p = lhs + n * LHS_N + y * LHS_H + x * LHS_W;
+  if constexpr (LHS_C == 1) {
+    if (C % W == 0 || c0 + W <= C) return load_runs<W>(p, c0);
+  }
+  alignas(64) float t[W];
+  for (int i = 0; i < W; ++i) t[i] = c0 + i < C ? p[lhs_c_blocked(c0 + i)] : 0.0f;
+  return vload<W>(t);
+}
+
 // Input element (n, c0 .. c0+VW, y, x) as a vector, zero outside the image or past C.
 ALT_INLINE V load_in(const float* ALT_RESTRICT lhs, int64_t n, int64_t c0, int64_t y, int64_t x) {
   if (y < 0 || y >= H || x < 0 || x >= IW) return vzero<VW>();
+  if constexpr (LHS_BLOCKED) return load_in_blocked<VW>(lhs, n, c0, y, x);
   const float* p = lhs + n * LHS_N + c0 * LHS_C + y * LHS_H + x * LHS_W;
   if constexpr (LHS_C == 1 && C % VW == 0) return vload<VW>(p);
   alignas(64) float t[VW];
@@ -306,10 +395,56 @@ ALT_INLINE void gemm_tile(const float* ALT_RESTRICT vp, const float* ALT_RESTRIC
     for (int v = 0; v < OCV; ++v) vstore<VW>(m + (j * OCV + v) * VW, acc[j][v]);
 }
 
+// A whole channel vector (k0 a multiple of VW) into a channel-blocked output at position
+// offset pos: runs of RUN channels (RUN = OUT_RUN), each inside one block, at
+// out_k_blocked(channel), the residual read at the same offsets. (A template, so that the
+// lane slices are instantiated only for blocks narrower than a vector, never for VW = 1.)
+template <int RUN>
+ALT_INLINE void store_runs(float* ALT_RESTRICT out, const float* res, int64_t pos, int64_t k0,
+                           V yv) {
+  if constexpr (RUN == VW) {
+    const int64_t off = pos + out_k_blocked(k0);
+    if constexpr (HAS_RES) yv += vload<VW>(res + off);
+    vstore<VW>(out + off, alt_activate<VW, ACT>(yv));
+  } else {
+    for_each_slice<VW / RUN>([&](auto h) __attribute__((always_inline)) {
+      constexpr int SL = decltype(h)::value;
+      const int64_t off = pos + out_k_blocked(k0 + SL * RUN);
+      typename altv<RUN>::type p = lane_slice<RUN, SL>(yv);
+      if constexpr (HAS_RES) p += vload<RUN>(res + off);
+      vstore<RUN>(out + off, alt_activate<RUN, ACT>(p));
+    });
+  }
+}
+
 // Output position (n, k0.., y, x) <- one channel vector of a finished tile (k valid lanes).
+// The residual is read at the same offsets as the output.
 ALT_INLINE void store_out(float* ALT_RESTRICT out, const float* res, int64_t n, int64_t k0,
                           int64_t kvalid, int64_t y, int64_t x, V yv, V sc, V sh) {
   if (y >= OH || x >= OW) return;
+  if constexpr (OUT_BLOCKED) {
+    // a channel-blocked output (N K/b OH OW bc, OUT_K == 1): a whole vector (k0 a multiple
+    // of VW) is stored as runs of OUT_RUN channels, each inside one block, at
+    // out_k_blocked(channel); blocks narrower than a vector take a lane slice per block, in
+    // registers. A partial vector (the last one, or the fallback's single channel) goes
+    // lane by lane.
+    const int64_t pos = n * OUT_N + y * OUT_H + x * OUT_W;
+    if constexpr (HAS_SCALE) yv = yv * sc;
+    if constexpr (HAS_SHIFT) yv = yv + sh;
+    if (kvalid == VW) {
+      store_runs<OUT_RUN>(out, res, pos, k0, yv);
+      return;
+    }
+    alignas(64) float t[VW];
+    vstore<VW>(t, yv);
+    for (int64_t i = 0; i < kvalid; ++i) {
+      const int64_t off = pos + out_k_blocked(k0 + i);
+      float v = t[i];
+      if constexpr (HAS_RES) v += res[off];
+      out[off] = alt_activate<1, ACT>(v);
+    }
+    return;
+  }
   const int64_t off = n * OUT_N + k0 * OUT_K + y * OUT_H + x * OUT_W;
   if constexpr (HAS_SCALE) yv = yv * sc;
   if constexpr (HAS_SHIFT) yv = yv + sh;
@@ -402,7 +537,12 @@ void direct_item(const float* ALT_RESTRICT lhs, const float* ALT_RESTRICT g, flo
             // a padded tap is 0 * w, as in XLA (NaN for an infinite tap)
             const int64_t iy = y + a - PT, ix = x + b - PL;
             const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < IW;
-            const float v = inside ? lhs[n * LHS_N + c * LHS_C + iy * LHS_H + ix * LHS_W] : 0.0f;
+            float v = 0.0f;
+            if constexpr (LHS_BLOCKED) {
+              if (inside) v = lhs[n * LHS_N + lhs_c_blocked(c) + iy * LHS_H + ix * LHS_W];
+            } else {
+              v = inside ? lhs[n * LHS_N + c * LHS_C + iy * LHS_H + ix * LHS_W] : 0.0f;
+            }
             acc += v * g[k * G_O + c * G_I + a * G_H + b * G_W];
           }
       store_out(out, res, n, k, 1, y, x, vbroadcast<VW>(acc), sc, sh);

@@ -9,7 +9,8 @@ codegen/winograd.cc; its inputs are [lhs, pack_weights(rhs) (the transformed fil
 filter and its max |g|) or the rhs itself, *Spec.epilogue.inputs()]. The kernel checks that
 the values it reads are within the transforms' safe range (the bounds are in the template)
 and computes the plain convolution when they are not, so it matches XLA for every input and
-needs no check in the graph (no safe_operands).
+needs no check in the graph (no safe_operands). The lhs and the output may be
+channel-blocked (N C/b H W bc, b a power of two dividing the channels; relayout says which).
 
 Tried before the direct conv2d family. match() declines (Unsupported) only what the kernel
 cannot compute; prefers() says False where the direct convolution measured faster (few
@@ -52,6 +53,40 @@ MIN_OUTPUTS = 14 * 14
 # of each: 56x56x64 0.221 ms (F4) vs 0.286 (F2), 28x28x128 0.261 vs 0.278; 14x14x256 0.508
 # vs 0.370 and 7x7x512 0.968 vs 0.845, where F(4x4) pads 14 to 16 and has 16 or 4 tiles.
 MIN_F4_TILES = 49
+
+
+def _channel_blocks(layout: Layout, role: str, channels: int) -> dict:
+    """{dim: (block, outer, inner)} (Layout.block_strides) of an lhs or output layout over
+    N C H W that the template addresses: linear, or channel-blocked (N C/b H W bc: a
+    power-of-two block of C dividing the channels, every other dim one stride, an output's
+    block channels contiguous). Unsupported with the reason otherwise."""
+    blocks = layout.block_strides
+    if blocks is None:
+        raise Unsupported(f"{role} layout {layout}: the Winograd template addresses each dim "
+                          f"by a block and two strides; this one (pads, unfolds) has none")
+    for name, size in zip(layout.names, layout.shape):
+        if blocks[name][0] < size and name != "C":
+            raise Unsupported(f"{role} layout {layout} blocks {name} by {blocks[name][0]}: "
+                              f"the Winograd template blocks the channel dim C only")
+    b = blocks["C"][0]
+    if b < channels:
+        if b & (b - 1):
+            raise Unsupported(f"{role} layout {layout}: channel block {b} is not a power of "
+                              f"two (channel vectors and blocks must divide one another)")
+        if channels % b:
+            raise Unsupported(f"{role} layout {layout}: channel block {b} does not divide "
+                              f"{channels} channels")
+        if role == "output" and blocks["C"][2] != 1:
+            raise Unsupported(f"output layout {layout}: a blocked output needs the channels "
+                              f"of a block contiguous (the block innermost, N C/b H W bc)")
+    return blocks
+
+
+def _layout_blocks(spec) -> tuple[dict, dict]:
+    """(lhs, out) block_strides of the spec's layouts; Unsupported if the template cannot
+    address one."""
+    return (_channel_blocks(spec.lhs_layout, "lhs", spec.c),
+            _channel_blocks(spec.out_layout, "output", spec.k))
 
 
 def _balanced_block(tiles: int, block: int) -> int:
@@ -133,8 +168,12 @@ class WinogradFamily:
 
     def relayout(self, spec, lhs=None, out=None):
         """spec reading its lhs in `lhs` and writing `out` (Layouts over N C H W; None keeps
-        the spec's): permutations of N C H W only (its template addresses each dim by one stride); Unsupported otherwise."""
-        return relayout(spec, lhs, out, blocked=False)
+        the spec's): permutations of N C H W, or those blocked on C alone (N C/b H W bc, b a
+        power of two dividing the channels; an output's block innermost). Unsupported
+        otherwise (pads, unfolds, other dims blocked)."""
+        new = relayout(spec, lhs, out, blocked=True)
+        _layout_blocks(new)
+        return new
 
     def flops(self, spec: WinogradSpec) -> int:
         """The convolution's own flops (what it replaces), not the fewer the kernel runs."""
@@ -149,7 +188,9 @@ class WinogradFamily:
     # ---- knobs ----
     def default_knobs(self, spec: WinogradSpec, isa: device.Isa) -> WinogradKnobs:
         """6 tiles x 2 vectors: 12 accumulators, as the direct conv's best tile; F(4x4) from
-        MIN_F4_TILES tiles."""
+        MIN_F4_TILES tiles. Channel-blocked layouts take the same: every vector of VW
+        output channels is stored on its own, whatever oc_vecs is."""
+        _layout_blocks(spec)  # Unsupported for a layout the template cannot address
         oc_vecs = 2 if spec.k > isa.vector_floats else 1
         budget = isa.vector_registers - oc_vecs - 1
         knobs = WinogradKnobs(tile_block=max(1, min(6, budget // oc_vecs)), oc_vecs=oc_vecs,
@@ -160,6 +201,12 @@ class WinogradFamily:
     def validate(self, spec: WinogradSpec, knobs: WinogradKnobs, isa: device.Isa) -> None:
         check_types(spec, knobs, ints=("tile_block", "oc_vecs", "out_tile"),
                     bools=("kb_outer",))
+        # the spec's layouts too (records may hold any layout); no knob depends on them: the
+        # input transform and the stores address one vector of VW channels at a time
+        try:
+            _layout_blocks(spec)
+        except Unsupported as e:
+            raise KnobError(str(e)) from e
         if knobs.out_tile not in OUT_TILES:
             raise KnobError(f"out_tile={knobs.out_tile}: Winograd here is F(m x m, 3x3) for m "
                             f"in {OUT_TILES}")
@@ -210,14 +257,18 @@ class WinogradFamily:
 
         self.validate(spec, knobs, isa)
         vw, ocb, cp, kb, ntb = self._sizes(spec, knobs, isa)
-        ln, lc, lh, lw = spec.lhs_strides
+        # (block, outer stride, inner stride) per dim; a linear layout's dims are one block
+        lhs_blocks, out_blocks = _layout_blocks(spec)
+        ln, lc, lh, lw = (lhs_blocks[d][2] for d in "NCHW")
         ro, ri, rh, rw = spec.rhs_strides
-        on, ok, oh, ow = spec.out_strides
+        on, ok, oh, ow = (out_blocks[d][2] for d in "NCHW")
+        (lcb, lcbs, _), (okb, okbs, _) = lhs_blocks["C"], out_blocks["C"]
         (pt, pb), (pl, pr) = spec.padding
         values = dict(
             VW=vw, N=spec.n, C=spec.c, H=spec.h, IW=spec.w, K=spec.k, OH=spec.oh, OW=spec.ow,
             PT=pt, PB=pb, PL=pl, PR=pr, LHS_N=ln, LHS_C=lc, LHS_H=lh, LHS_W=lw,
             RHS_O=ro, RHS_I=ri, RHS_H=rh, RHS_W=rw, OUT_N=on, OUT_K=ok, OUT_H=oh, OUT_W=ow,
+            LHS_CB=lcb, LHS_CBS=lcbs, OUT_KB=okb, OUT_KBS=okbs,
             PREPACKED=spec.prepacked, TILE_BLOCK=knobs.tile_block, OC_VECS=knobs.oc_vecs,
             KB_OUTER=knobs.kb_outer, OUT_TILE=knobs.out_tile,
             TH=-(-spec.oh // knobs.out_tile), TW=-(-spec.ow // knobs.out_tile), CP=cp, KB=kb,
