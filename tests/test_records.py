@@ -156,3 +156,32 @@ def test_lookups_read_a_file_once_and_parse_only_this_devices_lines(tmp_path, mo
     assert records.RecordStore(path).best_knobs("naive_matmul", SPEC, dev,
                                                 NaiveKnobs) == NaiveKnobs(8)
     assert opened.count(str(path)) == 2
+
+
+@pytest.mark.parametrize("family_name", ["conv2d", "depthwise", "winograd"])
+def test_conv_specs_keep_the_keys_records_had_before_layouts(family_name):
+    """Records made when specs held dimension numbers keep matching: a permutation layout
+    is written as the dimension-number tuple, under the field name the spec had then."""
+    import jax
+    from jax import lax
+
+    from alt_jax.ops import registry
+    from alt_jax import records
+
+    family = registry.families_by_name()[family_name]
+    c = 8
+    groups = c if family_name == "depthwise" else 1
+    x = jax.ShapeDtypeStruct((1, 6, 6, c), np.float32)
+    w = jax.ShapeDtypeStruct((3, 3, c // groups, c), np.float32)
+    closed = jax.make_jaxpr(lambda x, w: lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups))(x, w)
+    spec = family.match(closed.jaxpr.eqns[0])
+    legacy = {"conv2d": ("lhs_spec", "rhs_spec", "out_spec"),
+              "winograd": ("lhs_spec", "rhs_spec", "out_spec"),
+              "depthwise": ("lhs_order", "rhs_order", "out_order")}[family_name]
+    data = records.workload(spec)
+    dn = closed.jaxpr.eqns[0].params["dimension_numbers"]
+    assert [data[n] for n in legacy] == [list(dn.lhs_spec), list(dn.rhs_spec),
+                                         list(dn.out_spec)]
+    assert not any(k.endswith("_layout") for k in data)

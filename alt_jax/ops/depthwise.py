@@ -59,6 +59,9 @@ class DepthwiseSpec(ConvOperands):
         return self.c * self.mult
 
     rhs_in_channels = 1  # one input channel per group
+    # records keyed this spec's dimension numbers under these names before layouts
+    LAYOUT_FIELDS = (("lhs_layout", "lhs_order"), ("rhs_layout", "rhs_order"),
+                     ("out_layout", "out_order"))
 
 
 @dataclasses.dataclass(frozen=True, order=True)
