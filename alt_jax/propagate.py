@@ -20,7 +20,6 @@ import dataclasses
 import math
 from typing import Any, Callable, Optional
 
-import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import alt_jax
-from alt_jax import propagate
 from benchmarks import models
 from tuner import graph_tuner, graph_tuner_solve
 from tuner.measure import MeasureResult

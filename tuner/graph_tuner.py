@@ -26,7 +26,7 @@ import dataclasses
 import itertools
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 

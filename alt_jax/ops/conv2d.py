@@ -15,9 +15,9 @@ from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.layout import Layout
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
-from alt_jax.ops.conv_common import (relayout, ConvOperands, check_types,
+from alt_jax.ops.conv_common import (ConvOperands, channel_blocks, check_types,
                                      conv_kernel_inputs, finite_weights_if_padded_1x1,
-                                     lower_conv, read_conv)
+                                     lower_conv, read_conv, relayout)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "conv2d.cc"
@@ -102,40 +102,11 @@ class Conv2dKnobs:
     oc_outer: bool = True
 
 
-def _channel_blocks(layout: Layout, role: str, channels: int, per_group: int,
-                    groups: int) -> dict:
-    """{dim: (block, outer, inner)} (Layout.block_strides) of an lhs or output layout over
-    N C H W that the template addresses: linear, or channel-blocked (N C/b H W bc: a
-    power-of-two block of C, every other dim one stride, group boundaries on block
-    boundaries, an output's block channels contiguous). Unsupported with the reason
-    otherwise."""
-    blocks = layout.block_strides
-    if blocks is None:
-        raise Unsupported(f"{role} layout {layout}: the conv2d template addresses each dim by "
-                          f"a block and two strides; this one (pads, unfolds) has none")
-    for name, size in zip(layout.names, layout.shape):
-        if blocks[name][0] < size and name != "C":
-            raise Unsupported(f"{role} layout {layout} blocks {name} by {blocks[name][0]}: "
-                              f"conv2d's template blocks the channel dim C only")
-    b = blocks["C"][0]
-    if b < channels:
-        if b & (b - 1):
-            raise Unsupported(f"{role} layout {layout}: channel block {b} is not a power of "
-                              f"two (vector stores need blocks and vectors dividing each other)")
-        if groups > 1 and per_group % b:
-            raise Unsupported(f"{role} layout {layout}: groups of {per_group} channels "
-                              f"straddle its channel blocks of {b}")
-        if role == "output" and blocks["C"][2] != 1:
-            raise Unsupported(f"output layout {layout}: a blocked output needs the channels "
-                              f"of a block contiguous (the block innermost, N C/b H W bc)")
-    return blocks
-
-
 def _layout_blocks(spec) -> tuple[dict, dict]:
     """(lhs, out) block_strides of the spec's layouts; Unsupported if the template cannot
     address one."""
-    return (_channel_blocks(spec.lhs_layout, "lhs", spec.c, spec.cg, spec.groups),
-            _channel_blocks(spec.out_layout, "output", spec.k, spec.kg, spec.groups))
+    return (channel_blocks("conv2d", spec.lhs_layout, "lhs", spec.c, spec.cg, spec.groups),
+            channel_blocks("conv2d", spec.out_layout, "output", spec.k, spec.kg, spec.groups))
 
 
 def _tile_fits_blocks(block: int, ocb: int, vw: int) -> bool:

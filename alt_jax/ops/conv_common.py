@@ -298,3 +298,35 @@ def dimension_numbers(spec) -> lax.ConvDimensionNumbers:
         return tuple(layout.dims.index(n) for n in layout.names)
     return lax.ConvDimensionNumbers(positions(spec.lhs_layout), positions(spec.rhs_layout),
                                     positions(spec.out_layout))
+
+
+def channel_blocks(family: str, layout: Layout, role: str, channels: int,
+                   per_group: int | None = None, groups: int = 1) -> dict:
+    """{dim: (block, outer, inner)} (Layout.block_strides) of an lhs or output layout over
+    N C H W that a conv template addresses: linear, or channel-blocked (N C/b H W bc: a
+    power-of-two block of C dividing the channels, with groups each group's channels whole
+    blocks, every other dim one stride, an output's block channels contiguous).
+    Unsupported with the reason otherwise."""
+    blocks = layout.block_strides
+    if blocks is None:
+        raise Unsupported(f"{role} layout {layout}: the {family} template addresses each dim "
+                          f"by a block and two strides; this one (pads, unfolds) has none")
+    for name, size in zip(layout.names, layout.shape):
+        if blocks[name][0] < size and name != "C":
+            raise Unsupported(f"{role} layout {layout} blocks {name} by {blocks[name][0]}: "
+                              f"the {family} template blocks the channel dim C only")
+    b = blocks["C"][0]
+    if b < channels:
+        if b & (b - 1):
+            raise Unsupported(f"{role} layout {layout}: channel block {b} is not a power of "
+                              f"two (channel vectors and blocks must divide one another)")
+        if channels % b:
+            raise Unsupported(f"{role} layout {layout}: channel block {b} does not divide "
+                              f"{channels} channels")
+        if groups > 1 and (per_group or channels) % b:
+            raise Unsupported(f"{role} layout {layout}: groups of {per_group} channels "
+                              f"straddle its channel blocks of {b}")
+        if role == "output" and blocks["C"][2] != 1:
+            raise Unsupported(f"output layout {layout}: a blocked output needs the channels "
+                              f"of a block contiguous (the block innermost, N C/b H W bc)")
+    return blocks

@@ -17,7 +17,7 @@ from alt_jax.codegen import render as render_mod
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops.epilogue import Epilogue
 from alt_jax.layout import Layout
-from alt_jax.ops.conv_common import (relayout, ConvOperands, check_types, dimension_numbers,
+from alt_jax.ops.conv_common import (ConvOperands, check_types, dimension_numbers, relayout,
                                      conv_kernel_inputs, finite_weights_if_padded_1x1,
                                      lower_conv, read_conv)
 

@@ -29,8 +29,8 @@ from alt_jax import device
 from alt_jax.codegen import render as R
 from alt_jax.layout import Layout
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
-from alt_jax.ops.conv_common import (relayout, ConvOperands, check_types, conv_kernel_inputs,
-                                     lower_conv, read_conv)
+from alt_jax.ops.conv_common import (ConvOperands, channel_blocks, check_types,
+                                     conv_kernel_inputs, lower_conv, read_conv, relayout)
 from alt_jax.ops.epilogue import Epilogue
 
 _TEMPLATE = "winograd.cc"
@@ -55,38 +55,11 @@ MIN_OUTPUTS = 14 * 14
 MIN_F4_TILES = 49
 
 
-def _channel_blocks(layout: Layout, role: str, channels: int) -> dict:
-    """{dim: (block, outer, inner)} (Layout.block_strides) of an lhs or output layout over
-    N C H W that the template addresses: linear, or channel-blocked (N C/b H W bc: a
-    power-of-two block of C dividing the channels, every other dim one stride, an output's
-    block channels contiguous). Unsupported with the reason otherwise."""
-    blocks = layout.block_strides
-    if blocks is None:
-        raise Unsupported(f"{role} layout {layout}: the Winograd template addresses each dim "
-                          f"by a block and two strides; this one (pads, unfolds) has none")
-    for name, size in zip(layout.names, layout.shape):
-        if blocks[name][0] < size and name != "C":
-            raise Unsupported(f"{role} layout {layout} blocks {name} by {blocks[name][0]}: "
-                              f"the Winograd template blocks the channel dim C only")
-    b = blocks["C"][0]
-    if b < channels:
-        if b & (b - 1):
-            raise Unsupported(f"{role} layout {layout}: channel block {b} is not a power of "
-                              f"two (channel vectors and blocks must divide one another)")
-        if channels % b:
-            raise Unsupported(f"{role} layout {layout}: channel block {b} does not divide "
-                              f"{channels} channels")
-        if role == "output" and blocks["C"][2] != 1:
-            raise Unsupported(f"output layout {layout}: a blocked output needs the channels "
-                              f"of a block contiguous (the block innermost, N C/b H W bc)")
-    return blocks
-
-
 def _layout_blocks(spec) -> tuple[dict, dict]:
     """(lhs, out) block_strides of the spec's layouts; Unsupported if the template cannot
     address one."""
-    return (_channel_blocks(spec.lhs_layout, "lhs", spec.c),
-            _channel_blocks(spec.out_layout, "output", spec.k))
+    return (channel_blocks("Winograd", spec.lhs_layout, "lhs", spec.c),
+            channel_blocks("Winograd", spec.out_layout, "output", spec.k))
 
 
 def _balanced_block(tiles: int, block: int) -> int:
