@@ -57,10 +57,6 @@ class LayoutTuneResult:
                 "conversion_costs": self.conversion_costs, "timestamp": time.time()}
 
 
-def conversion_label(c) -> str:
-    return str(c)
-
-
 def time_conversion(c, rounds: int = 15) -> float:
     """Median seconds of one jitted conversion of a value of c's shape (src -> dst)."""
     import jax
@@ -88,12 +84,12 @@ class _Costs:
         self.conversions: dict = {}
 
     def conversion(self, c) -> float:
-        key = conversion_label(c)
+        key = str(c)  # what explain() prints, and looks the cost up by
         if key not in self.conversions:
             self.conversions[key] = self.time_conv(c)
         return self.conversions[key]
 
-    def kernel(self, program, eqn, where, refine, layouts, options) -> float:
+    def kernel(self, eqn, where, refine, layouts, options) -> float:
         from alt_jax import planner, records
 
         decision, build = planner._choose(eqn, where, options, refine)
@@ -153,17 +149,8 @@ def build_problem(closed, options, costs: _Costs, choices=DEFAULT_CHOICES):
             vs.add(where_of[site])
         return tuple(sorted(vs & set(anchors), key=lambda w: int(w.split()[1])))
 
-    def positions(program) -> dict:  # every program is a fresh inlining: match by position
-        return {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(program.flat).eqns)}
-
-    def site_name(site, pos) -> object:
-        return site if isinstance(site, tuple) else pos[site]
-
-    def ops_at(program, name):
-        for where, eqn, refine in program.ops(options):
-            if where == name:
-                return where, eqn, refine
-        raise KeyError(name)
+    def refine_at(program, site):
+        return next(refine for _, eqn, refine in program.ops(options) if id(eqn) == site)
 
     factors = []
     for site in base.prop.site_vars:
@@ -172,18 +159,17 @@ def build_problem(closed, options, costs: _Costs, choices=DEFAULT_CHOICES):
         if not variables:
             continue
         table = {}
-        name = site_name(site, where_of)
         for values in itertools.product(*(domains[v] for v in variables)):
+            # every program shares `flat`: a site is the same equation (id) in each
             program = program_for(dict(zip(variables, values)))
-            pos = positions(program)
-            cost = sum(costs.conversion(c) for c in program.prop.conversions
-                       if site_name(c.site, pos) == name)
+            cost = sum(costs.conversion(c) for c in program.prop.conversions if c.site == site)
             if is_kernel:
-                where, eqn, refine = ops_at(program, name)
-                layouts = (program.prop.kernel_in[id(eqn)], program.prop.kernel_out[id(eqn)])
-                cost += costs.kernel(program, eqn, where, refine, layouts, options)
+                eqn, _ = base.groups[site]
+                layouts = (program.prop.kernel_in[site], program.prop.kernel_out[site])
+                cost += costs.kernel(eqn, where_of[site], refine_at(program, site), layouts,
+                                     options)
             table[values] = cost
-        label = name if not isinstance(site, tuple) else f"output {site[1]}"
+        label = where_of[site] if not isinstance(site, tuple) else f"output {site[1]}"
         factors.append(solve_mod.Factor(variables, table, label=label))
     start = {w: (FIXED_RULE if FIXED_RULE in domains[w] else domains[w][0]) for w in anchors}
     return solve_mod.Problem(domains, tuple(factors)), anchors, start
