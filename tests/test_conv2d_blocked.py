@@ -19,13 +19,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from jax import lax
 
 from alt_jax import device, runtime
-from alt_jax.layout import Layout, channel_blocked, nchw_c, nhwc
+from alt_jax.layout import Layout, channel_blocked, nchw_c
 from alt_jax.ops import conv2d
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
+from blocked_cases import BlockedConv, layout, relerr, run_blocked
 from isa_cases import DETECTED, TABLE_ISA
 
 FAMILY = conv2d.FAMILY
@@ -34,52 +34,8 @@ LHS_KINDS = ("NCHW", "NHWC", "8c", "16c")
 OUT_KINDS = ("NHWC", "8c", "16c")
 
 
-def layout(kind: str, shape) -> Layout:
-    """A Layout over logical N C H W: NCHW, NHWC, N C/b H W bc ("8c", "16c"), or
-    N C/8 H 8c W ("8cW": blocked channels that are not innermost; lhs only)."""
-    if kind == "NCHW":
-        return Layout("NCHW", shape)
-    if kind == "NHWC":
-        return nhwc(shape)
-    if kind == "8cW":
-        return Layout("NCHW", shape).split("C", 8).reorder("N", "C/8", "H", "8c", "W")
-    return channel_blocked(Layout("NCHW", shape), "C", int(kind[:-1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """A logical NCHW conv (rhs in rhs_dn), run with its lhs in `lhs` and output in `out`."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    kh: int
-    kw: int
-    stride: tuple = (1, 1)
-    pad: tuple = ((0, 0), (0, 0))
-    groups: int = 1
-    rhs_dn: str = "OIHW"
-
-    def fn(self):
-        return lambda x, w: lax.conv_general_dilated(
-            x, w, self.stride, self.pad, dimension_numbers=("NCHW", self.rhs_dn, "NCHW"),
-            feature_group_count=self.groups)
-
-    def operands(self, seed=0):
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((self.n, self.c, self.h, self.w)).astype(np.float32)
-        sizes = dict(O=self.k, I=self.c // self.groups, H=self.kh, W=self.kw)
-        w = rng.standard_normal([sizes[d] for d in self.rhs_dn]).astype(np.float32)
-        return x, w
-
-    def spec(self, lhs: str, out: str, **changes):
-        x, w = self.operands()
-        base = FAMILY.match(jax.make_jaxpr(self.fn())(x, w).jaxpr.eqns[0])
-        spec = FAMILY.relayout(base, layout(lhs, (self.n, self.c, self.h, self.w)),
-                               layout(out, (self.n, self.k, base.oh, base.ow)))
-        return dataclasses.replace(spec, **changes)
+def Conv(*args, **kw) -> BlockedConv:
+    return BlockedConv(FAMILY, *args, **kw)
 
 
 ONE_BY_ONE = Conv(1, 32, 6, 7, 48, 1, 1, rhs_dn="HWIO")                     # in place
@@ -185,36 +141,11 @@ def built(cache):
         return dict(pool.map(build, _default_jobs() + _knob_jobs()))
 
 
-def _relerr(a, ref):
-    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
-
-
-def _run(conv, spec, kernel, rhs=None, seed=1):
-    """(kernel's output, reference), both in spec.out_layout."""
-    x, w = conv.operands()
-    rng = np.random.default_rng(seed)
-    y = np.asarray(jax.jit(conv.fn())(x, w))  # logical N K OH OW
-    extra = dict(scale=rng.uniform(0.5, 1.5, spec.k).astype(np.float32),
-                 shift=rng.standard_normal(spec.k).astype(np.float32),
-                 residual=rng.standard_normal(y.shape).astype(np.float32))
-    epi = spec.epilogue
-    ref = epi.reference(y, 1, **{n: extra[n] for n in epi.inputs()})
-    ref = np.asarray(spec.out_layout.apply(ref))
-    phys = {"scale": extra["scale"], "shift": extra["shift"],
-            "residual": np.asarray(spec.out_layout.apply(extra["residual"]))}
-    lhs = np.asarray(spec.lhs_layout.apply(x))
-    out = np.full(spec.out_shape, np.nan, np.float32)
-    runtime.run_numpy(kernel, [lhs, w if rhs is None else rhs,
-                               *(phys[n] for n in epi.inputs())], [out])
-    assert out.shape == ref.shape == spec.out_layout.physical_shape
-    return out, ref
-
-
 @pytest.mark.parametrize("job", _default_jobs() + _knob_jobs(), ids=_job_id)
 def test_default_knobs_and_knob_variants_match_lax(job, built):
     spec, knobs, kernel = built[job]
-    out, ref = _run(SHAPES[job[0]], spec, kernel)
-    err = _relerr(out, ref)
+    out, ref = run_blocked(SHAPES[job[0]], spec, kernel)
+    err = relerr(out, ref)
     assert err <= 1e-4, f"{_job_id(job)} {knobs}: rel err {err}"
 
 
@@ -244,9 +175,9 @@ def test_prepacked_weights(cache):
     packed = dataclasses.replace(spec, prepacked=True)
     kernel = cache.build(FAMILY.render(packed, knobs, ISA))
     x, w = STRIDED.operands()
-    out, ref = _run(STRIDED, packed, kernel,
+    out, ref = run_blocked(STRIDED, packed, kernel,
                     rhs=np.asarray(FAMILY.pack_weights(packed, knobs, w, ISA)))
-    assert _relerr(out, ref) <= 1e-4
+    assert relerr(out, ref) <= 1e-4
 
 
 def test_ffi_call_inside_jit(cache):
@@ -257,7 +188,7 @@ def test_ffi_call_inside_jit(cache):
         spec.lhs_layout.apply(x), w)
     ref = spec.out_layout.apply(jax.jit(ONE_BY_ONE.fn())(x, w))
     assert got.shape == spec.out_layout.physical_shape == (1, 3, 6, 7, 16)
-    assert _relerr(np.asarray(got), np.asarray(ref)) <= 1e-4
+    assert relerr(np.asarray(got), np.asarray(ref)) <= 1e-4
 
 
 @pytest.mark.parametrize("isa", [device.SSE2, device.AVX512], ids=lambda i: i.name)
@@ -278,8 +209,8 @@ def test_other_vector_widths(isa, tmp_path):
         FAMILY.validate(spec, knobs, isa)
         if changes:
             assert spec.kg % (knobs.oc_vecs * isa.vector_floats)
-        got, ref = _run(conv, spec, cache.build(FAMILY.render(spec, knobs, isa)))
-        assert _relerr(got, ref) <= 1e-4, (isa.name, lhs, out, knobs)
+        got, ref = run_blocked(conv, spec, cache.build(FAMILY.render(spec, knobs, isa)))
+        assert relerr(got, ref) <= 1e-4, (isa.name, lhs, out, knobs)
 
 
 # ---- what relayout and validate refuse ----

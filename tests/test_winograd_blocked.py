@@ -23,10 +23,11 @@ import pytest
 from jax import lax
 
 from alt_jax import device, runtime
-from alt_jax.layout import Layout, channel_blocked, nchw_c, nhwc
+from alt_jax.layout import Layout, channel_blocked, nchw_c
 from alt_jax.ops import winograd
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.ops.epilogue import Epilogue
+from blocked_cases import BlockedConv, layout, relerr, run_blocked
 from isa_cases import DETECTED, TABLE_ISA
 
 FAMILY = winograd.FAMILY
@@ -39,49 +40,10 @@ OUT_KINDS = ("NHWC", "8c", "16c")
 BIG = 1e37
 
 
-def layout(kind: str, shape) -> Layout:
-    """A Layout over logical N C H W: NCHW, NHWC, N C/b H W bc ("8c", "16c"), or
-    N C/8 H 8c W ("8cW": blocked channels that are not innermost; lhs only)."""
-    if kind == "NCHW":
-        return Layout("NCHW", shape)
-    if kind == "NHWC":
-        return nhwc(shape)
-    if kind == "8cW":
-        return Layout("NCHW", shape).split("C", 8).reorder("N", "C/8", "H", "8c", "W")
-    return channel_blocked(Layout("NCHW", shape), "C", int(kind[:-1]))
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """A logical NCHW 3x3 stride-1 conv (OIHW filter), run with its lhs in `lhs` and output
-    in `out`."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    k: int
-    pad: tuple = ((1, 1), (1, 1))
-
-    def fn(self):
-        return lambda x, w: lax.conv_general_dilated(
-            x, w, (1, 1), self.pad, dimension_numbers=("NCHW", "OIHW", "NCHW"),
-            precision=lax.Precision.HIGHEST)
-
-    def operands(self, seed=0):
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((self.n, self.c, self.h, self.w)).astype(np.float32)
-        w = rng.standard_normal((self.k, self.c, 3, 3)).astype(np.float32)
-        return x, w
-
-    def logical(self):
-        return FAMILY.match(jax.make_jaxpr(self.fn())(*self.operands()).jaxpr.eqns[0])
-
-    def spec(self, lhs: str, out: str, **changes):
-        base = self.logical()
-        spec = FAMILY.relayout(base, layout(lhs, (self.n, self.c, self.h, self.w)),
-                               layout(out, (self.n, self.k, base.oh, base.ow)))
-        return dataclasses.replace(spec, **changes)
+def Conv(*args, **kw) -> BlockedConv:
+    """A 3x3 stride-1 conv, padded by 1 unless told (lax at HIGHEST precision)."""
+    kw.setdefault("pad", ((1, 1), (1, 1)))
+    return BlockedConv(FAMILY, *args, precision=lax.Precision.HIGHEST, **kw)
 
 
 # 7 x 9 outputs: partial tiles at F(2x2) and F(4x4); two images
@@ -152,38 +114,11 @@ def built(cache):
         return dict(pool.map(build, JOBS))
 
 
-def _relerr(a, ref):
-    return float(np.abs(a - ref).max() / max(1.0, float(np.abs(ref).max())))
-
-
-def _run(conv, spec, kernel, rhs=None, x=None, seed=1):
-    """(kernel's output, reference), both in spec.out_layout; x: the logical input (the
-    conv's operands by default)."""
-    x0, w = conv.operands()
-    x = x0 if x is None else x
-    rng = np.random.default_rng(seed)
-    y = np.asarray(jax.jit(conv.fn())(x, w))  # logical N K OH OW
-    extra = dict(scale=rng.uniform(0.5, 1.5, spec.k).astype(np.float32),
-                 shift=rng.standard_normal(spec.k).astype(np.float32),
-                 residual=rng.standard_normal(y.shape).astype(np.float32))
-    epi = spec.epilogue
-    ref = epi.reference(y, 1, **{n: extra[n] for n in epi.inputs()})
-    ref = np.asarray(spec.out_layout.apply(ref))
-    phys = {"scale": extra["scale"], "shift": extra["shift"],
-            "residual": np.asarray(spec.out_layout.apply(extra["residual"]))}
-    lhs = np.asarray(spec.lhs_layout.apply(x))
-    out = np.full(spec.out_shape, np.nan, np.float32)
-    runtime.run_numpy(kernel, [lhs, w if rhs is None else rhs,
-                               *(phys[n] for n in epi.inputs())], [out])
-    assert out.shape == ref.shape == spec.out_layout.physical_shape
-    return out, ref
-
-
 @pytest.mark.parametrize("job", JOBS, ids=_job_id)
 def test_blocked_layouts_match_lax(job, built):
     spec, knobs, kernel = built[job]
-    out, ref = _run(SHAPES[job[0]], spec, kernel)
-    err = _relerr(out, ref)
+    out, ref = run_blocked(SHAPES[job[0]], spec, kernel)
+    err = relerr(out, ref)
     assert err <= TOL, f"{_job_id(job)} {knobs}: rel err {err}"
 
 
@@ -211,7 +146,7 @@ def test_fallback_beyond_the_safe_range(job, built):
     """One input beyond the transforms' safe range: the kernel computes the plain
     convolution (direct_item), through the blocked addressing of lhs, output and residual."""
     spec, knobs, kernel = built[job]
-    out, ref = _run(PAD1, spec, kernel, x=_poisoned(PAD1, BIG))
+    out, ref = run_blocked(PAD1, spec, kernel, x=_poisoned(PAD1, BIG))
     assert np.abs(ref).max() > 1e30  # the big value reached the output
     _assert_fallback_matches(out, ref, _job_id(job))
 
@@ -223,7 +158,7 @@ def test_fallback_on_nan(job, built):
     """A NaN input: NaN exactly where XLA's windows reach it, nowhere else."""
     spec, knobs, kernel = built[job]
     conv = SHAPES[job[0]]
-    out, ref = _run(conv, spec, kernel, x=_poisoned(conv, np.nan))
+    out, ref = run_blocked(conv, spec, kernel, x=_poisoned(conv, np.nan))
     assert np.isnan(ref).any() and not np.isnan(ref).all()
     _assert_fallback_matches(out, ref, _job_id(job))
 
@@ -254,9 +189,9 @@ def test_prepacked_weights(cache):
     kernel = cache.build(FAMILY.render(spec, knobs, ISA))
     _, w = PAD1.operands()
     packed = np.asarray(FAMILY.pack_weights(spec, knobs, w, ISA))
-    out, ref = _run(PAD1, spec, kernel, rhs=packed)
-    assert _relerr(out, ref) <= TOL
-    out, ref = _run(PAD1, spec, kernel, rhs=packed, x=_poisoned(PAD1, BIG))
+    out, ref = run_blocked(PAD1, spec, kernel, rhs=packed)
+    assert relerr(out, ref) <= TOL
+    out, ref = run_blocked(PAD1, spec, kernel, rhs=packed, x=_poisoned(PAD1, BIG))
     _assert_fallback_matches(out, ref, "prepacked")
 
 
@@ -268,7 +203,7 @@ def test_ffi_call_inside_jit(cache):
         spec.lhs_layout.apply(x), w)
     ref = spec.out_layout.apply(jax.jit(PAD1.fn())(x, w))
     assert got.shape == spec.out_layout.physical_shape == (2, 2, 7, 9, 16)
-    assert _relerr(np.asarray(got), np.asarray(ref)) <= TOL
+    assert relerr(np.asarray(got), np.asarray(ref)) <= TOL
 
 
 @pytest.mark.parametrize("isa", [device.AVX512, device.SSE2, device.SCALAR],
@@ -288,11 +223,11 @@ def test_other_vector_widths(isa, tmp_path):
         job = (name, lhs, out, m, KNOB_EPILOGUE if i % 2 == 0 else EPILOGUES[4], ())
         spec, knobs = _job_spec(job, isa)
         kernel = cache.build(FAMILY.render(spec, knobs, isa))
-        got, ref = _run(SHAPES[name], spec, kernel)
-        assert _relerr(got, ref) <= TOL, (isa.name, job)
+        got, ref = run_blocked(SHAPES[name], spec, kernel)
+        assert relerr(got, ref) <= TOL, (isa.name, job)
         if i == 0:
             conv = SHAPES[name]
-            got, ref = _run(conv, spec, kernel, x=_poisoned(conv, BIG))
+            got, ref = run_blocked(conv, spec, kernel, x=_poisoned(conv, BIG))
             _assert_fallback_matches(got, ref, (isa.name, job))
 
 
