@@ -156,6 +156,12 @@ def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records
                                   "max_ms": tm.high * 1e3,
                                   "gflops": flops / tm.median / 1e9,
                                   "pct_peak": 100 * flops / tm.median / 1e9 / peak}
+        # the graph level (issue 10's ablations), each pair in the same rounds
+        for key, (a, b) in {"graph_vs_fixed_nhwc": ("alt_jax tuned", "alt_jax tuned, fixed NHWC"),
+                            "joint_vs_loop_only": ("alt_jax joint tuned",
+                                                   "alt_jax loop-only tuned")}.items():
+            if a in t and b in t:
+                row[key] = timing.median_ratio(t[b], t[a])
         for ours in [n for n in t if n.startswith("alt_jax")]:
             if ours in t:
                 row["impls"][ours]["speedup_vs"] = {
@@ -225,6 +231,11 @@ def format_table(rows) -> str:
                  for n in r["impls"] if n.startswith("alt_jax") and "tuned" in n]
         if gains:
             lines.append(f"{r['workload']}: vs untuned alt_jax: {', '.join(gains)}")
+        levels = [f"{label} {r[key]:.3f}x" for key, label in (
+            ("graph_vs_fixed_nhwc", "graph-tuned layouts vs fixed NHWC (same records)"),
+            ("joint_vs_loop_only", "joint vs loop-only")) if key in r]
+        if levels:
+            lines.append(f"{r['workload']}: {'; '.join(levels)}")
     for p in peer_names:
         ratios = [(r["impls"].get("alt_jax tuned") or r["impls"]["alt_jax"])["speedup_vs"].get(p)
                   for r in rows]

@@ -136,6 +136,8 @@ def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path, monkeypatc
         assert tuned == on_kernels == row["alt_jax_ops_on_kernels"][0] > 0
         assert row["impls"][name]["speedup_vs"]["alt_jax"] > 0
     assert {op["from"] for op in row["per_op"]} == {"tuned"}
+    assert row["graph_vs_fixed_nhwc"] > 0 and row["joint_vs_loop_only"] > 0  # same rounds
+    assert "joint vs loop-only" in run.format_table(rows)
     assert "vs untuned alt_jax: tuned" in run.format_table(rows)
     op_rows = tuned_ops.op_rows(model, str(path), rounds=2, min_repeat_s=1e-3)
     assert len(op_rows) == 2 and all(
