@@ -95,7 +95,7 @@ def test_a_plan_is_kept_only_if_the_program_confirms_it(kernel_cache, tmp_path, 
         assert all(w.startswith("N C/") for w in writes) and "is kept" in text
     else:
         assert result.plan == fixed and result.solved_plan == solved
-        assert writes == {"NHWC"} and "not kept" in text
+        assert writes == {"NHWC"} and "not kept" in text and "the solved plan (modelled" in text
         assert result.cost_s == pytest.approx(result.fixed_cost_s)
 
 

@@ -63,6 +63,7 @@ class LayoutTuneResult:
     # and whether that plan was kept (False: `plan` is the fixed rule); None when not run
     confirmed_ratio: float | None = None
     solved_plan: dict | None = None  # the solver's plan, when the fixed rule replaced it
+    solved_cost_s: float | None = None  # its modelled cost, likewise
 
     def entry(self) -> dict:
         return {"plan": self.plan, "cost_s": self.cost_s, "fixed_cost_s": self.fixed_cost_s,
@@ -276,7 +277,8 @@ def tune_layouts(fn, *args, records, cache=None, choices=DEFAULT_CHOICES, measur
         fixed_cost_s=solve_mod.total_cost(problem, start), method=solution.method,
         exact=solution.exact, layouts=layouts, conversion_costs=dict(costs.conversions),
         kernels_measured=len(costs.kernels), seconds=time.time() - t0,
-        uniform=uniform_costs(problem, anchors), confirmed_ratio=ratio, solved_plan=solved)
+        uniform=uniform_costs(problem, anchors), confirmed_ratio=ratio, solved_plan=solved,
+        solved_cost_s=None if solved is None else solution.cost)
     if store:
         flat = jaxpr_pass.inline_calls(closed)
         layout_plans.store(layout_plans.path_for(options.records.path),
@@ -297,7 +299,8 @@ def format_result(r: LayoutTuneResult) -> str:
                      f"{r.confirmed_ratio:.3f}x (median of {CONFIRM_ROUNDS} interleaved "
                      f"rounds); the solved plan is {kept}")
         if r.solved_plan is not None:
-            lines.append("  the solved plan was: " + ", ".join(
+            lines.append(f"  the solved plan (modelled {r.solved_cost_s * 1e3:.3f} ms) was: "
+                         + ", ".join(
                 f"{w} {c}" for w, c in sorted(r.solved_plan.items(),
                                               key=lambda x: int(x[0].split()[1]))))
     for where in sorted(r.plan, key=lambda w: int(w.split()[1])):
