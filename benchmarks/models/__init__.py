@@ -1,6 +1,7 @@
 """The model zoo: plain-JAX inference networks with deterministic random weights.
 
-Entry points: MODELS (name -> builder), build(name, **kw) -> Model.
+Entry points: MODELS (name -> builder), build(name, **kw) -> Model, forms(name, batch) ->
+{program layout: Model}.
 """
 from __future__ import annotations
 
@@ -24,3 +25,21 @@ def build(name: str, **kwargs) -> Model:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}") from None
     return builder(**kwargs)
+
+
+PROGRAM_LAYOUTS = ("nhwc", "nchw")
+
+
+def forms(name: str, batch: int = 1) -> dict:
+    """Every program layout the zoo builds name in: {layout: Model}. The forms compute the
+    same network with their own random weights (drawn in each layout's shapes), so they
+    time alike and each is checked against its own jax.jit."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    out = {}
+    for layout in PROGRAM_LAYOUTS:
+        try:
+            out[layout] = build(name, layout=layout, batch=batch)
+        except ValueError:  # a model without this form (BERT: one)
+            continue
+    return out
