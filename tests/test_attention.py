@@ -255,3 +255,19 @@ def test_attention_off_leaves_the_dots_to_the_matmul_family(kernel_cache):
                                np.asarray(jax.jit(hand_bqhd)(q, k, v)), rtol=1e-4, atol=1e-6)
     assert not _attention_decisions(optimized, q, k, v)
     assert [d.primitive for d in optimized.plan_for(q, k, v).rewritten] == ["dot_general"] * 2
+
+
+@pytest.mark.parametrize("name", ["gpt2_block", "gpt2_decode"])
+def test_gpt2_zoo_blocks(name, kernel_cache):
+    """The zoo's GPT-2-style blocks (a causal prompt; one token against a KV cache) give
+    jax.jit's outputs with their attention on the kernel and every matmul on kernels."""
+    from benchmarks import models
+    m = models.build(name)
+    args = (m.params, *m.inputs)
+    optimized = alt_jax.optimize(jax.jit(m.apply), cache=kernel_cache, fallback="error")
+    got, want = optimized(*args), jax.jit(m.apply)(*args)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert float(jnp.max(jnp.abs(g - w)) / jnp.max(jnp.abs(w))) <= 1e-4
+    plan = optimized.plan_for(*args)
+    assert [d.primitive for d in plan.rewritten].count("attention") == 1
+    assert not plan.left_to_xla, str(plan)

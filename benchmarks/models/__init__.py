@@ -6,7 +6,7 @@ Entry points: MODELS (name -> builder), build(name, **kw) -> Model, forms(name, 
 from __future__ import annotations
 
 from benchmarks.models.common import Model
-from benchmarks.models import bert, mobilenet_v2, resnet, tiny
+from benchmarks.models import bert, gpt2, mobilenet_v2, resnet, tiny
 
 MODELS = {
     "resnet18": lambda layout="nhwc", batch=1: resnet.build(18, layout, batch),
@@ -15,8 +15,20 @@ MODELS = {
     # BERT has only the (batch, seq, hidden) form: layout="nchw" raises ValueError.
     "bert_layer": lambda layout="nhwc", batch=1: bert.build(1, layout, batch),
     "bert_12": lambda layout="nhwc", batch=1: bert.build(12, layout, batch),
+    "bert_layer_384": lambda layout="nhwc", batch=1: bert.build(1, layout, batch, seq=384),
+    # GPT-2-small-style decoder block: a causal prompt of 128 or 512 tokens, and one token
+    # decoded against a cache of 511 earlier ones (one form: layout="nchw" raises ValueError)
+    "gpt2_block": lambda layout="nhwc", batch=1: _gpt2(layout, gpt2.build_prefill, 128, batch),
+    "gpt2_block_512": lambda layout="nhwc", batch=1: _gpt2(layout, gpt2.build_prefill, 512,
+                                                          batch),
+    "gpt2_decode": lambda layout="nhwc", batch=1: _gpt2(layout, gpt2.build_decode, 511, batch),
     "tiny_cnn": lambda layout="nhwc", batch=1: tiny.build(layout, batch),  # runner smoke tests
 }
+
+
+def _gpt2(layout: str, builder, size: int, batch: int) -> Model:
+    gpt2.check_layout(layout)
+    return builder(size, batch)
 
 
 def build(name: str, **kwargs) -> Model:
