@@ -45,7 +45,8 @@ def test_runner_smoke_tiny_model(tmp_path):
                 assert times[chosen["program_layout"]] == min(times.values())
         assert row["alt_jax_ops_on_kernels"][1] == 3
         assert {f"alt_jax ({a})" for a in ("no propagation", "no fusion", "no weight packing",
-                                           "no Winograd")} <= set(row["impls"])
+                                           "no attention kernel", "no Winograd")
+                } <= set(row["impls"])
     assert "jax.jit" in report["thread_settings"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.stat().st_size > 1000
