@@ -271,3 +271,43 @@ def test_gpt2_zoo_blocks(name, kernel_cache):
     plan = optimized.plan_for(*args)
     assert [d.primitive for d in plan.rewritten].count("attention") == 1
     assert not plan.left_to_xla, str(plan)
+
+
+@pytest.mark.parametrize("pack_k", [True, False])
+@pytest.mark.parametrize("b,sq,sk,h,d", [(2, 1, 37, 3, 64), (1, 3, 130, 2, 32),
+                                          (1, 17, 33, 2, 80), (1, 9, 21, 2, 40)])
+def test_kernel_variants_match(pack_k, b, sq, sk, h, d, kernel_cache):
+    """Both ways of computing scores (K^T packed; dots along d with K in place) and V read
+    in place (dv a whole number of vectors) or packed (d = 40 with 16-float vectors), at a
+    decode step's single row and ragged lengths."""
+    from alt_jax.ops.attention import FAMILY, AttentionSpec
+
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((b, sq, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, sk, h, d)), jnp.float32) for _ in range(2))
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jax.make_jaxpr(nn_plain)(q, k, v)))
+    (m,) = attention.find_attention(flat)
+    spec = AttentionSpec.from_match(m)
+    isa = kernel_cache.isa or alt_jax.device.detect_isa()
+    knobs = FAMILY.default_knobs(spec, isa)
+    knobs = type(knobs)(tq=knobs.tq, serial=knobs.serial, pack_k=pack_k)
+    if not pack_k and d % isa.vector_floats:
+        with pytest.raises(Exception, match="pack_k=False"):
+            FAMILY.validate(spec, knobs, isa)
+        return
+    kernel = kernel_cache.build(FAMILY.render(spec, knobs, isa))
+    got = jax.jit(lambda q, k, v: FAMILY.lower(spec, kernel, [q, k, v])[0])(q, k, v)
+    want = jax.jit(nn_plain)(q, k, v)
+    # the kernel writes D2's own result; nn_plain transposes it after: compare through it
+    rest = jax.jit(lambda o: _after_d2(flat, m, o))(got)
+    np.testing.assert_allclose(np.asarray(rest), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def _after_d2(flat, m, out):
+    """flat's outputs from D2's result onwards (the equations after the attention)."""
+    env = {m.out_var: out}
+    start = next(i for i, e in enumerate(flat.eqns) if e is m.pv) + 1
+    for e in flat.eqns[start:]:
+        ins = [v.val if isinstance(v, jax.extend.core.Literal) else env[v] for v in e.invars]
+        env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
+    return env[flat.outvars[0]]

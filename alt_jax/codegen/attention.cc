@@ -1,9 +1,12 @@
 // Fused attention out = f(Q K^T) V (fp32), rendered by ops/attention.py from an
 // alt_jax/attention.py match. Entry point: the exported kernel @SYMBOL@.
 //
-// A task is TQ query rows of one batch item (every batch role, e.g. batch x head): it packs
-// K^T [D][SKP] and V [SK][DVP] of its batch item into its worker's slot (kept while the
-// worker's next task has the same item), computes the scores S = Q K^T of its rows into a
+// A task is TQ query rows of one batch item (every batch role, e.g. batch x head): with
+// PACK_K it packs K^T [D][SKP] of its batch item into its worker's slot (kept while the
+// worker's next task has the same item; the scores then run vectors along the keys),
+// without it (few query rows: a decode step) each score is a dot product along d read from
+// K in place; V is read in place when its rows are contiguous whole vectors, else packed
+// [SK][DVP] likewise. It computes the scores S = Q K^T of its rows into a
 // TQ x SKP block that stays in L1/L2, runs the row program f on each row, equation by
 // equation as the jaxpr has them (so a softmax is max, subtract, exp, sum, divide, exactly
 // XLA's steps, with its masks and scales), and multiplies the rows of P by V into the
@@ -43,6 +46,7 @@ constexpr int CODE[] = @CODE@;                   // (op, dst, a, b, c) per instr
 constexpr int RESULT = @RESULT@;                 // the slot holding P
 constexpr int TQ = @TQ@;                         // query rows per task
 constexpr bool SERIAL = @SERIAL@;
+constexpr bool PACK_K = @PACK_K@;                // K^T packed (else dots along d, in place)
 
 // opcodes: alt_jax/attention.py OP_*
 enum { OP_LOAD, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MAX, OP_MIN, OP_EXP, OP_NEG, OP_COPY,
@@ -59,8 +63,14 @@ constexpr int64_t prod_batch() {
 constexpr int64_t NBATCH = prod_batch();
 constexpr int64_t NQB = (SQ + TQ - 1) / TQ;
 constexpr int64_t NTASKS = NBATCH * NQB;
+// V read in place: its rows contiguous along dv in whole vectors (no padding needed)
+constexpr bool PACK_V = !(V_ST[NB + 1] == 1 && DV % W == 0);
+constexpr int64_t VROW = PACK_V ? ((DV + W - 1) / W * W) : V_ST[NB];  // between V rows
+static_assert(PACK_K || (K_ST[NB + 1] == 1 && D % W == 0 && Q_ST[NB + 1] == 1),
+              "scores without packing read Q and K contiguous along d in whole vectors");
 // One worker's slot: K^T, V, the score block, and the row program's slots.
-constexpr int64_t KT_FLOATS = D * SKP, VP_FLOATS = SK * DVP, S_FLOATS = TQ * SKP;
+constexpr int64_t KT_FLOATS = PACK_K ? D * SKP : 0, VP_FLOATS = PACK_V ? SK * DVP : 0;
+constexpr int64_t S_FLOATS = TQ * SKP;
 constexpr int64_t SLOT_FLOATS = KT_FLOATS + VP_FLOATS + S_FLOATS + NSLOT * SKP;
 constexpr int64_t SLOTS = SERIAL ? 1 : (NTASKS < 16 ? NTASKS : 16);
 static_assert(SLOTS * SLOT_FLOATS * 4 == @WORKSPACE_BYTES@,
@@ -213,6 +223,30 @@ ALT_INLINE void score_rows(const float* q, const float* kt, float* s) {
   if (j < SKP) score_tile<R, 1>(q, kt, s, j);
 }
 
+// Without PACK_K: score (i, j) = sum over d of q[i][d] k[j][d], vectors along d, K read in
+// place (one pass over K per row block; a decode step has one row).
+template <int R>
+ALT_INLINE void score_rows_dot(const float* q, const float* k, float* s) {
+  for (int64_t j = 0; j < SK; ++j) {
+    const float* kj = k + j * K_ST[NB];
+    V acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = vzero<W>();
+    for (int64_t d = 0; d < D; d += W) {
+      V kv = vload<W>(kj + d);
+      for (int i = 0; i < R; ++i) acc[i] = vfma<W>(vload<W>(q + i * Q_ST[NB] + d), kv, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      float lanes[W];
+      memcpy(lanes, &acc[i], sizeof(lanes));
+      float sum = 0.0f;
+      for (int l = 0; l < W; ++l) sum += lanes[l];
+      s[i * SKP + j] = sum;
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = SK; j < SKP; ++j) s[i * SKP + j] = 0.0f;
+}
+
 template <int R, int NV>
 ALT_INLINE void pv_tile(const float* p, const float* vp, float* out, int64_t c0) {
   V acc[R][NV];
@@ -220,7 +254,7 @@ ALT_INLINE void pv_tile(const float* p, const float* vp, float* out, int64_t c0)
     for (int c = 0; c < NV; ++c) acc[i][c] = vzero<W>();
   for (int64_t j = 0; j < SK; ++j) {
     V vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = vload<W>(vp + j * DVP + c0 + c * W);
+    for (int c = 0; c < NV; ++c) vv[c] = vload<W>(vp + j * VROW + c0 + c * W);
     for (int i = 0; i < R; ++i) {
       V pv = vbroadcast<W>(p[i * SKP + j]);
       for (int c = 0; c < NV; ++c) acc[i][c] = vfma<W>(pv, vv[c], acc[i][c]);
@@ -278,13 +312,17 @@ ALT_INLINE int64_t batch_offset(int64_t bi, const int64_t* st) {
 void pack(const Buffers& x, int64_t bi, float* kt, float* vp) {
   const float* k = x.k + batch_offset(bi, K_ST);
   const float* v = x.v + batch_offset(bi, V_ST);
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t j = 0; j < SK; ++j) kt[d * SKP + j] = k[j * K_ST[NB] + d * K_ST[NB + 1]];
-    for (int64_t j = SK; j < SKP; ++j) kt[d * SKP + j] = 0.0f;
+  if constexpr (PACK_K) {
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < SK; ++j) kt[d * SKP + j] = k[j * K_ST[NB] + d * K_ST[NB + 1]];
+      for (int64_t j = SK; j < SKP; ++j) kt[d * SKP + j] = 0.0f;
+    }
   }
-  for (int64_t j = 0; j < SK; ++j) {
-    for (int64_t c = 0; c < DV; ++c) vp[j * DVP + c] = v[j * V_ST[NB] + c * V_ST[NB + 1]];
-    for (int64_t c = DV; c < DVP; ++c) vp[j * DVP + c] = 0.0f;
+  if constexpr (PACK_V) {
+    for (int64_t j = 0; j < SK; ++j) {
+      for (int64_t c = 0; c < DV; ++c) vp[j * DVP + c] = v[j * V_ST[NB] + c * V_ST[NB + 1]];
+      for (int64_t c = DV; c < DVP; ++c) vp[j * DVP + c] = 0.0f;
+    }
   }
 }
 
@@ -295,13 +333,20 @@ void run_task(const Buffers& x, int64_t t, float* slot, int64_t* packed) {
   float* rows = s + S_FLOATS;
   const int64_t bi = t / NQB, r0 = (t % NQB) * TQ;
   const int64_t nr = SQ - r0 < TQ ? SQ - r0 : TQ;
-  if (*packed != bi) {
+  if ((PACK_K || PACK_V) && *packed != bi) {
     pack(x, bi, kt, vp);
     *packed = bi;
   }
+  const float* k_in = x.k + batch_offset(bi, K_ST);
+  const float* v_rows = PACK_V ? vp : x.v + batch_offset(bi, V_ST);  // rows VROW apart
   const float* q = x.q + batch_offset(bi, Q_ST) + r0 * Q_ST[NB];
-  by_rows(nr, [&](int64_t i) { score_rows<RB>(q + i * Q_ST[NB], kt, s + i * SKP); },
-          [&](int64_t i) { score_rows<1>(q + i * Q_ST[NB], kt, s + i * SKP); });
+  if constexpr (PACK_K) {
+    by_rows(nr, [&](int64_t i) { score_rows<RB>(q + i * Q_ST[NB], kt, s + i * SKP); },
+            [&](int64_t i) { score_rows<1>(q + i * Q_ST[NB], kt, s + i * SKP); });
+  } else {
+    by_rows(nr, [&](int64_t i) { score_rows_dot<RB>(q + i * Q_ST[NB], k_in, s + i * SKP); },
+            [&](int64_t i) { score_rows_dot<1>(q + i * Q_ST[NB], k_in, s + i * SKP); });
+  }
   Row row;
   row.ext = &x.ext;
   for (int i = 0; i < NSLOT; ++i) row.slot[i] = rows + i * SKP;
@@ -316,8 +361,8 @@ void run_task(const Buffers& x, int64_t t, float* slot, int64_t* packed) {
     if (RESULT != 0) memcpy(srow, row.slot[RESULT], SK * sizeof(float));
   }
   float* out = x.out + batch_offset(bi, O_ST) + r0 * O_ST[NB];
-  by_rows(nr, [&](int64_t i) { pv_rows<RB>(s + i * SKP, vp, out + i * O_ST[NB]); },
-          [&](int64_t i) { pv_rows<1>(s + i * SKP, vp, out + i * O_ST[NB]); });
+  by_rows(nr, [&](int64_t i) { pv_rows<RB>(s + i * SKP, v_rows, out + i * O_ST[NB]); },
+          [&](int64_t i) { pv_rows<1>(s + i * SKP, v_rows, out + i * O_ST[NB]); });
 }
 
 }  // namespace

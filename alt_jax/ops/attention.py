@@ -69,6 +69,7 @@ class AttentionSpec:
 class AttentionKnobs:
     tq: int = 32          # query rows per task (its score block: tq x sk floats)
     serial: bool = False  # every task on the calling thread
+    pack_k: bool = True   # K^T packed per batch item; False: dots along d, K read in place
 
 
 class AttentionFamily:
@@ -84,12 +85,30 @@ class AttentionFamily:
         tq = max(1, min(32, spec.sq))
         while tq > 4 and spec.n_batch * -(-spec.sq // tq) < 4:
             tq //= 2
-        return AttentionKnobs(tq=tq, serial=self.flops(spec) < 1_000_000)
+        # A few query rows (a decode step) would pay a packing of K per row: dots in place.
+        pack_k = spec.sq > 4 or not self._dots_in_place(spec, isa)
+        return AttentionKnobs(tq=tq, serial=self.flops(spec) < 1_000_000, pack_k=pack_k)
+
+    @staticmethod
+    def _dots_in_place(spec, isa) -> bool:
+        """Whether Q and K rows are contiguous along d in whole vectors (scores as dots)."""
+        n = len(spec.batch)
+        return (spec.q_strides[n + 1] == 1 and spec.k_strides[n + 1] == 1
+                and spec.d % isa.vector_floats == 0)
+
+    @staticmethod
+    def _packs_v(spec, isa) -> bool:
+        """V is packed unless its rows are contiguous along dv in whole vectors (the
+        template's PACK_V)."""
+        return not (spec.v_strides[len(spec.batch) + 1] == 1
+                    and spec.dv % isa.vector_floats == 0)
 
     def _slot_floats(self, spec, knobs, isa) -> int:
         w = isa.vector_floats
         skp, dvp = -(-spec.sk // w) * w, -(-spec.dv // w) * w
-        return spec.d * skp + spec.sk * dvp + knobs.tq * skp + len(spec.slot_full) * skp
+        kt = spec.d * skp if knobs.pack_k else 0
+        vp = spec.sk * dvp if self._packs_v(spec, isa) else 0
+        return kt + vp + knobs.tq * skp + len(spec.slot_full) * skp
 
     def _slots(self, spec, knobs) -> int:
         ntasks = spec.n_batch * -(-spec.sq // knobs.tq)
@@ -103,6 +122,10 @@ class AttentionFamily:
             raise KnobError(f"attention knobs must be AttentionKnobs, got {knobs!r}")
         if not 1 <= knobs.tq <= max(1, spec.sq) or not isinstance(knobs.serial, bool):
             raise KnobError(f"attention: tq={knobs.tq} must be in [1, {spec.sq}]")
+        if not isinstance(knobs.pack_k, bool) or not (knobs.pack_k
+                                                      or self._dots_in_place(spec, isa)):
+            raise KnobError("attention: pack_k=False needs Q and K contiguous along d in "
+                            "whole vectors")
         if spec.sk > _MAX_ROW:
             raise KnobError(f"attention over {spec.sk} keys: more than {_MAX_ROW} per row "
                             f"does not fit a task's score block")
@@ -135,6 +158,7 @@ class AttentionFamily:
             "NCONST": len(spec.constants) // 2, "CONSTS": spec.constants or (0,),
             "NINSTR": len(spec.instructions) // 5, "CODE": spec.instructions,
             "RESULT": spec.result, "TQ": knobs.tq, "SERIAL": knobs.serial,
+            "PACK_K": knobs.pack_k,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
         for d in spec.ext_dtypes:
