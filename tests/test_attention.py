@@ -311,3 +311,16 @@ def _after_d2(flat, m, out):
         ins = [v.val if isinstance(v, jax.extend.core.Literal) else env[v] for v in e.invars]
         env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
     return env[flat.outvars[0]]
+
+
+@pytest.mark.parametrize("isa_name", ["avx2", "sse2", "scalar"])
+def test_narrower_isas(isa_name, tmp_path):
+    """The template for 8-, 4- and 1-lane vectors (this CPU runs them all): a causal mask and
+    a padding mask, ragged lengths, V packed and in place."""
+    from alt_jax import device, runtime
+    isa = {"avx2": device.AVX2, "sse2": device.SSE2, "scalar": device.SCALAR}[isa_name]
+    if isa_name == "avx2" and alt_jax.device.detect_isa().vector_floats < 8:
+        pytest.skip("this CPU has no AVX2")
+    cache = runtime.KernelCache(tmp_path, isa=isa)
+    for form, shape in ((nn_causal, (1, 19, 2, 40)), (nn_padding_mask, (2, 23, 2, 32))):
+        _check(form, _qkv(shape, seed=12), cache)
