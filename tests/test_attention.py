@@ -324,3 +324,62 @@ def test_narrower_isas(isa_name, tmp_path):
     cache = runtime.KernelCache(tmp_path, isa=isa)
     for form, shape in ((nn_causal, (1, 19, 2, 40)), (nn_padding_mask, (2, 23, 2, 32))):
         _check(form, _qkv(shape, seed=12), cache)
+
+
+def _random_attention(rng):
+    """A random attention program: layout of Q/K/V (heads before or after the sequence),
+    dot operand order, a scale on q, on the scores or none, an additive bias or a boolean
+    mask over some of (batch, head, query, key), a softmax written by hand or by jax.nn,
+    and D2 with P or V first."""
+    heads_first = rng.random() < 0.5
+    scale_at = rng.choice(["q", "scores", "none"])
+    extra = rng.choice(["none", "bias", "mask", "both"])
+    softmax = rng.choice(["jax", "hand", "hand_div_mul"])
+    v_first = rng.random() < 0.5
+    b, s_q, s_k, h, d = (int(rng.integers(1, 3)), int(rng.integers(1, 40)),
+                         int(rng.integers(2, 40)), int(rng.integers(1, 4)),
+                         int(rng.choice([8, 16, 24, 32])))
+    bcast = [rng.random() < 0.5 for _ in range(4)]  # which of (b, h, q, k) the extra has
+    extra_shape = tuple(n if keep else 1 for n, keep in zip((b, h, s_q, s_k), bcast))
+    bias = jnp.asarray(rng.standard_normal(extra_shape), jnp.float32)
+    mask = jnp.asarray(rng.random(extra_shape) < 0.8)
+
+    def fn(q, k, v):
+        if scale_at == "q":
+            q = q * (d ** -0.5)
+        if heads_first:
+            s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        else:
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        if scale_at == "scores":
+            s = s / math.sqrt(d)
+        if extra in ("bias", "both"):
+            s = s + bias
+        if extra in ("mask", "both"):
+            s = jnp.where(mask, s, -1e9)
+        if softmax == "jax":
+            p = jax.nn.softmax(s, axis=-1)
+        elif softmax == "hand":
+            p = _softmax(s)
+        else:
+            e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+            p = e * (1.0 / jnp.sum(e, axis=-1, keepdims=True))
+        if heads_first:
+            return (jnp.einsum("bhkd,bhqk->bhqd", v, p) if v_first
+                    else jnp.einsum("bhqk,bhkd->bhqd", p, v))
+        return (jnp.einsum("bkhd,bhqk->bqhd", v, p) if v_first
+                else jnp.einsum("bhqk,bkhd->bqhd", p, v))
+
+    shape_q = (b, h, s_q, d) if heads_first else (b, s_q, h, d)
+    shape_kv = (b, h, s_k, d) if heads_first else (b, s_k, h, d)
+    args = (jnp.asarray(rng.standard_normal(shape_q), jnp.float32),
+            *(jnp.asarray(rng.standard_normal(shape_kv), jnp.float32) for _ in range(2)))
+    fn.__name__ = (f"attn_{'bhsd' if heads_first else 'bshd'}_{scale_at}_{extra}{extra_shape}"
+                   f"_{softmax}_{'vp' if v_first else 'pv'}")
+    return fn, args
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_attention_programs(seed, kernel_cache):
+    fn, args = _random_attention(np.random.default_rng(1000 + seed))
+    _check(fn, args, kernel_cache)
