@@ -680,8 +680,8 @@ def _find_attention(flat, options: PlanOptions) -> list:
     """(where, match, spec) of every attention the kernel takes: matched (alt_jax/attention),
     big enough, and with knobs the family validates. Any other (a match too small, or
     refused) stays as its equations, whose dot_generals the matmul family may still take."""
-    if not options.attention:
-        return []
+    if not options.attention or not options.families_for(lax.dot_general_p):
+        return []  # off, or no dot_general may leave XLA (a families table without one)
     where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
     taken = []
     for m in attention_mod.find_attention(jaxpr_pass.open_jaxpr(flat)):
