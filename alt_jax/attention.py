@@ -5,7 +5,9 @@ External, the opcodes (OP_*).
 
 What is matched is structural, not a list of known forms: a dot_general D1 (the scores S,
 one contracting dim), then a region of equations that read S or values computed from it,
-then a dot_general D2 that contracts the region's last value P with V along the key axis.
+with at least one max or sum over the keys (a normalisation: without one, two chained
+matmuls are the matmul family's), then a dot_general D2 that contracts the region's last
+value P with V along the key axis.
 Every region equation must be row-wise: elementwise on values of S's shape (or S's shape
 reduced over the key axis), a max / sum over the key axis, or a relabelling of axes
 (transpose, reshape of unit dims, broadcast of a row's reduction back over the keys,
@@ -353,6 +355,8 @@ def _match_at(flat, uses: _Uses, d1) -> AttentionMatch:
         walk.region.append(eqn)
     if d2 is None:
         raise _NoMatch("no second dot_general")
+    if walk.key is None:  # nothing normalises the rows: a chain of matmuls, not attention
+        raise _NoMatch("no reduction over the keys between the products")
     # D2: P (in the region) against V (outside), contracting P's key axis
     (l2c, r2c), (l2b, r2b) = d2.params["dimension_numbers"]
     a, b = d2.invars

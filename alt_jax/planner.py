@@ -690,7 +690,7 @@ def _find_attention(flat, options: PlanOptions) -> list:
             spec = attention_family.AttentionSpec.from_match(m)
             if family.flops(spec) < options.min_flops:
                 continue
-            family.validate(spec, family.default_knobs(spec, options.isa), options.isa)
+            family.render(spec, family.default_knobs(spec, options.isa), options.isa)
         except Exception:  # noqa: BLE001 - refused: its dot_generals are planned one by one
             continue
         taken.append((where_of[id(m.qk)], m, spec))

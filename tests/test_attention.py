@@ -220,8 +220,11 @@ def test_regions_the_kernel_cannot_compute_stay_as_they_are(kernel_cache):
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(jnp.where(s > 0, s, -1e9)), v)
 
+    def chained_matmuls(q, k, v):  # nothing normalises the rows: the matmul family's
+        return jnp.einsum("bhqk,bkhd->bqhd", jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.5, v)
+
     for fn in (weights_returned, softmax_over_queries, scores_clipped_by_tanh,
-               mask_from_the_scores):
+               mask_from_the_scores, chained_matmuls):
         _no_attention(fn, (q, k, v), kernel_cache)
 
 
