@@ -43,7 +43,7 @@ def test_plan_is_the_exact_optimum_stored_and_replayed(kernel_cache, tmp_path):
     result = graph_tuner.tune_layouts(opt, *model.inputs, records=str(records),
                                       measurer=fake_measurer(calls),
                                       time_conv=lambda c: CONVERSION_S,
-                                      choices=("NHWC", "NC8", "NC16"))
+                                      choices=("NHWC", "NC8", "NC16"), confirm=False)
     # two convs: blocked kernels are cheaper and the pooled features pay one conversion
     # before the classifier whichever block is chosen, so every conv writes blocks
     assert set(result.plan.values()) <= {"NC8", "NC16"} and len(result.plan) == 2
@@ -61,6 +61,52 @@ def test_plan_is_the_exact_optimum_stored_and_replayed(kernel_cache, tmp_path):
     np.testing.assert_allclose(
         np.asarray(alt_jax.optimize(fn, records=str(records), cache=kernel_cache)(
             *model.inputs)), np.asarray(fn(*model.inputs)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("measured", [1.01, 1.10])
+def test_a_plan_is_kept_only_if_the_program_confirms_it(kernel_cache, tmp_path, monkeypatch,
+                                                       measured):
+    """The solver's plan (blocked: cheaper by the fake costs) is stored only when the
+    program under it beats the fixed rule by the margin in interleaved runs; otherwise the
+    fixed rule is stored, and the solved plan is reported beside it."""
+    records = tmp_path / "r.jsonl"
+    records.write_text("")
+    model, fn, opt = _tiny(kernel_cache, records)
+    seen = []
+
+    def confirm(opt_, plan, fixed, args, rounds=graph_tuner.CONFIRM_ROUNDS):
+        seen.append((dict(plan), dict(fixed)))
+        return measured
+    monkeypatch.setattr(graph_tuner, "confirm_in_program", confirm)
+    result = graph_tuner.tune_layouts(opt, *model.inputs, records=str(records),
+                                      measurer=fake_measurer([]),
+                                      time_conv=lambda c: CONVERSION_S,
+                                      choices=("NHWC", "NC8", "NC16"))
+    (solved, fixed), = seen
+    assert set(solved.values()) <= {"NC8", "NC16"} and set(fixed.values()) == {"NHWC"}
+    assert result.confirmed_ratio == measured
+    stored = alt_jax.optimize(fn, records=str(records), cache=kernel_cache,
+                              fallback="error").plan_for(*model.inputs)
+    writes = {d.layouts.split("writes ")[1] for d in stored.rewritten
+              if d.primitive == "conv_general_dilated"}
+    text = graph_tuner.format_result(result)
+    if measured >= 1 + graph_tuner.CONFIRM_MARGIN:
+        assert result.plan == solved and result.solved_plan is None
+        assert all(w.startswith("N C/") for w in writes) and "is kept" in text
+    else:
+        assert result.plan == fixed and result.solved_plan == solved
+        assert writes == {"NHWC"} and "not kept" in text
+        assert result.cost_s == pytest.approx(result.fixed_cost_s)
+
+
+def test_confirmation_times_the_program_both_ways(kernel_cache, tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text("")
+    model, fn, opt = _tiny(kernel_cache, records)
+    ratio = graph_tuner.confirm_in_program(opt, {"eqn 0": "NC8", "eqn 3": "NC8"},
+                                           {"eqn 0": "NHWC", "eqn 3": "NHWC"}, model.inputs,
+                                           rounds=3)
+    assert 0.2 < ratio < 5.0
 
 
 def test_built_problem_prices_what_propagation_does(kernel_cache, tmp_path):
