@@ -24,10 +24,10 @@ import jax
 from jax import lax
 from jax.extend import core as jcore
 
-from alt_jax import (device, fusion, jaxpr_pass, layout_plans, propagate, records as records_mod,
-                     runtime)
+from alt_jax import (attention as attention_mod, device, fusion, jaxpr_pass, layout_plans,
+                     propagate, records as records_mod, runtime)
 from alt_jax.layout import LayoutError
-from alt_jax.ops import registry
+from alt_jax.ops import attention as attention_family, registry
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
 
@@ -63,6 +63,9 @@ class PlanOptions:
     families: Optional[dict] = None
     fuse: bool = True          # absorb affine / residual / activation epilogues into kernels
     pack_weights: bool = True  # pack constant weights once, at plan time
+    # softmax(Q K^T ...) V (any row-wise program between the two dot_generals: scales,
+    # masks, softmax) as one kernel (alt_jax/attention.py, ops/attention.py)
+    attention: bool = True
     propagate: bool = True     # keep conv activations channels-last between kernels
     # The graph level: the layout each conv writes, by its position in the flat program
     # ("eqn 17" -> "NC8"), or one name for every conv (tests force each candidate); names
@@ -399,14 +402,15 @@ def _fuses_epilogues(eqn, options: PlanOptions) -> bool:
     return False
 
 
-def _find_groups(flat, options: PlanOptions) -> dict:
+def _find_groups(flat, options: PlanOptions, taken_by_attention=frozenset()) -> dict:
     """id(anchor) -> (anchor, EpilogueMatch) for every top-level conv/matmul candidate; a
-    kernel without a fusable epilogue is a group of one (an empty match)."""
+    kernel without a fusable epilogue is a group of one (an empty match). Equations an
+    attention kernel computes are neither anchors nor epilogues."""
     uses = fusion.uses_of(flat)
-    taken: set = set()
+    taken: set = set(taken_by_attention)
     groups = {}
     for eqn in jaxpr_pass.open_jaxpr(flat).eqns:
-        if not options.families_for(eqn.primitive):
+        if not options.families_for(eqn.primitive) or id(eqn) in taken_by_attention:
             continue
         axis = _channel_axis(eqn)
         match = None
@@ -555,6 +559,7 @@ class _Program:
     prop: Any         # propagate.Propagation
     constvars: set
     conversion_costs: dict = dataclasses.field(default_factory=dict)  # the graph tuner's
+    attention: list = dataclasses.field(default_factory=list)  # (where, match, spec)
 
     def ops(self, options: PlanOptions):
         """(where, eqn, refine) for every conv/matmul a family may take: refine gives a
@@ -562,8 +567,9 @@ class _Program:
         writes (Unsupported when the family cannot address them), a fused epilogue, weights
         packed once when the rhs is a constant. Ops inside scan / cond / while bodies are
         seen one by one, in their logical layouts (refine None)."""
+        in_attention = {id(e) for _, m, _ in self.attention for e in m.eqns}
         for where, eqn in _walk_with_where(self.flat):
-            if not options.families_for(eqn.primitive):
+            if not options.families_for(eqn.primitive) or id(eqn) in in_attention:
                 continue
             if id(eqn) not in self.groups:
                 yield where, eqn, None
@@ -650,19 +656,90 @@ def _program(jaxpr, options: PlanOptions, flat=None, memo: Optional[dict] = None
     stored = _stored_layout_plan(flat, options)
     if stored is not None:
         options = dataclasses.replace(options, layout_plan=stored["plan"])
-    groups = memo.get("groups") if memo is not None else None
-    if groups is None:  # the groups do not depend on layouts
-        groups = _find_groups(flat, options)
+    found = memo.get("found") if memo is not None else None
+    if found is None:  # attention and the groups do not depend on layouts
+        attention = _find_attention(flat, options)
+        taken = frozenset(id(e) for _, m, _ in attention for e in m.eqns)
+        found = attention, _find_groups(flat, options, taken)
         if memo is not None:
-            memo["groups"] = groups
+            memo["found"] = found
+    attention, groups = found
     skipped = {id(e) for _, m in groups.values() for e in m.eqns}
+    # an attention runs where its D2 stood; D1 and the row program are not evaluated alone
+    skipped |= {id(e) for _, m, _ in attention for e in (m.qk, *m.region)}
     where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
     prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped,
                                  {k: m.residual for k, (_, m) in groups.items()
                                   if m.residual is not None})
     prop.run(_decider(options, where_of, memo))
     return _Program(flat, groups, prop, set(jaxpr_pass.open_jaxpr(flat).constvars),
-                    dict((stored or {}).get("conversion_costs", {})))
+                    dict((stored or {}).get("conversion_costs", {})), attention)
+
+
+def _find_attention(flat, options: PlanOptions) -> list:
+    """(where, match, spec) of every attention the kernel takes: matched (alt_jax/attention),
+    big enough, and with knobs the family validates. Any other (a match too small, or
+    refused) stays as its equations, whose dot_generals the matmul family may still take."""
+    if not options.attention or not options.families_for(lax.dot_general_p):
+        return []  # off, or no dot_general may leave XLA (a families table without one)
+    where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
+    taken = []
+    for m in attention_mod.find_attention(jaxpr_pass.open_jaxpr(flat)):
+        family = attention_family.FAMILY
+        try:
+            spec = attention_family.AttentionSpec.from_match(m)
+            if family.flops(spec) < options.min_flops:
+                continue
+            family.render(spec, family.default_knobs(spec, options.isa), options.isa)
+        except Exception:  # noqa: BLE001 - refused: its dot_generals are planned one by one
+            continue
+        taken.append((where_of[id(m.qk)], m, spec))
+    return taken
+
+
+def _attention_signature(m) -> str:
+    ins = ", ".join(_type(v.aval) for v in (m.q, m.k, m.v))
+    return f"{ins} -> {_type(m.out_var.aval)}"
+
+
+def _choose_attention(where, m, spec, options: PlanOptions):
+    base = dict(where=where, primitive="attention", signature=_attention_signature(m))
+    family = attention_family.FAMILY
+    try:
+        knobs = family.default_knobs(spec, options.isa)
+        src = family.render(spec, knobs, options.isa)
+    except Exception as e:  # noqa: BLE001 - the equations run in XLA, said why
+        return OpDecision(**base, reason=f"attention: planning failed: {type(e).__name__}: "
+                                         f"{e}"), None
+    layouts = (f"row program of {len(spec.instructions) // 5} steps, "
+               f"{len(spec.ext_dtypes)} masks/biases read in place")
+    return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
+                      knobs_from="heuristic", flops=family.flops(spec),
+                      layouts=layouts), (family, src)
+
+
+def _attention_group(m, prop, spec=None, kernel=None):
+    """One call computing the attention's equations: the kernel when there is one, else the
+    equations themselves; differentiable through the equations."""
+    invars = m.invars
+    in_layouts = [prop.layout(v) for v in invars]
+
+    def original(*vals):
+        env = {v: propagate.convert(x, lay, None) for v, x, lay in zip(invars, vals, in_layouts)}
+        for e in m.eqns:
+            ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
+            env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
+        return env[m.out_var]
+
+    if kernel is None:
+        return jaxpr_pass.Group(invars, [m.out_var], lambda vals: [original(*vals)])
+
+    def kernel_call(*vals):
+        ops = [propagate.convert(x, lay, None) for x, lay in zip(vals, in_layouts)]
+        return attention_family.FAMILY.lower(spec, kernel, ops)[0]
+
+    call = jaxpr_pass.differentiable_as(kernel_call, original)
+    return jaxpr_pass.Group(invars, [m.out_var], lambda vals: [call(*vals)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -804,6 +881,11 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
     position = {id(e): i for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
 
     chosen = []  # (eqn, decision, build)
+    attention_at = {}  # id(D2) -> match: the attention group placed there
+    for where, m, spec in program.attention:
+        decision, build = _choose_attention(where, m, spec, options)
+        chosen.append((m.pv, decision, build))
+        attention_at[id(m.pv)] = m
     for where, eqn, refine in program.ops(options):
         decision, build = _choose(eqn, where, options, refine)
         if refine is not None and decision.spec is not None:
@@ -824,6 +906,13 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             else:
                 kernel = result
                 decision = dataclasses.replace(decision, kernel=result)
+        if id(eqn) in attention_at:
+            m = attention_at[id(eqn)]
+            for member in m.eqns:
+                replacements[id(member)] = jaxpr_pass.SKIP
+            replacements[id(m.pv)] = _attention_group(m, prop, decision.spec, kernel)
+            decisions.append(decision)
+            continue
         if kernel is not None and getattr(decision.spec, "prepacked", False):
             try:
                 packed_rhs = _pack_now(family, decision.spec, decision.knobs, options.isa,

@@ -1,8 +1,11 @@
-"""The benchmark runner: whole models or op suites, jax.jit / onnxruntime / alt_jax side by
-side, interleaved in one process, outputs checked against jax.jit before anything is timed.
+"""The benchmark runner: whole models or op suites, jax.jit / onnxruntime / OpenVINO / alt_jax
+side by side, interleaved in one process, outputs checked against jax.jit before anything is
+timed. For a zoo model built in several program layouts, each peer runs the one it runs
+best (benchmarks.peer_forms) and the table says which.
 
 Run: python -m benchmarks.run --suite=models --models=resnet50,mobilenet_v2 \\
-         --peers=xla,onnxruntime [--records=FILE] [--repeat=N] [--json_out=F] [--plot_out=F.png]
+         --peers=xla,onnxruntime,openvino [--records=FILE] [--repeat=N] [--json_out=F]
+         [--plot_out=F.png]
      python -m benchmarks.run --suite=ops --ops=issue2,literature,resnet50_convs
 Entry points: main (absl), run_workloads(workloads, ...) -> list of row dicts.
 """
@@ -21,7 +24,7 @@ import alt_jax
 from alt_jax import _core, device
 from alt_jax.ops import registry
 from alt_jax.records import RecordStore
-from benchmarks import models, peers, suites, timing
+from benchmarks import models, peer_forms, peers, suites, timing
 from benchmarks.tuning_runs import tuning_runs
 
 FLAGS = flags.FLAGS
@@ -33,8 +36,12 @@ flags.DEFINE_list("layouts", ["nhwc"], "program layouts to build each model in (
 flags.DEFINE_list("ops", ["issue2"], f"op suites for --suite=ops: {sorted(suites.SUITES)}")
 flags.DEFINE_list("only", [], "run only workloads whose name contains one of these")
 flags.DEFINE_list("peers", ["xla", "onnxruntime"],
-                  "peers beside alt_jax: xla (jax.jit, always the reference), onnxruntime, "
+                  "peers beside alt_jax: xla (jax.jit, always timed), onnxruntime, openvino, "
                   "xla_eigen (jax.jit with XLA's legacy Eigen path)")
+flags.DEFINE_enum("peer_forms", "best", ["best", "own"],
+                  "best: for a zoo model with several program layouts (NHWC, NCHW), each peer "
+                  "runs the one it is fastest on in a few selection rounds (the table says "
+                  "which; alt_jax runs the row's own); own: every peer runs the row's program")
 flags.DEFINE_bool("ort_spinning", False, "let onnxruntime's threads spin (its default): "
                   "faster for ORT alone, but they take the cores from the other implementations")
 flags.DEFINE_string("records", None, "tuning records (alt-tune): adds an 'alt_jax tuned' "
@@ -46,8 +53,9 @@ flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with p
                   "they are packed once (as onnxruntime's session does); jax.jit still takes "
                   "them as arguments. --noprepare passes them as arguments to alt_jax too")
 flags.DEFINE_bool("ablations", False, "add alt_jax columns with one optimisation off: no "
-                  "layout propagation, no epilogue fusion, no weight packing, no Winograd "
-                  "(3x3 convs on the direct template)")
+                  "layout propagation, no epilogue fusion, no weight packing, no attention "
+                  "kernel (its two products on the matmul kernels, the softmax in XLA), no "
+                  "Winograd (3x3 convs on the direct template)")
 flags.DEFINE_bool("graph_ablation", True, "with --records: add 'alt_jax tuned, fixed NHWC' "
                   "(op-tuned kernels on every conv writing channels-last) beside 'alt_jax "
                   "tuned' (which replays the graph tuner's layout plan stored with the records)")
@@ -58,13 +66,11 @@ flags.DEFINE_float("rtol", 1e-4, "max relative error vs jax.jit; above it the ru
 flags.DEFINE_string("json_out", None, "write machine info and all rows as JSON here")
 flags.DEFINE_string("plot_out", None, "write a PNG bar chart of alt_jax's speedups here")
 
-REFERENCE = "jax.jit"
-
 
 def machine_info(peak_gflops: float, threads: int) -> dict:
     versions = {"python": platform.python_version(), "jax": jax.__version__,
                 "alt_jax": alt_jax.__version__}
-    for mod in ("jaxlib", "numpy", "onnxruntime", "onnx"):
+    for mod in ("jaxlib", "numpy", "onnxruntime", "onnx", "openvino"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -91,15 +97,19 @@ def _alt_jax(model, **options):
     return call
 
 
-def implementations(model, wanted_peers, records, notes: list) -> dict:
-    args = (model.params, *model.inputs)
-    impls = {REFERENCE: peers.xla_peer(model.apply)}
-    if "xla_eigen" in wanted_peers:
-        impls["jax.jit (eigen)"] = peers.xla_eigen_peer(model.apply, *args)
-    if "onnxruntime" in wanted_peers:
+def implementations(model, wanted_peers, records, notes: list, forms=None) -> dict:
+    """Each implementation's callable, taking the workload's (params, *inputs). forms: the
+    model's program layouts ({layout: Model}, its own included), where peers may run
+    another one (--peer_forms=best)."""
+    forms = forms if forms and FLAGS.peer_forms == "best" else {}
+    own = next((layout for layout, m in forms.items() if m.name == model.name), None)
+    if own is None:
+        forms, own = {"own": model}, "own"
+    impls = {}
+    for key in ["xla"] + [k for k in peer_forms.PEER_COLUMNS if k != "xla" and k in wanted_peers]:
         try:
-            impls["onnxruntime"] = peers.onnxruntime_peer(model.apply, model.params, *model.inputs,
-                                                          spinning=FLAGS.ort_spinning)
+            impls[peer_forms.PEER_COLUMNS[key]] = peer_forms.on_best_form(
+                key, forms, own, spinning=FLAGS.ort_spinning)
         except peers.PeerUnavailable as e:
             if str(e) not in notes:
                 notes.append(str(e))
@@ -121,6 +131,7 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
         for label, options in (("no propagation", dict(propagate=False)),
                                ("no fusion", dict(fuse=False)),
                                ("no weight packing", dict(pack_weights=False)),
+                               ("no attention kernel", dict(attention=False)),
                                ("no Winograd", dict(families=registry.family_table(
                                    exclude=("winograd",))))):
             impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)
@@ -129,19 +140,30 @@ def implementations(model, wanted_peers, records, notes: list) -> dict:
     return impls
 
 
+def check_outputs(model, impls, rtol: float) -> None:
+    """Every implementation's answer on the workload's arguments against jax.jit of the
+    program it runs (a peer on another program layout: that form's own); a mismatch is an
+    error (timing.MismatchError), never a row."""
+    args = (model.params, *model.inputs)
+    want = jax.jit(model.apply)(*args)
+    for name, fn in impls.items():
+        form = getattr(fn, "form", None)
+        timing.check_close(f"{model.name} [{name}]", fn(*args),
+                           jax.jit(form.apply)(form.params, *form.inputs) if form else want,
+                           rtol)
+
+
 def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records, peak,
                   rtol: float, notes: list, settings: dict) -> list:
     """Measures each (model, count); fills settings with each implementation's threads."""
     rows = []
-    for model, count in workloads:
+    for model, count, *forms in workloads:
         args = (model.params, *model.inputs)
-        impls = implementations(model, wanted_peers, records, notes)
+        impls = implementations(model, wanted_peers, records, notes, *forms)
         for name, fn in impls.items():
             settings.setdefault(name, getattr(fn, "settings", None) or
                                 {"impl": name, "threads": "XLA's intra-op pool (kernels use it)"})
-        want = impls[REFERENCE](*args)
-        for name, fn in impls.items():  # a mismatch is an error, never a row
-            timing.check_close(f"{model.name} [{name}]", fn(*args), want, rtol)
+        check_outputs(model, impls, rtol)
         with timing.OthersLoad() as load:
             t = timing.interleaved(impls, args, config)
         flops = model.flops
@@ -156,6 +178,11 @@ def run_workloads(workloads, config: timing.MeasureConfig, wanted_peers, records
                                   "max_ms": tm.high * 1e3,
                                   "gflops": flops / tm.median / 1e9,
                                   "pct_peak": 100 * flops / tm.median / 1e9 / peak}
+            peer_settings = getattr(impls[name], "settings", None) or {}
+            if "program_layout" in peer_settings:
+                row["impls"][name]["program_layout"] = peer_settings["program_layout"]
+                if "selection_ms" in peer_settings:
+                    row["impls"][name]["selection_ms"] = peer_settings["selection_ms"]
         # the graph level (issue 10's ablations), each pair in the same rounds
         for key, (a, b) in {"graph_vs_fixed_nhwc": ("alt_jax tuned", "alt_jax tuned, fixed NHWC"),
                             "joint_vs_loop_only": ("alt_jax joint tuned",
@@ -226,6 +253,12 @@ def format_table(rows) -> str:
                           else f"{'-':>17}" for p in peer_names)
         lines.append(f"{r['workload']:<34} {r['count']:>3} {r['flops'] / 1e6:8.1f} {cells} "
                      f"{ours['gflops']:8.1f} {ours['pct_peak']:6.1f} {ratios}")
+    for r in rows:  # which program each peer ran, where it had a choice
+        chose = [f"{n} ran {v['program_layout'].upper()} (selection: " +
+                 ", ".join(f"{k.upper()} {ms:.3f} ms" for k, ms in v["selection_ms"].items()) + ")"
+                 for n, v in r["impls"].items() if "selection_ms" in v]
+        if chose:
+            lines.append(f"{r['workload']}: {'; '.join(chose)}")
     for r in rows:  # tuning's gain: each tuned column against untuned alt_jax, same rounds
         gains = [f"{n[len('alt_jax '):]} {r['impls'][n]['speedup_vs']['alt_jax']:.3f}x"
                  for n in r["impls"] if n.startswith("alt_jax") and "tuned" in n]
@@ -276,14 +309,14 @@ def collect_workloads() -> list:
     workloads = []
     if FLAGS.suite == "models":
         for name in FLAGS.models:
+            forms = models.forms(name, FLAGS.batch)  # every program layout: peers may pick
             for layout in FLAGS.layouts:
-                try:
-                    model = models.build(name, layout=layout, batch=FLAGS.batch)
-                except ValueError as e:
-                    print(f"skip {name} {layout}: {e}")
+                if layout not in forms:
+                    print(f"skip {name} {layout}: the zoo builds {name} only as "
+                          f"{', '.join(forms)}")
                     continue
-                if only(model.name):
-                    workloads.append((model, 1))
+                if only(forms[layout].name):
+                    workloads.append((forms[layout], 1, forms))
     else:
         for suite in FLAGS.ops:
             workloads += [(m, c) for m, c in suites.build_suite(suite) if only(m.name)]

@@ -20,7 +20,7 @@ def test_runner_smoke_tiny_model(tmp_path):
     env = dict(os.environ, ALT_JAX_CACHE_DIR=str(tmp_path / "kernels"))
     cmd = [sys.executable, "-m", "benchmarks.run", "--suite=models", "--models=tiny_cnn",
            "--layouts=nhwc,nchw", "--repeat=1", "--min_round_ms=1",
-           "--peers=xla,onnxruntime", "--ablations",
+           "--peers=xla,onnxruntime,openvino", "--ablations",
            f"--json_out={out_json}", f"--plot_out={out_png}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -30,20 +30,31 @@ def test_runner_smoke_tiny_model(tmp_path):
     assert {"jax", "alt_jax"} <= set(report["machine"]["versions"])
     assert [r["workload"] for r in report["rows"]] == ["tiny_cnn-nhwc", "tiny_cnn-nchw"]
     have_ort = importlib.util.find_spec("onnxruntime") is not None
+    have_ov = importlib.util.find_spec("openvino") is not None
     for row in report["rows"]:
         assert row["flops"] == models.build("tiny_cnn").flops
         ours = row["impls"]["alt_jax"]
         assert ours["median_ms"] > 0 and ours["pct_peak"] > 0
         assert "jax.jit" in ours["speedup_vs"]
         assert ("onnxruntime" in ours["speedup_vs"]) == have_ort
+        assert ("OpenVINO" in ours["speedup_vs"]) == have_ov
+        for peer in ("jax.jit", "onnxruntime", "OpenVINO"):  # each on its faster form
+            if peer in row["impls"]:
+                chosen = row["impls"][peer]
+                times = chosen["selection_ms"]  # (rounded: two forms may tie)
+                assert times[chosen["program_layout"]] == min(times.values())
         assert row["alt_jax_ops_on_kernels"][1] == 3
         assert {f"alt_jax ({a})" for a in ("no propagation", "no fusion", "no weight packing",
-                                           "no Winograd")} <= set(row["impls"])
+                                           "no attention kernel", "no Winograd")
+                } <= set(row["impls"])
     assert "jax.jit" in report["thread_settings"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert out_png.stat().st_size > 1000
     if not have_ort:
         assert "onnxruntime is not installed" in proc.stdout
+    if not have_ov:
+        assert "OpenVINO is not installed" in proc.stdout
+    assert "OpenVINO ran" in proc.stdout or not have_ov
 
 
 def test_a_wrong_output_is_an_error_not_a_row(monkeypatch):
@@ -143,3 +154,69 @@ def test_tuned_columns_per_run_kind_and_the_per_op_ablation(tmp_path, monkeypatc
     assert len(op_rows) == 2 and all(
         set(r["ms"]) == {"untuned", "joint tuned", "loop-only tuned"} for r in op_rows)
     assert "whole model" in tuned_ops.format_rows(op_rows)
+
+
+def test_openvino_peer_matches_jax_jit_and_sends_nothing():
+    if importlib.util.find_spec("openvino") is None:  # not importorskip: the peer imports it
+        pytest.skip("OpenVINO is an optional benchmark peer: pip install openvino")
+    from benchmarks import peers
+    model = models.build("tiny_cnn", layout="nchw")
+    args = (model.params, *model.inputs)
+    ov = peers.openvino_peer(model.apply, model.params, *model.inputs)
+    got = ov(*args)
+    timing.check_close("openvino", got, jax.jit(model.apply)(*args), 1e-5)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    assert ov.settings["PERFORMANCE_HINT"] == "LATENCY"
+    assert ov.settings["INFERENCE_NUM_THREADS"] == os.cpu_count()
+    assert "32" in ov.settings["INFERENCE_PRECISION_HINT"]  # f32: no bf16 down-conversion
+    assert sys.modules["openvino_telemetry"] is None  # openvino's no-op stub, no fork
+    other = jax.tree_util.tree_map(lambda a: a + 1, model.params)
+    with pytest.raises(ValueError, match="OpenVINO peer: params differ"):
+        ov(other, *model.inputs)
+
+
+def _sleeper(name, seconds, out):
+    import time
+
+    def run(params, x):
+        time.sleep(seconds)
+        return out
+    from benchmarks import peers
+    return peers.Peer(name, run, {"impl": name})
+
+
+def test_each_peer_runs_the_form_it_is_faster_on(monkeypatch):
+    from benchmarks import peer_forms
+    forms = models.forms("tiny_cnn")
+    assert set(forms) == {"nhwc", "nchw"} and set(models.forms("bert_layer")) == {"nhwc"}
+    delay = {"nhwc": 0.004, "nchw": 0.0}
+    monkeypatch.setattr(peer_forms, "build_peer", lambda key, model, spinning=False: _sleeper(
+        key, delay[model.name.split("-")[1]], model.name))
+    fast = timing.MeasureConfig(warmup=0, repeat=3, min_round_ms=1)
+    peer = peer_forms.on_best_form("openvino", forms, "nhwc", fast)
+    assert isinstance(peer, peer_forms.FormPeer) and peer.form is forms["nchw"]
+    assert peer(*forms["nhwc"].inputs) == "tiny_cnn-nchw"  # the row's args: its own form's
+    assert peer.settings["program_layout"] == "nchw"
+    assert peer.settings["selection_ms"]["nhwc"] > peer.settings["selection_ms"]["nchw"]
+    delay.update(nhwc=0.0, nchw=0.004)
+    same = peer_forms.on_best_form("openvino", forms, "nhwc", fast)
+    assert not isinstance(same, peer_forms.FormPeer) and same(None, None) == "tiny_cnn-nhwc"
+    assert same.settings["program_layout"] == "nhwc"
+    alone = peer_forms.on_best_form("openvino", {"nhwc": forms["nhwc"]}, "nhwc", fast)
+    assert alone.settings["program_layout"] == "nhwc" and "selection_ms" not in alone.settings
+
+
+def test_a_peer_on_another_form_is_checked_against_that_form():
+    """A peer running the NCHW program for an NHWC row answers for the NCHW weights: it is
+    checked against jax.jit of that form, and a wrong answer there is still an error."""
+    import dataclasses
+
+    from benchmarks import peer_forms, peers
+    forms = models.forms("tiny_cnn")
+    nchw = jax.jit(forms["nchw"].apply)
+    right = peer_forms.FormPeer(peers.Peer("p", nchw, {}), forms["nchw"], {})
+    wrong = dataclasses.replace(right, peer=peers.Peer("p", lambda *a: nchw(*a) * 1.01, {}))
+    own = {"jax.jit": jax.jit(forms["nhwc"].apply)}
+    run.check_outputs(forms["nhwc"], {**own, "p": right}, 1e-4)
+    with pytest.raises(timing.MismatchError, match=r"\[p\]"):
+        run.check_outputs(forms["nhwc"], {**own, "p": wrong}, 1e-4)

@@ -2,8 +2,9 @@
 them give jax.jit's outputs through alt_jax.optimize, with every conv and matmul on a kernel.
 
 Entry points: one test per client (test_flax_nnx_cnn, test_flax_linen_transformer_block,
-test_equinox_cnn, test_keras_mobilenet_v2); each counts its convs and matmuls from the model's
-own layers, not from the plan, so an op the planner never saw or left to XLA fails the test.
+test_equinox_cnn, test_keras_mobilenet_v2); each counts its convs, matmuls and attentions from
+the model's own layers, not from the plan, so an op the planner never saw or left to XLA fails
+the test.
 """
 import collections
 import os
@@ -125,9 +126,11 @@ def test_flax_linen_transformer_block(kernel_cache):
     block = _flax_linen_block(width, heads)
     x = _normal(np.random.default_rng(0), (2, 16, width))
     params = block.init(jax.random.key(1), x)
-    # query, key and value projections (rhs with two free dims: heads x head size), the two
-    # attention einsums, the output projection, the two MLP layers
-    _check_against_jit(block.apply, (params, x), kernel_cache, {DOT: 3 + 2 + 1 + 2})
+    # query, key and value projections (rhs with two free dims: heads x head size), the
+    # output projection, the two MLP layers; the two attention einsums and the softmax
+    # between them as one attention kernel
+    _check_against_jit(block.apply, (params, x), kernel_cache,
+                       {DOT: 3 + 1 + 2, "attention": 1})
 
 
 # -- Equinox: a CNN on one image, vmapped over the batch ----------------------------------------

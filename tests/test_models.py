@@ -9,7 +9,7 @@ import pytest
 
 import alt_jax
 from benchmarks import models
-from benchmarks.models import bert, mobilenet_v2
+from benchmarks.models import bert, gpt2, mobilenet_v2
 
 VISION = {"resnet18", "resnet50", "mobilenet_v2"}
 
@@ -21,14 +21,23 @@ def _model(name, layout="nhwc"):
 
 @functools.cache
 def _reference(name):
+    """The model's outputs under jax.jit, as a list of numpy arrays (its pytree's leaves)."""
     m = _model(name)
-    return np.asarray(jax.jit(m.apply)(m.params, *m.inputs))
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.jit(m.apply)(m.params,
+                                                                              *m.inputs))]
 
 
-def _expected_shape(name, batch):
+SEQ = {"bert_layer_384": 384, "gpt2_block_512": 512}
+
+
+def _expected_shapes(name, batch):
     if name == "tiny_cnn":
-        return (batch, 10)
-    return (batch, 1000) if name in VISION else (batch, bert.SEQ, bert.HIDDEN)
+        return [(batch, 10)]
+    if name in VISION:
+        return [(batch, 1000)]
+    if name == "gpt2_decode":  # the block's output, the new token's keys and values
+        return [(batch, 1, gpt2.HIDDEN)] + [(batch, 1, gpt2.HEADS, gpt2.HEAD_DIM)] * 2
+    return [(batch, SEQ.get(name, bert.SEQ), bert.HIDDEN)]
 
 
 def _mobilenet_v2_flops(batch=1):
@@ -47,8 +56,12 @@ def _mobilenet_v2_flops(batch=1):
     return 2 * macs * batch
 
 
-def _bert_flops(layers, batch=1, s=128, h=768, f=3072):
-    per_layer = 4 * 2 * s * h * h + 2 * 2 * s * h * f + 2 * 2 * s * s * h
+def _bert_flops(layers, batch=1, s=128, h=768, f=3072, keys=None):
+    """A transformer layer: 4 projections, the MLP's two matmuls, the two attention
+    products (s queries x `keys` keys; a prompt attends to itself). GPT-2's block has the
+    same matmuls (its fused QKV projection is 3 of the 4)."""
+    keys = s if keys is None else keys
+    per_layer = 4 * 2 * s * h * h + 2 * 2 * s * h * f + 2 * 2 * s * keys * h
     return layers * per_layer * batch
 
 
@@ -59,6 +72,10 @@ EXPECTED_FLOPS = {
     "mobilenet_v2": (_mobilenet_v2_flops(), 0.01),
     "bert_layer": (_bert_flops(1), 0.0),
     "bert_12": (_bert_flops(12), 0.0),
+    "bert_layer_384": (_bert_flops(1, s=384), 0.0),
+    "gpt2_block": (_bert_flops(1), 0.0),
+    "gpt2_block_512": (_bert_flops(1, s=512), 0.0),
+    "gpt2_decode": (_bert_flops(1, s=1, keys=512), 0.0),
     # conv 3x3 3->16 @16, conv 3x3/2 16->32 to 8x8, dense 32->10
     "tiny_cnn": (2 * (16 * 16 * 16 * 3 * 9 + 8 * 8 * 32 * 16 * 9 + 32 * 10), 0.0),
 }
@@ -77,9 +94,9 @@ def test_flop_count_matches_closed_form(name):
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_runs_under_jit_to_a_finite_output(name):
-    out = _reference(name)
-    assert out.shape == _expected_shape(name, 1)
-    assert np.isfinite(out).all()
+    outs = _reference(name)
+    assert [o.shape for o in outs] == _expected_shapes(name, 1)
+    assert all(np.isfinite(o).all() for o in outs)
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -90,8 +107,8 @@ def test_weights_are_deterministic_and_batch_sets_the_input(name):
     assert len(first) == len(second)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     assert again.inputs[0].shape[0] == 2
-    assert jax.eval_shape(again.apply, again.params, *again.inputs).shape == \
-        _expected_shape(name, 2)
+    shapes = jax.eval_shape(again.apply, again.params, *again.inputs)
+    assert [s.shape for s in jax.tree_util.tree_leaves(shapes)] == _expected_shapes(name, 2)
 
 
 def test_mobilenet_v2_nchw_is_the_same_network():
@@ -102,14 +119,15 @@ def test_mobilenet_v2_nchw_is_the_same_network():
     assert out.shape == (1, 1000) and np.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ["bert_layer", "bert_12"])
-def test_bert_rejects_nchw_with_the_fix(name):
+@pytest.mark.parametrize("name", ["bert_layer", "bert_12", "gpt2_block", "gpt2_decode"])
+def test_sequence_models_reject_nchw_with_the_fix(name):
     with pytest.raises(ValueError, match="layout='nhwc'"):
         models.build(name, layout="nchw")
 
 
-# With a cold kernel cache the ResNets take ~10 s each (all five together > 30 s): slow.
-_SLOW = {"resnet18", "resnet50"}
+# With a cold kernel cache the ResNets take ~10 s each (all five together > 30 s): slow; so
+# do the long-sequence transformers (6-8 GFLOP a call, under jit and the kernels).
+_SLOW = {"resnet18", "resnet50", "bert_layer_384", "gpt2_block_512"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
@@ -117,7 +135,7 @@ _SLOW = {"resnet18", "resnet50"}
 def test_optimize_matches_jit(kernel_cache, name):
     m = _model(name)
     optimized = alt_jax.optimize(m.apply, cache=kernel_cache, fallback="silent")
-    got = np.asarray(optimized(m.params, *m.inputs))
-    want = _reference(name)
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() / max(1.0, np.abs(want).max()) <= 1e-4
+    got = [np.asarray(x) for x in jax.tree_util.tree_leaves(optimized(m.params, *m.inputs))]
+    for g, w in zip(got, _reference(name), strict=True):
+        assert g.shape == w.shape
+        assert np.abs(g - w).max() / max(1.0, np.abs(w).max()) <= 1e-4

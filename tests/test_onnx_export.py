@@ -153,7 +153,8 @@ def _model_cases():
     from benchmarks.models import MODELS
 
     cases = [("resnet18", {"layout": "nhwc"}), ("resnet18", {"layout": "nchw"}),
-             ("mobilenet_v2", {"layout": "nhwc"}), ("bert_layer", {})]
+             ("mobilenet_v2", {"layout": "nhwc"}), ("bert_layer", {}), ("gpt2_block", {}),
+             ("gpt2_decode", {})]
     return [pytest.param(name, kw, id=f"{name}-{kw.get('layout', '')}".rstrip("-"))
             for name, kw in cases if name in MODELS]
 

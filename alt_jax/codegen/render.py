@@ -2,7 +2,8 @@
 
 Entry points: render(template_text, values), load_template(name), Int/Ident checks.
 Template placeholders are written @NAME@; every placeholder must be given and every value
-must be an int (within its declared range), a bool, or an identifier from a fixed set.
+must be an int (within its declared range), a bool, an identifier from a fixed set, or a
+tuple of ints (rendered as a C++ brace list: a table the kernel reads, e.g. a row program).
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ def _source_text(key: str, value) -> str:
         return str(value)
     if isinstance(value, str) and _IDENT.match(value):
         return value
+    if isinstance(value, tuple) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return "{" + ", ".join(_source_text(key, v) for v in value) + "}"
     raise RenderError(
-        f"@{key}@={value!r}: only ints, bools and identifiers may be rendered into source")
+        f"@{key}@={value!r}: only ints, bools, identifiers and non-empty tuples of ints may "
+        f"be rendered into source")
 
 
 def render(template: str, values: dict) -> str:

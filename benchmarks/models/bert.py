@@ -1,7 +1,7 @@
 """A BERT-base encoder stack (Devlin et al. 2019), inference: post-LayerNorm layers over the
 embeddings output. Entry point: build(num_layers, layout, batch) -> Model.
 
-Seq 128, hidden 768, 12 heads of 64, FFN 3072, tanh GELU, no attention mask, no embedding
+Seq 128 (or `seq`), hidden 768, 12 heads of 64, FFN 3072, tanh GELU, no attention mask, no embedding
 lookup: the input is a (batch, 128, 768) float32 activation. Dense weights are (in, out).
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _layer(x, lp):
     return layer_norm(x + _dense(gelu(_dense(x, lp["ffn_in"])), lp["ffn_out"]), lp["ln2"])
 
 
-def build(num_layers: int, layout_name: str = "nhwc", batch: int = 1) -> Model:
+def build(num_layers: int, layout_name: str = "nhwc", batch: int = 1, seq: int = SEQ) -> Model:
     if layout_name not in LAYOUTS:
         raise ValueError(f"BERT has one form, (batch, seq, hidden) activations with (in, out) "
                          f"weights; got layout={layout_name!r}: pass layout='nhwc' (or omit it)")
@@ -80,6 +80,7 @@ def build(num_layers: int, layout_name: str = "nhwc", batch: int = 1) -> Model:
             x = _layer(x, lp)
         return x
 
-    x = Params(seed=1).normal((batch, SEQ, HIDDEN), 1.0)
+    x = Params(seed=1).normal((batch, seq, HIDDEN), 1.0)
     name = "bert_layer" if num_layers == 1 else f"bert_{num_layers}"
+    name += "" if seq == SEQ else f"_s{seq}"
     return Model(name, apply, params, (x,))
