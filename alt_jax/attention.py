@@ -100,14 +100,6 @@ class RowProgram:
     instructions: tuple  # (op, dst, a, b, c) per instruction, flattened
     result: int
 
-    @property
-    def n_slots(self) -> int:
-        return len(self.full)
-
-    @property
-    def n_instructions(self) -> int:
-        return len(self.instructions) // 5
-
 
 @dataclasses.dataclass(frozen=True)
 class AttentionMatch:
@@ -142,10 +134,6 @@ class AttentionMatch:
     @property
     def out_var(self):
         return self.pv.outvars[0]
-
-    def flops(self) -> int:
-        rows = int(np.prod(self.batch, dtype=np.int64)) * self.sq
-        return 2 * rows * self.sk * (self.d + self.dv)
 
 
 def _row_major(shape) -> list:
@@ -192,20 +180,23 @@ class _Walk:
         self.uses = uses
         self.key = None            # "x" or "y": the free axis of D1 reductions run over
         self.roles: dict = {}      # region var -> roles per axis
-        self.slot: dict = {}       # region var -> slot
-        self.full: list = []
+        # region var -> slot; whether a slot is a row of keys is read off the roles once
+        # D2 says which free axis is the key (RowProgram.full)
+        self.slot: dict = {}
+        self.n_slots = 0
         self.constants: list = []
         self.code: list = []
-        self.externals: list = []  # External (roles filled in later)
+        self.externals: list = []  # (var, dtype) per external
         self.ext_roles: list = []  # per external: roles of its var's axes
+        self.ext_slots: list = []  # per external: the slot its OP_LOAD fills
         self.region: list = []
 
-    def new_slot(self, full: bool) -> int:
-        self.full.append(full)
-        return len(self.full) - 1
+    def new_slot(self) -> int:
+        self.n_slots += 1
+        return self.n_slots - 1
 
     def constant(self, value: float) -> int:
-        s = self.new_slot(False)
+        s = self.new_slot()
         bits = struct.unpack("<i", struct.pack("<f", float(np.float32(value))))[0]
         self.constants += [s, bits]
         return s
@@ -243,7 +234,8 @@ class _Walk:
                 return self.constant(float(np.asarray(source.val)))
         self.externals.append((source, dtype))
         self.ext_roles.append(roles)
-        s = self.new_slot(False)  # whether it is a row: decided once the key axis is known
+        s = self.new_slot()
+        self.ext_slots.append(s)
         self.code += [OP_LOAD, s, len(self.externals) - 1, 0, 0]
         return s
 
@@ -268,7 +260,7 @@ class _Walk:
             v = src
 
     def emit(self, op, out_var, a=0, b=0, c=0) -> int:
-        s = self.new_slot(False)  # whether it is a row: decided once the key axis is known
+        s = self.new_slot()
         self.slot[out_var] = s
         self.code += [op, s, a, b, c]
         return s
@@ -341,7 +333,7 @@ def _match_at(flat, uses: _Uses, d1) -> AttentionMatch:
     walk = _Walk(uses)
     walk.roles[s_var] = s_roles
     # which of x / y is the key side is decided by D2's contraction; renamed after it
-    walk.slot[s_var] = walk.new_slot(True)
+    walk.slot[s_var] = walk.new_slot()
     start = next(i for i, e in enumerate(flat.eqns) if e is d1)
     d2 = None
     for eqn in flat.eqns[start + 1:]:
@@ -387,7 +379,7 @@ def _match_at(flat, uses: _Uses, d1) -> AttentionMatch:
     for var, roles in walk.roles.items():
         if not needed <= set(roles):
             raise _NoMatch("a region value lost a batch or query axis")
-        if roles.count("k") > 1 or any(roles.count(r) > 1 for r in roles if r != "1"):
+        if any(roles.count(r) > 1 for r in roles if r != "1"):
             raise _NoMatch("a role on two axes")
     # D2's batch dims pair P's batch axes with V's; its free dims are q (P) and dv (V)
     v_shape = v_var.aval.shape
@@ -436,14 +428,13 @@ def _match_at(flat, uses: _Uses, d1) -> AttentionMatch:
             raise _NoMatch("an external varies along d")
         externals.append(External(var, dtype, _strides_for(var.aval.shape, roles,
                                                           roles_order)))
-    # full-ness was decided with x/y names: recompute it with the final roles
-    full = list(walk.full)
+    # a row of keys: a region value with the key axis, an external varying along it;
+    # constants are one float per row
+    full = [False] * walk.n_slots
     for var, s in walk.slot.items():
         full[s] = "k" in walk.roles[var]
-    for i, ext in enumerate(externals):
-        load = [j for j in range(0, len(walk.code), 5)
-                if walk.code[j] == OP_LOAD and walk.code[j + 2] == i][0]
-        full[walk.code[load + 1]] = ext.strides[-1] != 0
+    for s, ext in zip(walk.ext_slots, externals):
+        full[s] = ext.strides[-1] != 0
     program = RowProgram(tuple(full), tuple(walk.constants), tuple(walk.code),
                          walk.slot[p_var])
     d = int(x.aval.shape[lc[0]])

@@ -61,9 +61,6 @@ class AttentionSpec:
     def n_batch(self) -> int:
         return int(np.prod(self.batch, dtype=np.int64))
 
-    def workload(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
 class AttentionKnobs:
