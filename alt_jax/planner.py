@@ -448,11 +448,8 @@ def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=Non
     out_layout = prop.layout(match.out_var)
 
     def original(*vals):  # laid out in and out, through the logical program
-        env = {v: propagate.convert(x, lay, None) for v, x, lay in zip(invars, vals, in_layouts)}
-        for e in members:
-            ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
-            env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
-        return propagate.convert(env[match.out_var], None, out_layout)
+        return propagate.convert(_run_logically(members, invars, in_layouts, vals,
+                                                match.out_var), None, out_layout)
 
     if kernel is None:
         return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [original(*vals)])
@@ -493,6 +490,16 @@ def _group(eqn, match, prop, family=None, spec=None, kernel=None, packed_rhs=Non
 
     call = jaxpr_pass.differentiable_as(guarded_call, original)
     return jaxpr_pass.Group(invars, [match.out_var], lambda vals: [call(*vals)])
+
+
+def _run_logically(eqns, invars, in_layouts, vals, out_var):
+    """out_var computed by the equations themselves from invars' values (laid out as
+    in_layouts say, converted to the program's own layouts first)."""
+    env = {v: propagate.convert(x, lay, None) for v, x, lay in zip(invars, vals, in_layouts)}
+    for e in eqns:
+        ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
+        env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
+    return env[out_var]
 
 
 def _last_uses(jaxpr) -> dict:
@@ -559,7 +566,7 @@ class _Program:
     prop: Any         # propagate.Propagation
     constvars: set
     conversion_costs: dict = dataclasses.field(default_factory=dict)  # the graph tuner's
-    attention: list = dataclasses.field(default_factory=list)  # (where, match, spec)
+    attention: list = dataclasses.field(default_factory=list)  # _Attention
 
     def ops(self, options: PlanOptions):
         """(where, eqn, refine) for every conv/matmul a family may take: refine gives a
@@ -567,7 +574,7 @@ class _Program:
         writes (Unsupported when the family cannot address them), a fused epilogue, weights
         packed once when the rhs is a constant. Ops inside scan / cond / while bodies are
         seen one by one, in their logical layouts (refine None)."""
-        in_attention = {id(e) for _, m, _ in self.attention for e in m.eqns}
+        in_attention = {id(e) for a in self.attention for e in a.match.eqns}
         for where, eqn in _walk_with_where(self.flat):
             if not options.families_for(eqn.primitive) or id(eqn) in in_attention:
                 continue
@@ -656,18 +663,18 @@ def _program(jaxpr, options: PlanOptions, flat=None, memo: Optional[dict] = None
     stored = _stored_layout_plan(flat, options)
     if stored is not None:
         options = dataclasses.replace(options, layout_plan=stored["plan"])
+    where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
     found = memo.get("found") if memo is not None else None
     if found is None:  # attention and the groups do not depend on layouts
-        attention = _find_attention(flat, options)
-        taken = frozenset(id(e) for _, m, _ in attention for e in m.eqns)
+        attention = _find_attention(flat, options, where_of)
+        taken = frozenset(id(e) for a in attention for e in a.match.eqns)
         found = attention, _find_groups(flat, options, taken)
         if memo is not None:
             memo["found"] = found
     attention, groups = found
     skipped = {id(e) for _, m in groups.values() for e in m.eqns}
     # an attention runs where its D2 stood; D1 and the row program are not evaluated alone
-    skipped |= {id(e) for _, m, _ in attention for e in (m.qk, *m.region)}
-    where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
+    skipped |= {id(e) for a in attention for e in (a.match.qk, *a.match.region)}
     prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped,
                                  {k: m.residual for k, (_, m) in groups.items()
                                   if m.residual is not None})
@@ -676,24 +683,36 @@ def _program(jaxpr, options: PlanOptions, flat=None, memo: Optional[dict] = None
                     dict((stored or {}).get("conversion_costs", {})), attention)
 
 
-def _find_attention(flat, options: PlanOptions) -> list:
-    """(where, match, spec) of every attention the kernel takes: matched (alt_jax/attention),
-    big enough, and with knobs the family validates. Any other (a match too small, or
+@dataclasses.dataclass(frozen=True)
+class _Attention:
+    """An attention the kernel takes: where D1 stands, the match, and the kernel's spec,
+    heuristic knobs and rendered source (rendered while deciding, so never twice)."""
+
+    where: str
+    match: Any
+    spec: Any
+    knobs: Any
+    source: Any
+
+
+def _find_attention(flat, options: PlanOptions, where_of: dict) -> list:
+    """An _Attention for every attention the kernel takes: matched (alt_jax/attention), big
+    enough, and rendered with the family's knobs. Any other (a match too small, or
     refused) stays as its equations, whose dot_generals the matmul family may still take."""
     if not options.attention or not options.families_for(lax.dot_general_p):
         return []  # off, or no dot_general may leave XLA (a families table without one)
-    where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
+    family = attention_family.FAMILY
     taken = []
     for m in attention_mod.find_attention(jaxpr_pass.open_jaxpr(flat)):
-        family = attention_family.FAMILY
         try:
             spec = attention_family.AttentionSpec.from_match(m)
             if family.flops(spec) < options.min_flops:
                 continue
-            family.render(spec, family.default_knobs(spec, options.isa), options.isa)
+            knobs = family.default_knobs(spec, options.isa)
+            source = family.render(spec, knobs, options.isa)
         except Exception:  # noqa: BLE001 - refused: its dot_generals are planned one by one
             continue
-        taken.append((where_of[id(m.qk)], m, spec))
+        taken.append(_Attention(where_of[id(m.qk)], m, spec, knobs, source))
     return taken
 
 
@@ -702,20 +721,14 @@ def _attention_signature(m) -> str:
     return f"{ins} -> {_type(m.out_var.aval)}"
 
 
-def _choose_attention(where, m, spec, options: PlanOptions):
-    base = dict(where=where, primitive="attention", signature=_attention_signature(m))
-    family = attention_family.FAMILY
-    try:
-        knobs = family.default_knobs(spec, options.isa)
-        src = family.render(spec, knobs, options.isa)
-    except Exception as e:  # noqa: BLE001 - the equations run in XLA, said why
-        return OpDecision(**base, reason=f"attention: planning failed: {type(e).__name__}: "
-                                         f"{e}"), None
+def _choose_attention(a: _Attention):
+    family, spec = attention_family.FAMILY, a.spec
     layouts = (f"row program of {len(spec.instructions) // 5} steps, "
                f"{len(spec.ext_dtypes)} masks/biases read in place")
-    return OpDecision(**base, family=family.name, spec=spec, knobs=knobs,
-                      knobs_from="heuristic", flops=family.flops(spec),
-                      layouts=layouts), (family, src)
+    return OpDecision(where=a.where, primitive="attention",
+                      signature=_attention_signature(a.match), family=family.name,
+                      spec=spec, knobs=a.knobs, knobs_from="heuristic",
+                      flops=family.flops(spec), layouts=layouts), (family, a.source)
 
 
 def _attention_group(m, prop, spec=None, kernel=None):
@@ -725,11 +738,7 @@ def _attention_group(m, prop, spec=None, kernel=None):
     in_layouts = [prop.layout(v) for v in invars]
 
     def original(*vals):
-        env = {v: propagate.convert(x, lay, None) for v, x, lay in zip(invars, vals, in_layouts)}
-        for e in m.eqns:
-            ins = [v.val if isinstance(v, jcore.Literal) else env[v] for v in e.invars]
-            env.update(zip(e.outvars, jaxpr_pass.bind_eqn(e, ins)))
-        return env[m.out_var]
+        return _run_logically(m.eqns, invars, in_layouts, vals, m.out_var)
 
     if kernel is None:
         return jaxpr_pass.Group(invars, [m.out_var], lambda vals: [original(*vals)])
@@ -882,10 +891,9 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
 
     chosen = []  # (eqn, decision, build)
     attention_at = {}  # id(D2) -> match: the attention group placed there
-    for where, m, spec in program.attention:
-        decision, build = _choose_attention(where, m, spec, options)
-        chosen.append((m.pv, decision, build))
-        attention_at[id(m.pv)] = m
+    for a in program.attention:
+        chosen.append((a.match.pv, *_choose_attention(a)))
+        attention_at[id(a.match.pv)] = a.match
     for where, eqn, refine in program.ops(options):
         decision, build = _choose(eqn, where, options, refine)
         if refine is not None and decision.spec is not None:
