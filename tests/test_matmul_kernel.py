@@ -187,6 +187,25 @@ def test_default_paths(cache, m, k, n):
     _check(cache, (m, k), (n, k), (((1,), (1,)), ((), ())))       # B stored [N, K]
 
 
+@pytest.mark.parametrize("isa", [device.ISAS["avx512"], device.ISAS["avx2"]])
+def test_deep_gemm_default_tile(isa):
+    """AVX-512's 32 registers take an 8 x 3 tile for deep GEMMs whose N is whole pairs of
+    48-wide panels; AVX2 (16 registers) and other N keep 6 x 2."""
+    def knobs(m, k, n):
+        return FAMILY.default_knobs(FAMILY.match(_eqn((m, k), (k, n), PLAIN)), isa)
+    wide = isa.vector_registers >= 32
+    assert (knobs(128, 768, 3072).mr, knobs(128, 768, 3072).nv) == ((8, 3) if wide else (6, 2))
+    assert (knobs(128, 1024, 1024).mr, knobs(128, 1024, 1024).nv) == (6, 2)
+    assert (knobs(256, 256, 288).mr, knobs(256, 256, 288).nv) == (6, 2)
+
+
+@pytest.mark.skipif(ISA.vector_registers < 32, reason="the 8 x 3 default needs 32 registers")
+@pytest.mark.parametrize("m,k,n", [(37, 512, 192), (128, 520, 96)])
+def test_deep_gemm_default_computes(cache, m, k, n):
+    spec = _check(cache, (m, k), (k, n), PLAIN)
+    assert FAMILY.default_knobs(spec, ISA).mr == 8
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("m,k,n", [(1, 768, 3072), (128, 768, 768), (255, 513, 257),
                                    (97, 1000, 301)])

@@ -371,13 +371,23 @@ class MatmulFamily:
                                pack_a=False, pack_b=False, fuse_b=False, par="tiles",
                                unroll=4)
         mr, nv = (6, 2) if regs >= 16 and w > 1 else (4, 2) if w > 1 else (4, 3)
+        max_nc = 256
+        if regs >= 32 and w > 1 and spec.k >= 512 and spec.n % (2 * 3 * w) == 0:
+            # 32 registers (AVX-512), a deep K and N in whole pairs of 48-wide panels: 8 x 3
+            # vectors (24 accumulators), column tasks of 2 panels (an even number of equal
+            # tasks for 2 threads). Zen5-class EPYC, 2 threads, cold weights, against the
+            # 6 x 2 rule: 128x768x768 1.04-1.10x, 128x768x3072 1.04-1.06x, 128x3072x768
+            # 1.03-1.09x, 128x768x2304 1.14x, 512x768x2304 1.10x. It lost where K is 64..256
+            # (256^3 0.90x, attention's 12x128x64x128 0.88x) and where N is no multiple of
+            # 96 (N = 1024: 11 ragged tasks, 0.92x): those keep 6 x 2.
+            mr, nv, max_nc = 8, 3, 2 * 3 * w
         nr = nv * w
         kc = min(256, spec.k)
         pack_a = not (a_sk == 1 or spec.k == 1)
         # Column blocks: B slice kc x nc within half of L2, and about 8 tasks (batch items
         # count) so that dynamic chunks balance 2 threads even when another job takes a core.
         splits = -(-8 // spec.batch)
-        nc = nr * max(1, min(256 // nr, -(-spec.n // (splits * nr))))
+        nc = nr * max(1, min(max_nc // nr, -(-spec.n // (splits * nr))))
         col_tasks = spec.batch * -(-spec.n // nc)
         if col_tasks >= 4:
             mc = mr * max(1, min(22, -(-spec.m // mr)))
