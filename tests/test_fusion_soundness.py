@@ -106,9 +106,10 @@ static void apply(const float* x, float* y) {
 }
 template <int ACT>
 static void widths(const float* x, void* const* out) {
-  apply<1, ACT>(x, static_cast<float*>(out[3 * (ACT - 1)]));
-  apply<4, ACT>(x, static_cast<float*>(out[3 * (ACT - 1) + 1]));
-  apply<8, ACT>(x, static_cast<float*>(out[3 * (ACT - 1) + 2]));
+  apply<1, ACT>(x, static_cast<float*>(out[4 * (ACT - 1)]));
+  apply<4, ACT>(x, static_cast<float*>(out[4 * (ACT - 1) + 1]));
+  apply<8, ACT>(x, static_cast<float*>(out[4 * (ACT - 1) + 2]));
+  apply<16, ACT>(x, static_cast<float*>(out[4 * (ACT - 1) + 3]));
 }
 ALT_EXPORT int32_t alt_activation_edges(const alt_runtime*, const void* const* in,
                                         void* const* out) {
@@ -121,12 +122,12 @@ ALT_EXPORT int32_t alt_activation_edges(const alt_runtime*, const void* const* i
   return 0;
 }
 '''
-WIDTHS = (1, 4, 8)
+WIDTHS = (1, 4, 8, 16)
 
 
 def _edge_inputs() -> np.ndarray:
     x = np.asarray(EDGE_VALUES, np.float32)
-    return np.pad(x, (0, -len(x) % 8), constant_values=1.0)
+    return np.pad(x, (0, -len(x) % 16), constant_values=1.0)
 
 
 def _flush_denormals(x):
@@ -156,10 +157,15 @@ def assert_same_values(got, want, context, exact=False, zero_signs=True):
                                    err_msg=context)
 
 
-@pytest.mark.parametrize("isa", [device.AVX2, device.SSE2, device.SCALAR], ids=lambda i: i.name)
+# the ISAs this CPU executes, widest first (an AVX-512 CPU runs AVX2 code too)
+_RUNS = {device.AVX512.name: (device.AVX512, device.AVX2), device.AVX2.name: (device.AVX2,)}
+
+
+@pytest.mark.parametrize("isa", [device.AVX512, device.AVX2, device.SSE2, device.SCALAR],
+                         ids=lambda i: i.name)
 def test_header_activations_match_xla_at_the_edges(tmp_path, isa):
-    if isa is device.AVX2 and ISA is not device.AVX2:
-        pytest.skip(f"this CPU runs {ISA.name}, not avx2")
+    if isa in (device.AVX512, device.AVX2) and isa not in _RUNS.get(ISA.name, ()):
+        pytest.skip(f"this CPU runs {ISA.name}, not {isa.name}")
     x = _edge_inputs()
     src = runtime.KernelSource("alt_activation_edges", _HARNESS.replace("@N@", str(x.size)))
     kernel = runtime.KernelCache(tmp_path, isa=isa).build(src)
@@ -169,7 +175,7 @@ def test_header_activations_match_xla_at_the_edges(tmp_path, isa):
     for i, name in enumerate(names):
         want = np.asarray(jax.jit(lambda v: Epilogue(activation=name).reference(v, 0))(x))
         for j, width in enumerate(WIDTHS):
-            assert_same_values(outs[3 * i + j], want, f"{isa.name} {name} W={width}",
+            assert_same_values(outs[len(WIDTHS) * i + j], want, f"{isa.name} {name} W={width}",
                                exact=name in ("relu", "relu6"))
 
 

@@ -98,10 +98,33 @@ ALT_INLINE typename altv<W>::type alt_vexp(typename altv<W>::type x) {
 template <>
 ALT_INLINE float alt_vexp<1>(float x) { return expf(x); }
 
+// tanh x = x P(x^2) / Q(x^2) on [-9, 9], P of degree 5 and Q of degree 3 with P(0) = Q(0)
+// = 1 (so tanh x = x to rounding near 0, and -0 stays -0). The coefficients are our own
+// weighted least-squares fit (Lawson iterations towards minimax): 6.2e-8 from tanh in exact
+// arithmetic, 3.7e-7 evaluated in float32, against 1 - 2 / (e^2x + 1)'s exp and divide
+// (bias + gelu_tanh epilogue of a 128x768x3072 GEMM: 1.48 ms vs 1.40 ms for bias alone).
+// |x| >= 9 gives exactly +-1 (float32 tanh rounds to +-1 from 9.02), NaN stays NaN, and
+// the result is clamped to [-1, 1].
 template <int W>
 ALT_INLINE typename altv<W>::type alt_vtanh(typename altv<W>::type x) {
-  // tanh x = 1 - 2 / (e^{2x} + 1); saturates correctly at both ends after exp's clamp.
-  return 1.0f - 2.0f / (alt_vexp<W>(x + x) + 1.0f);
+  typedef typename altv<W>::type V;
+  x = alt_vmin<W>(alt_vmax<W>(x, vbroadcast<W>(-9.0f)), vbroadcast<W>(9.0f));
+  const V z = x * x;
+  V p = vbroadcast<W>(1.817126137e-11f);
+  p = p * z + -1.274976213e-08f;
+  p = p * z + 9.258013961e-06f;
+  p = p * z + 2.919810126e-03f;
+  p = p * z + 1.291838288e-01f;
+  p = p * z + 1.0f;
+  V q = vbroadcast<W>(2.279636537e-04f);
+  q = q * z + 2.375937998e-02f;
+  q = q * z + 4.625167251e-01f;
+  q = q * z + 1.0f;
+  V y = alt_vmin<W>(alt_vmax<W>(x * p / q, vbroadcast<W>(-1.0f)), vbroadcast<W>(1.0f));
+  // exactly +-1 from the clamp on, as the exp form gave: gelu(-44) = 0.5 x (1 + tanh) is -0
+  // only if tanh is exactly -1 there (the fit is 6e-8 short of it at 9)
+  y = x >= 9.0f ? vbroadcast<W>(1.0f) : y;
+  return x <= -9.0f ? vbroadcast<W>(-1.0f) : y;
 }
 template <>
 ALT_INLINE float alt_vtanh<1>(float x) { return tanhf(x); }
