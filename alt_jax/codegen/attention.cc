@@ -281,7 +281,8 @@ ALT_INLINE void pv_rows(const float* p, const float* vp, float* out) {
   if (c < DVP) pv_tile<R, 1>(p, vp, out, c);
 }
 
-constexpr int RB = 4;  // rows per register tile of both products
+// rows per register tile of both products: 8 x 2 vectors on 16-lane ISAs (32 registers)
+constexpr int RB = W >= 16 ? 8 : 4;
 
 template <typename F4, typename F1>
 ALT_INLINE void by_rows(int64_t nr, F4&& four, F1&& one) {
