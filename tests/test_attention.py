@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import alt_jax
-from alt_jax import attention, jaxpr_pass
+from alt_jax import attention, jaxpr_pass, row_program
 
 RTOL = 1e-5  # of max |reference|: float32 sums in another order, exp to a few ulp
 
@@ -235,9 +235,9 @@ def test_row_program_of_a_softmax():
     flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jax.make_jaxpr(nn_plain)(q, k, v)))
     (m,) = attention.find_attention(flat)
     ops = m.program.instructions[0::5]
-    reductions = [op for op in ops if op in (attention.OP_RMAX, attention.OP_RSUM)]
-    assert reductions == [attention.OP_RMAX, attention.OP_RSUM]
-    assert attention.OP_EXP in ops and attention.OP_DIV in ops and attention.OP_MUL in ops
+    reductions = [op for op in ops if op in (row_program.OP_RMAX, row_program.OP_RSUM)]
+    assert reductions == [row_program.OP_RMAX, row_program.OP_RSUM]
+    assert row_program.OP_EXP in ops and row_program.OP_DIV in ops and row_program.OP_MUL in ops
     assert (m.sq, m.sk, m.d, m.dv, m.batch) == (8, 8, 16, 16, (1, 2))
     assert m.externals == ()  # the scale is a constant of the program, not an input
 

@@ -48,9 +48,6 @@ constexpr int TQ = @TQ@;                         // query rows per task
 constexpr bool SERIAL = @SERIAL@;
 constexpr bool PACK_K = @PACK_K@;                // K^T packed (else dots along d, in place)
 
-// opcodes: alt_jax/attention.py OP_*
-enum { OP_LOAD, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_MAX, OP_MIN, OP_EXP, OP_NEG, OP_COPY,
-       OP_SELECT, OP_RMAX, OP_RSUM };
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 constexpr int64_t SKP = round_up(SK, W);         // a row of keys, padded to whole vectors
@@ -77,126 +74,11 @@ static_assert(SLOTS * SLOT_FLOATS * 4 == @WORKSPACE_BYTES@,
               "workspace size agrees with ops/attention.py");
 static_assert(NSLOT >= 1 && RESULT < NSLOT && SLOT_FULL[RESULT] == 1, "P is a row");
 
-struct Ext {
-  const void* ptr[NEXT > 0 ? NEXT : 1];
-};
+// The row program executor (Ext, Row, step<I>, run_program): shared with the row-wise
+// kernel; it reads the constants above (W, NB, SK, SKP, NEXT, EXT_ST, EXT_PRED, NSLOT,
+// SLOT_FULL, CODE).
+#include "alt_jax/row_program.h"
 
-// e^x with XLA's edges: +inf above 88.7, gradual underflow to denormals and 0 below
-// ln FLT_MIN (alt_vexp clamps there to FLT_MIN, which an activation absorbs but a softmax
-// of a masked row must not: e^-inf is 0), NaN stays NaN. Below the clamp, e^x = (e^(x/2))^2.
-ALT_INLINE V exp_row(V x) {
-  V big = alt_vexp<W>(x);
-  V half = alt_vexp<W>(x * 0.5f);
-  return x < vbroadcast<W>(ALT_EXP_LO) ? half * half : big;
-}
-ALT_INLINE float exp_one(float x) { return expf(x); }
-
-// ---- the row program, unrolled: instruction I specialised to its operands' kinds ----
-struct Row {
-  float* slot[NSLOT];
-  const Ext* ext;
-  int64_t ext_off[NEXT > 0 ? NEXT : 1];  // batch item + row offset of each external
-};
-
-template <int S>
-ALT_INLINE V operand(const Row& r, int64_t j) {
-  if constexpr (SLOT_FULL[S]) {
-    return vload<W>(r.slot[S] + j);
-  } else {
-    return vbroadcast<W>(r.slot[S][0]);
-  }
-}
-
-template <int OP>
-ALT_INLINE V binary(V a, V b) {
-  if constexpr (OP == OP_ADD) return a + b;
-  if constexpr (OP == OP_SUB) return a - b;
-  if constexpr (OP == OP_MUL) return a * b;
-  if constexpr (OP == OP_DIV) return a / b;
-  if constexpr (OP == OP_MAX) return alt_vmax<W>(a, b);
-  if constexpr (OP == OP_MIN) return alt_vmin<W>(a, b);
-}
-template <int OP>
-ALT_INLINE float binary1(float a, float b) {
-  if constexpr (OP == OP_ADD) return a + b;
-  if constexpr (OP == OP_SUB) return a - b;
-  if constexpr (OP == OP_MUL) return a * b;
-  if constexpr (OP == OP_DIV) return a / b;
-  if constexpr (OP == OP_MAX) return alt_vmax<1>(a, b);
-  if constexpr (OP == OP_MIN) return alt_vmin<1>(a, b);
-}
-
-template <int E>
-ALT_INLINE float ext_at(const Row& r, int64_t j) {
-  constexpr int64_t KS = EXT_ST[E * (NB + 2) + NB + 1];
-  const int64_t at = r.ext_off[E] + j * KS;
-  if constexpr (EXT_PRED[E]) {
-    return static_cast<const uint8_t*>(r.ext->ptr[E])[at] ? 1.0f : 0.0f;
-  } else {
-    return static_cast<const float*>(r.ext->ptr[E])[at];
-  }
-}
-
-template <int I>
-ALT_INLINE void step(const Row& r) {
-  constexpr int OP = CODE[5 * I], DST = CODE[5 * I + 1];
-  constexpr int A = CODE[5 * I + 2], B = CODE[5 * I + 3], C = CODE[5 * I + 4];
-  float* dst = r.slot[DST];
-  if constexpr (OP == OP_LOAD) {
-    if constexpr (SLOT_FULL[DST]) {
-      for (int64_t j = 0; j < SK; ++j) dst[j] = ext_at<A>(r, j);
-      for (int64_t j = SK; j < SKP; ++j) dst[j] = 0.0f;
-    } else {
-      dst[0] = ext_at<A>(r, 0);
-    }
-  } else if constexpr (OP >= OP_ADD && OP <= OP_MIN) {
-    if constexpr (SLOT_FULL[DST]) {
-      for (int64_t j = 0; j < SKP; j += W) vstore<W>(dst + j, binary<OP>(operand<A>(r, j),
-                                                                          operand<B>(r, j)));
-    } else {
-      dst[0] = binary1<OP>(r.slot[A][0], r.slot[B][0]);
-    }
-  } else if constexpr (OP == OP_EXP || OP == OP_NEG || OP == OP_COPY) {
-    if constexpr (SLOT_FULL[DST]) {
-      for (int64_t j = 0; j < SKP; j += W) {
-        V a = operand<A>(r, j);
-        vstore<W>(dst + j, OP == OP_EXP ? exp_row(a) : OP == OP_NEG ? -a : a);
-      }
-    } else {
-      const float a = r.slot[A][0];
-      dst[0] = OP == OP_EXP ? exp_one(a) : OP == OP_NEG ? -a : a;
-    }
-  } else if constexpr (OP == OP_SELECT) {  // select_n(pred A, on_false B, on_true C)
-    if constexpr (SLOT_FULL[DST]) {
-      for (int64_t j = 0; j < SKP; j += W) {
-        V p = operand<A>(r, j);
-        vstore<W>(dst + j, p != vzero<W>() ? operand<C>(r, j) : operand<B>(r, j));
-      }
-    } else {
-      dst[0] = r.slot[A][0] != 0.0f ? r.slot[C][0] : r.slot[B][0];
-    }
-  } else if constexpr (OP == OP_RMAX || OP == OP_RSUM) {
-    static_assert(SLOT_FULL[A], "a reduction reads a row");
-    const float* a = r.slot[A];
-    constexpr int64_t SKV = SK / W * W;
-    V acc = vbroadcast<W>(OP == OP_RMAX ? -__builtin_inff() : 0.0f);
-    for (int64_t j = 0; j < SKV; j += W) {
-      V x = vload<W>(a + j);
-      acc = OP == OP_RMAX ? alt_vmax<W>(x, acc) : acc + x;
-    }
-    float out = OP == OP_RMAX ? -__builtin_inff() : 0.0f;
-    float lanes[W];
-    memcpy(lanes, &acc, sizeof(lanes));
-    for (int l = 0; l < W; ++l) out = OP == OP_RMAX ? alt_vmax<1>(lanes[l], out) : out + lanes[l];
-    for (int64_t j = SKV; j < SK; ++j) out = OP == OP_RMAX ? alt_vmax<1>(a[j], out) : out + a[j];
-    dst[0] = out;
-  }
-}
-
-template <int... I>
-ALT_INLINE void run_program(const Row& r, std::integer_sequence<int, I...>) {
-  (step<I>(r), ...);
-}
 
 // ---- the two products ----
 template <int R, int NV>
@@ -357,8 +239,9 @@ void run_task(const Buffers& x, int64_t t, float* slot, int64_t* packed) {
   for (int64_t i = 0; i < nr; ++i) {
     float* srow = s + i * SKP;
     row.slot[0] = srow;
+    row.first = i == 0;
     for (int e = 0; e < NEXT; ++e) row.ext_off[e] = ext_base[e] + (r0 + i) * EXT_ST[e * (NB + 2) + NB];
-    run_program(row, std::make_integer_sequence<int, NINSTR>{});
+    run_program(row);
     if (RESULT != 0) memcpy(srow, row.slot[RESULT], SK * sizeof(float));
   }
   float* out = x.out + batch_offset(bi, O_ST) + r0 * O_ST[NB];
