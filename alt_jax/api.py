@@ -32,12 +32,14 @@ class Optimized:
                  min_flops: Optional[int] = None, cache: Optional[runtime.KernelCache] = None,
                  static_argnums: Sequence[int] = (), verbose: bool = False,
                  families: Optional[dict] = None, fuse: bool = True, propagate: bool = True,
-                 pack_weights: bool = True, layout_plan=None, attention: bool = True):
+                 pack_weights: bool = True, layout_plan=None, attention: bool = True,
+                 rownorm: bool = True):
         self.fn = fn
         self._init_options = dict(records=records, fallback=fallback, min_flops=min_flops,
                                   cache=cache, verbose=verbose, families=families, fuse=fuse,
                                   propagate=propagate, pack_weights=pack_weights,
-                                  layout_plan=layout_plan, attention=attention)
+                                  layout_plan=layout_plan, attention=attention,
+                                  rownorm=rownorm)
         self.static_argnums = tuple(sorted(int(i) for i in static_argnums))
         if records is None:
             records = config.get("records")  # None, or the path in $ALT_JAX_RECORDS
@@ -52,7 +54,7 @@ class Optimized:
             fallback=fallback,
             min_flops=planner.DEFAULT_MIN_FLOPS if min_flops is None else int(min_flops),
             families=families, fuse=fuse, propagate=propagate, pack_weights=pack_weights,
-            layout_plan=layout_plan, attention=attention)
+            layout_plan=layout_plan, attention=attention, rownorm=rownorm)
         self.verbose = verbose
         self._plans: dict = {}
         self._lock = threading.Lock()
@@ -135,9 +137,10 @@ def optimize(fn: Optional[Callable] = None, **options) -> Any:
     verbose (print the plan when a signature is first planned); layout_plan (the layout
     each conv writes, {"eqn 17": "NC8"} or one name for all, from propagate.LAYOUT_CHOICES;
     default: the graph tuner's plan for this program in the records, else channels-last);
-    fuse, propagate, pack_weights, attention (True by default: fused epilogues,
+    fuse, propagate, pack_weights, attention, rownorm (True by default: fused epilogues,
     channels-last layout propagation, constant weights packed once, softmax(Q K^T) V as one
-    kernel; switch one off to see what it is worth). For weights passed as
+    kernel, a layer norm / RMS norm / lone softmax as one kernel; switch one off to see what
+    it is worth). For weights passed as
     arguments, `optimized.prepare(params)` packs them once (see Optimized.prepare).
     """
     if fn is None:

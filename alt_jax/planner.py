@@ -25,9 +25,9 @@ from jax import lax
 from jax.extend import core as jcore
 
 from alt_jax import (attention as attention_mod, device, fusion, jaxpr_pass, layout_plans,
-                     propagate, records as records_mod, runtime)
+                     propagate, records as records_mod, rownorm as rownorm_mod, runtime)
 from alt_jax.layout import LayoutError
-from alt_jax.ops import attention as attention_family, registry
+from alt_jax.ops import attention as attention_family, registry, rownorm as rownorm_family
 from alt_jax.ops.base import KnobError, Unsupported
 from alt_jax.records import RecordStore
 
@@ -66,6 +66,10 @@ class PlanOptions:
     # softmax(Q K^T ...) V (any row-wise program between the two dot_generals: scales,
     # masks, softmax) as one kernel (alt_jax/attention.py, ops/attention.py)
     attention: bool = True
+    # a layer norm (RMS norm, softmax: any row-wise region alt_jax/rownorm.py finds) as one
+    # kernel, one pass over its input (ops/rownorm.py); like attention, only where the
+    # families table has a dot_general family (a table without one keeps such work in XLA)
+    rownorm: bool = True
     propagate: bool = True     # keep conv activations channels-last between kernels
     # The graph level: the layout each conv writes, by its position in the flat program
     # ("eqn 17" -> "NC8"), or one name for every conv (tests force each candidate); names
@@ -566,7 +570,8 @@ class _Program:
     prop: Any         # propagate.Propagation
     constvars: set
     conversion_costs: dict = dataclasses.field(default_factory=dict)  # the graph tuner's
-    attention: list = dataclasses.field(default_factory=list)  # _Attention
+    attention: list = dataclasses.field(default_factory=list)  # _RegionKernel
+    rownorm: list = dataclasses.field(default_factory=list)    # _RegionKernel
 
     def ops(self, options: PlanOptions):
         """(where, eqn, refine) for every conv/matmul a family may take: refine gives a
@@ -665,76 +670,106 @@ def _program(jaxpr, options: PlanOptions, flat=None, memo: Optional[dict] = None
         options = dataclasses.replace(options, layout_plan=stored["plan"])
     where_of = {id(e): f"eqn {i}" for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
     found = memo.get("found") if memo is not None else None
-    if found is None:  # attention and the groups do not depend on layouts
+    if found is None:  # attention, the groups and row-wise regions do not depend on layouts
         attention = _find_attention(flat, options, where_of)
         taken = frozenset(id(e) for a in attention for e in a.match.eqns)
-        found = attention, _find_groups(flat, options, taken)
+        groups = _find_groups(flat, options, taken)
+        taken |= {id(e) for anchor, m in groups.values() for e in (anchor, *m.eqns)}
+        found = attention, groups, _find_rownorm(flat, options, where_of, taken)
         if memo is not None:
             memo["found"] = found
-    attention, groups = found
+    attention, groups, rownorm = found
     skipped = {id(e) for _, m in groups.values() for e in m.eqns}
-    # an attention runs where its D2 stood; D1 and the row program are not evaluated alone
-    skipped |= {id(e) for a in attention for e in (a.match.qk, *a.match.region)}
+    # a whole-region kernel runs where the region's last equation stood (an attention's D2);
+    # the others are not evaluated alone
+    skipped |= {id(e) for r in (*attention, *rownorm) for e in r.match.eqns[:-1]}
     prop = propagate.Propagation(flat, {k: m.out_var for k, (_, m) in groups.items()}, skipped,
                                  {k: m.residual for k, (_, m) in groups.items()
                                   if m.residual is not None})
     prop.run(_decider(options, where_of, memo))
     return _Program(flat, groups, prop, set(jaxpr_pass.open_jaxpr(flat).constvars),
-                    dict((stored or {}).get("conversion_costs", {})), attention)
+                    dict((stored or {}).get("conversion_costs", {})), attention, rownorm)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Attention:
-    """An attention the kernel takes: where D1 stands, the match, and the kernel's spec,
+class _RegionKernel:
+    """A region one kernel takes whole (an attention, a row-wise norm): where its first
+    equation stands, the match (eqns, invars, out_var), its family, and the kernel's spec,
     heuristic knobs and rendered source (rendered while deciding, so never twice)."""
 
     where: str
     match: Any
+    family: Any
     spec: Any
     knobs: Any
     source: Any
 
 
-def _find_attention(flat, options: PlanOptions, where_of: dict) -> list:
-    """An _Attention for every attention the kernel takes: matched (alt_jax/attention), big
-    enough, and rendered with the family's knobs. Any other (a match too small, or
-    refused) stays as its equations, whose dot_generals the matmul family may still take."""
-    if not options.attention or not options.families_for(lax.dot_general_p):
-        return []  # off, or no dot_general may leave XLA (a families table without one)
-    family = attention_family.FAMILY
+def _region_kernels(matches, family, spec_of, options: PlanOptions, where_of: dict) -> list:
+    """A _RegionKernel for every match big enough and rendered with the family's knobs; any
+    other (too small, or refused) stays as its equations."""
     taken = []
-    for m in attention_mod.find_attention(jaxpr_pass.open_jaxpr(flat)):
+    for m in matches:
         try:
-            spec = attention_family.AttentionSpec.from_match(m)
+            spec = spec_of(m)
             if family.flops(spec) < options.min_flops:
                 continue
             knobs = family.default_knobs(spec, options.isa)
             source = family.render(spec, knobs, options.isa)
-        except Exception:  # noqa: BLE001 - refused: its dot_generals are planned one by one
+        except Exception:  # noqa: BLE001 - refused: its equations are planned as they are
             continue
-        taken.append(_Attention(where_of[id(m.qk)], m, spec, knobs, source))
+        taken.append(_RegionKernel(where_of[id(m.eqns[0])], m, family, spec, knobs, source))
     return taken
 
 
-def _attention_signature(m) -> str:
-    ins = ", ".join(_type(v.aval) for v in (m.q, m.k, m.v))
+def _find_attention(flat, options: PlanOptions, where_of: dict) -> list:
+    """Every attention the kernel takes (alt_jax/attention); one it does not leaves its
+    dot_generals to the matmul family."""
+    if not options.attention or not options.families_for(lax.dot_general_p):
+        return []  # off, or no dot_general may leave XLA (a families table without one)
+    return _region_kernels(attention_mod.find_attention(jaxpr_pass.open_jaxpr(flat)),
+                           attention_family.FAMILY, attention_family.AttentionSpec.from_match,
+                           options, where_of)
+
+
+def _find_rownorm(flat, options: PlanOptions, where_of: dict, taken) -> list:
+    """Every row-wise region the kernel takes (alt_jax/rownorm), outside other kernels'
+    equations (taken: their ids)."""
+    if not options.rownorm or not options.families_for(lax.dot_general_p):
+        return []  # off, or a families table that keeps matmul work in XLA keeps this too
+    return _region_kernels(rownorm_mod.find_rownorm(jaxpr_pass.open_jaxpr(flat), taken),
+                           rownorm_family.FAMILY, rownorm_family.RowNormSpec.from_match,
+                           options, where_of)
+
+
+def _region_signature(m) -> str:
+    ins = ", ".join(_type(v.aval) for v in m.operands)
     return f"{ins} -> {_type(m.out_var.aval)}"
 
 
-def _choose_attention(a: _Attention):
-    family, spec = attention_family.FAMILY, a.spec
-    layouts = (f"row program of {len(spec.instructions) // 5} steps, "
-               f"{len(spec.ext_dtypes)} masks/biases read in place")
-    return OpDecision(where=a.where, primitive="attention",
-                      signature=_attention_signature(a.match), family=family.name,
-                      spec=spec, knobs=a.knobs, knobs_from="heuristic",
-                      flops=family.flops(spec), layouts=layouts), (family, a.source)
+def _choose_region(r: _RegionKernel):
+    family, spec = r.family, r.spec
+    steps = f"row program of {len(spec.instructions) // 5} steps"
+    reads = (f"{len(spec.ext_dtypes)} masks/biases read in place" if family.name == "attention"
+             else f"{len(spec.ext_dtypes)} operands read in place")
+    return OpDecision(where=r.where, primitive=family.name,
+                      signature=_region_signature(r.match), family=family.name,
+                      spec=spec, knobs=r.knobs, knobs_from="heuristic",
+                      flops=family.flops(spec), layouts=f"{steps}, {reads}"), (family, r.source)
 
 
-def _attention_group(m, prop, spec=None, kernel=None):
-    """One call computing the attention's equations: the kernel when there is one, else the
-    equations themselves; differentiable through the equations."""
-    invars = m.invars
+def _region_group(m, prop, family=None, spec=None, kernel=None):
+    """One call computing a region's equations (m.eqns, reading m.invars): the kernel when
+    there is one, else the equations themselves; differentiable through the equations."""
+    # the kernel's operands (an external read through strides is the source a broadcast
+    # spread), then whatever else the equations themselves read: the broadcasts, for the
+    # original (XLA drops them where only the kernel runs)
+    produced = {v for e in m.eqns for v in e.outvars}
+    invars = list(m.invars)
+    for e in m.eqns:
+        for v in e.invars:
+            if isinstance(v, jcore.Var) and v not in produced and v not in invars:
+                invars.append(v)
     in_layouts = [prop.layout(v) for v in invars]
 
     def original(*vals):
@@ -744,8 +779,9 @@ def _attention_group(m, prop, spec=None, kernel=None):
         return jaxpr_pass.Group(invars, [m.out_var], lambda vals: [original(*vals)])
 
     def kernel_call(*vals):
-        ops = [propagate.convert(x, lay, None) for x, lay in zip(vals, in_layouts)]
-        return attention_family.FAMILY.lower(spec, kernel, ops)[0]
+        ops = [propagate.convert(x, lay, None)
+               for x, lay in zip(vals[:len(m.invars)], in_layouts)]
+        return family.lower(spec, kernel, ops)[0]
 
     call = jaxpr_pass.differentiable_as(kernel_call, original)
     return jaxpr_pass.Group(invars, [m.out_var], lambda vals: [call(*vals)])
@@ -890,10 +926,11 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
     position = {id(e): i for i, e in enumerate(jaxpr_pass.open_jaxpr(flat).eqns)}
 
     chosen = []  # (eqn, decision, build)
-    attention_at = {}  # id(D2) -> match: the attention group placed there
-    for a in program.attention:
-        chosen.append((a.match.pv, *_choose_attention(a)))
-        attention_at[id(a.match.pv)] = a.match
+    region_at = {}  # id(last eqn) -> _RegionKernel: a whole-region group placed there
+    for r in (*program.attention, *program.rownorm):
+        last = r.match.eqns[-1]
+        chosen.append((last, *_choose_region(r)))
+        region_at[id(last)] = r
     for where, eqn, refine in program.ops(options):
         decision, build = _choose(eqn, where, options, refine)
         if refine is not None and decision.spec is not None:
@@ -914,11 +951,12 @@ def make_plan(jaxpr, options: PlanOptions) -> Plan:
             else:
                 kernel = result
                 decision = dataclasses.replace(decision, kernel=result)
-        if id(eqn) in attention_at:
-            m = attention_at[id(eqn)]
-            for member in m.eqns:
+        if id(eqn) in region_at:
+            r = region_at[id(eqn)]
+            for member in r.match.eqns:
                 replacements[id(member)] = jaxpr_pass.SKIP
-            replacements[id(m.pv)] = _attention_group(m, prop, decision.spec, kernel)
+            replacements[id(eqn)] = _region_group(r.match, prop, r.family, decision.spec,
+                                                  kernel)
             decisions.append(decision)
             continue
         if kernel is not None and getattr(decision.spec, "prepacked", False):

@@ -55,7 +55,8 @@ flags.DEFINE_bool("prepare", True, "alt_jax binds each workload's weights with p
 flags.DEFINE_bool("ablations", False, "add alt_jax columns with one optimisation off: no "
                   "layout propagation, no epilogue fusion, no weight packing, no attention "
                   "kernel (its two products on the matmul kernels, the softmax in XLA), no "
-                  "Winograd (3x3 convs on the direct template)")
+                  "row-wise kernel (layer norms in XLA), no Winograd (3x3 convs on the direct "
+                  "template)")
 flags.DEFINE_bool("graph_ablation", True, "with --records: add 'alt_jax tuned, fixed NHWC' "
                   "(op-tuned kernels on every conv writing channels-last) beside 'alt_jax "
                   "tuned' (which replays the graph tuner's layout plan stored with the records)")
@@ -132,6 +133,7 @@ def implementations(model, wanted_peers, records, notes: list, forms=None) -> di
                                ("no fusion", dict(fuse=False)),
                                ("no weight packing", dict(pack_weights=False)),
                                ("no attention kernel", dict(attention=False)),
+                               ("no row-wise kernel", dict(rownorm=False)),
                                ("no Winograd", dict(families=registry.family_table(
                                    exclude=("winograd",))))):
             impls[f"alt_jax ({label})"] = _alt_jax(model, records=False, **options)

@@ -128,9 +128,9 @@ def test_flax_linen_transformer_block(kernel_cache):
     params = block.init(jax.random.key(1), x)
     # query, key and value projections (rhs with two free dims: heads x head size), the
     # output projection, the two MLP layers; the two attention einsums and the softmax
-    # between them as one attention kernel
+    # between them as one attention kernel; its two LayerNorms on the row-wise kernel
     _check_against_jit(block.apply, (params, x), kernel_cache,
-                       {DOT: 3 + 1 + 2, "attention": 1})
+                       {DOT: 3 + 1 + 2, "attention": 1, "rownorm": 2})
 
 
 # -- Equinox: a CNN on one image, vmapped over the batch ----------------------------------------
