@@ -55,10 +55,11 @@ class AttentionMatch:
     out_strides: tuple    # (batch..., q, dv) of D2's result
     externals: tuple      # External per OP_LOAD operand index
     program: RowProgram
+    tail: tuple = ()      # a transpose of D2's result the kernel writes directly
 
     @property
     def eqns(self) -> tuple:
-        return (self.qk, *self.region, self.pv)
+        return (self.qk, *self.region, self.pv, *self.tail)
 
     @property
     def invars(self) -> list:
@@ -71,7 +72,7 @@ class AttentionMatch:
 
     @property
     def out_var(self):
-        return self.pv.outvars[0]
+        return (self.tail[-1] if self.tail else self.pv).outvars[0]
 
 
 def _operand_roles(shape, batch_dims, contracting, free_role, contract_role,
@@ -192,6 +193,15 @@ def _match_at(flat, uses: Uses, d1) -> AttentionMatch:
                  + ([p_roles[a] for a in p_free] + [v_roles[a] for a in v_free] if p_first
                     else [v_roles[a] for a in v_free] + [p_roles[a] for a in p_free]))
     out_roles = [r if n > 1 else "1" for r, n in zip(out_roles, out_shape)]
+    # a transpose that alone reads the result (heads back beside the features, as einsum
+    # writes "bhqk,bkhd->bqhd"): the kernel writes that layout itself, no copy after it
+    tail = ()
+    readers = uses.users.get(d2.outvars[0], [])
+    if (len(readers) == 1 and readers[0].primitive is lax.transpose_p
+            and d2.outvars[0] not in uses.outputs):
+        tail = (readers[0],)
+        out_shape = readers[0].outvars[0].aval.shape
+        out_roles = [out_roles[i] for i in readers[0].params["permutation"]]
     # nothing of the region may be needed outside it
     region_vars = set(walk.roles)
     for var in region_vars:
@@ -227,7 +237,7 @@ def _match_at(flat, uses: Uses, d1) -> AttentionMatch:
         k_strides=strides_for(k_var.aval.shape, k_roles, [*batch_roles, "k", "d"]),
         v_strides=strides_for(v_shape, v_roles, [*batch_roles, "k", "dv"]),
         out_strides=strides_for(out_shape, out_roles, [*batch_roles, "q", "dv"]),
-        externals=tuple(externals), program=program)
+        externals=tuple(externals), program=program, tail=tail)
 
 
 def find_attention(flat) -> list:
