@@ -103,8 +103,8 @@ def _elementwise(eqn) -> bool:
 class _Grow:
     """Walks forward from X, taking every row-wise equation that reads the region."""
 
-    def __init__(self, flat, uses, x, axis, taken):
-        self.flat, self.uses, self.x, self.axis, self.taken = flat, uses, x, axis, taken
+    def __init__(self, uses, x, axis, taken):
+        self.uses, self.x, self.taken = uses, x, taken
         shape = x.aval.shape
         self.n = int(shape[axis])
         roles, batch, i = [], [], 0
@@ -172,7 +172,7 @@ def _ancestors(uses: Uses, out, region_ids) -> list:
 def _match_from(flat, uses: Uses, x, axis, taken, position) -> RowNormMatch:
     if not is_f32(x.aval) or x.aval.ndim == 0 or x.aval.shape[axis] < 2:
         raise NoMatch("X is not a float32 array with rows of 2 or more")
-    grow = _Grow(flat, uses, x, axis, taken)
+    grow = _Grow(uses, x, axis, taken)
     producer = uses.producer.get(x)
     floor = -1 if producer is None else position[id(producer)]
     # forward: every row-wise equation reachable, scanning a window past the last one taken
