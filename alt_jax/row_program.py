@@ -3,8 +3,9 @@ steps, reductions over the row, broadcasts of a row's reduction back over it), c
 instructions over slots that a kernel runs on each row (csrc/include/alt_jax/row_program.h).
 
 Entry points: the opcodes (OP_*), RowProgram, External, Walk (builds a program while it
-walks a region), step(walk, eqn, reads), Uses, NoMatch, and the role helpers strides_for,
-size_of, row_major, merge_roles, relabel. Used by alt_jax/attention.py (the program between
+walks a region), step(walk, eqn, reads), Uses, NoMatch, the role helpers strides_for,
+size_of, row_major, merge_roles, relabel, and template_values (a program's placeholders in a
+kernel template). Used by alt_jax/attention.py (the program between
 the two products of an attention) and alt_jax/rownorm.py (a layer norm and its friends).
 
 Every axis of a region value carries a role: ("b", i) for a row index, the row's own axis
@@ -401,3 +402,28 @@ def step(walk: Walk, eqn, reads) -> None:
         walk.emit(OP_COPY, out, walk.slot[eqn.invars[0]])
         return
     raise NoMatch(f"{p.name} in the region")
+
+
+def template_values(family: str, spec) -> dict:
+    """The row program's placeholders of a kernel template that includes row_program.h
+    (NEXT, EXT_STRIDES, EXT_PRED, NSLOT, SLOT_FULL, NCONST, CONSTS, NINSTR, CODE, RESULT),
+    from a spec with batch, ext_dtypes, ext_strides (each (batch..., q, k)), slot_full,
+    constants, instructions and result. RenderError (naming family) for externals that do
+    not fit."""
+    from alt_jax.codegen import render as rn
+
+    n = len(spec.batch)
+    ext_flat = tuple(s for st in spec.ext_strides for s in st)
+    if len(ext_flat) != len(spec.ext_dtypes) * (n + 2):
+        raise rn.RenderError(f"{family} external strides do not match the externals")
+    for d in spec.ext_dtypes:
+        if d not in ("f32", "pred"):
+            raise rn.RenderError(f"{family} external dtype {d!r}")
+    return {
+        "NEXT": len(spec.ext_dtypes), "EXT_STRIDES": ext_flat or (0,),
+        "EXT_PRED": tuple(int(d == "pred") for d in spec.ext_dtypes) or (0,),
+        "NSLOT": len(spec.slot_full), "SLOT_FULL": tuple(int(f) for f in spec.slot_full),
+        "NCONST": len(spec.constants) // 2, "CONSTS": spec.constants or (0,),
+        "NINSTR": len(spec.instructions) // 5, "CODE": spec.instructions,
+        "RESULT": spec.result,
+    }

@@ -258,19 +258,12 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
             static_cast<const float*>(inputs[2]), static_cast<float*>(outputs[0]), {},
             static_cast<float*>(outputs[1])};
   for (int e = 0; e < NEXT; ++e) x.ext.ptr[e] = inputs[3 + e];
-  // one worker per thread, each owning a slot (its chunk's first index is unique among
-  // running chunks), pulling tasks from a shared counter in order, so that a worker's next
-  // task is mostly of the batch item it has packed
-  const int64_t threads = rt ? rt->num_threads : 1;
-  const int64_t workers = threads < SLOTS ? (threads > 0 ? threads : 1) : SLOTS;
-  int64_t next = 0;
-  alt_parallel_for(rt, workers, 1, [&](int64_t w0, int64_t) {
-    int64_t packed = -1;
-    for (;;) {
-      const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-      if (t >= NTASKS) break;
-      run_task(x, t, x.ws + w0 * SLOT_FLOATS, &packed);
-    }
+  // one worker per thread, each owning a slot, pulling tasks in order, so that a worker's
+  // next task is mostly of the batch item it has packed
+  int64_t packed[SLOTS];  // per worker: the batch item its slot holds packed (-1: none)
+  for (int64_t w = 0; w < SLOTS; ++w) packed[w] = -1;
+  alt_for_tasks(rt, SLOTS, NTASKS, [&](int64_t w, int64_t t) {
+    run_task(x, t, x.ws + w * SLOT_FLOATS, &packed[w]);
   });
   return 0;
 }

@@ -476,17 +476,7 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
     });
     return 0;
   }
-  // FUSE_PACK: one worker per thread, each owning a B slice (its chunk's first index is unique
-  // among running chunks), pulling tasks from a shared counter for dynamic balance.
-  const int64_t threads = rt ? rt->num_threads : 1;
-  const int64_t workers = threads < SLOTS ? (threads > 0 ? threads : 1) : SLOTS;
-  int64_t next = 0;
-  alt_parallel_for(rt, workers, 1, [&](int64_t w0, int64_t) {
-    for (;;) {
-      const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-      if (t >= NTASKS) break;
-      run_task(x, t, x.slot(w0));
-    }
-  });
+  // FUSE_PACK: one worker per thread, each owning a B slice, pulling tasks for dynamic balance
+  alt_for_tasks(rt, SLOTS, NTASKS, [&](int64_t w, int64_t t) { run_task(x, t, x.slot(w)); });
   return 0;
 }

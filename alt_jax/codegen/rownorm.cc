@@ -116,17 +116,8 @@ ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
   Buffers b{static_cast<const float*>(inputs[0]), static_cast<float*>(outputs[0]), {},
             static_cast<float*>(outputs[1])};
   for (int e = 0; e < NEXT; ++e) b.ext.ptr[e] = inputs[1 + e];
-  // one worker per thread, each owning a slot set (its chunk's first index is unique among
-  // running chunks), pulling tasks from a shared counter
-  const int64_t threads = rt ? rt->num_threads : 1;
-  const int64_t workers = threads < SLOTS ? (threads > 0 ? threads : 1) : SLOTS;
-  int64_t next = 0;
-  alt_parallel_for(rt, workers, 1, [&](int64_t w0, int64_t) {
-    for (;;) {
-      const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
-      if (t >= NTASKS) break;
-      run_task(b, t, b.ws + w0 * SLOT_FLOATS);
-    }
-  });
+  // one worker per thread, each owning a slot set, pulling tasks
+  alt_for_tasks(rt, SLOTS, NTASKS,
+                [&](int64_t w, int64_t t) { run_task(b, t, b.ws + w * SLOT_FLOATS); });
   return 0;
 }

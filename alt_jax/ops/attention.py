@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from alt_jax import row_program
 from alt_jax.codegen import render as rn
 from alt_jax.ops.base import KnobError
 
@@ -141,26 +142,15 @@ class AttentionFamily:
                               ("v", spec.v_strides), ("out", spec.out_strides)):
             if len(strides) != n + 2:
                 raise rn.RenderError(f"attention {name} strides {strides}: need {n + 2}")
-        ext_flat = tuple(s for st in spec.ext_strides for s in st)
-        if len(ext_flat) != len(spec.ext_dtypes) * (n + 2):
-            raise rn.RenderError("attention external strides do not match the externals")
         values = {
             "W": isa.vector_floats, "NB": n, "BATCH": tuple(spec.batch),
             "SQ": spec.sq, "SK": spec.sk, "D": spec.d, "DV": spec.dv,
             "Q_STRIDES": spec.q_strides, "K_STRIDES": spec.k_strides,
             "V_STRIDES": spec.v_strides, "OUT_STRIDES": spec.out_strides,
-            "NEXT": len(spec.ext_dtypes), "EXT_STRIDES": ext_flat or (0,),
-            "EXT_PRED": tuple(int(d == "pred") for d in spec.ext_dtypes) or (0,),
-            "NSLOT": len(spec.slot_full), "SLOT_FULL": tuple(int(f) for f in spec.slot_full),
-            "NCONST": len(spec.constants) // 2, "CONSTS": spec.constants or (0,),
-            "NINSTR": len(spec.instructions) // 5, "CODE": spec.instructions,
-            "RESULT": spec.result, "TQ": knobs.tq, "SERIAL": knobs.serial,
-            "PACK_K": knobs.pack_k,
+            **row_program.template_values("attention", spec),
+            "TQ": knobs.tq, "SERIAL": knobs.serial, "PACK_K": knobs.pack_k,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
-        for d in spec.ext_dtypes:
-            if d not in ("f32", "pred"):
-                raise rn.RenderError(f"attention external dtype {d!r}")
         template = rn.load_template("attention.cc")
         digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
         symbol = f"alt_attention_{digest[:16]}"

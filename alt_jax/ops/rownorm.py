@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from alt_jax import row_program
 from alt_jax.codegen import render as rn
 from alt_jax.ops.base import KnobError
 
@@ -107,21 +108,11 @@ class RowNormFamily:
         for name, strides in (("x", spec.x_strides), ("out", spec.out_strides)):
             if len(strides) != nb + 2:
                 raise rn.RenderError(f"rownorm {name} strides {strides}: need {nb + 2}")
-        ext_flat = tuple(s for st in spec.ext_strides for s in st)
-        if len(ext_flat) != len(spec.ext_dtypes) * (nb + 2):
-            raise rn.RenderError("rownorm external strides do not match the externals")
-        for d in spec.ext_dtypes:
-            if d not in ("f32", "pred"):
-                raise rn.RenderError(f"rownorm external dtype {d!r}")
         values = {
             "W": isa.vector_floats, "NB": nb, "BATCH": tuple(spec.batch), "N": spec.n,
             "X_STRIDES": spec.x_strides, "OUT_STRIDES": spec.out_strides,
-            "NEXT": len(spec.ext_dtypes), "EXT_STRIDES": ext_flat or (0,),
-            "EXT_PRED": tuple(int(d == "pred") for d in spec.ext_dtypes) or (0,),
-            "NSLOT": len(spec.slot_full), "SLOT_FULL": tuple(int(f) for f in spec.slot_full),
-            "NCONST": len(spec.constants) // 2, "CONSTS": spec.constants or (0,),
-            "NINSTR": len(spec.instructions) // 5, "CODE": spec.instructions,
-            "RESULT": spec.result, "ROWS": knobs.rows, "SERIAL": knobs.serial,
+            **row_program.template_values("rownorm", spec),
+            "ROWS": knobs.rows, "SERIAL": knobs.serial,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
         template = rn.load_template("rownorm.cc")

@@ -57,6 +57,25 @@ inline void alt_parallel_for(const alt_runtime* rt, int64_t n, int64_t grain, F&
   }
   rt->parallel_for(rt, n, grain, thunk, arg);
 }
+
+// Tasks 0..ntasks-1 on workers that each own per-worker state (a workspace slot): one
+// worker per thread, at most `slots`, identified by an index below `slots` unique among
+// the running workers (its chunk's first index), each pulling the next task number from a
+// shared counter (dynamic balance; a worker's tasks come in increasing order).
+// body(worker, task).
+template <typename F>
+inline void alt_for_tasks(const alt_runtime* rt, int64_t slots, int64_t ntasks, F&& body) {
+  const int64_t threads = rt ? rt->num_threads : 1;
+  const int64_t workers = threads < slots ? (threads > 0 ? threads : 1) : slots;
+  int64_t next = 0;
+  alt_parallel_for(rt, workers, 1, [&](int64_t w0, int64_t) {
+    for (;;) {
+      const int64_t t = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
+      if (t >= ntasks) break;
+      body(w0, t);
+    }
+  });
+}
 #endif
 
 #endif  // ALT_JAX_KERNEL_ABI_H_
