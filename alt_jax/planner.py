@@ -749,13 +749,12 @@ def _region_signature(m) -> str:
 
 def _choose_region(r: _RegionKernel):
     family, spec = r.family, r.spec
-    steps = f"row program of {len(spec.instructions) // 5} steps"
-    reads = (f"{len(spec.ext_dtypes)} masks/biases read in place" if family.name == "attention"
-             else f"{len(spec.ext_dtypes)} operands read in place")
+    layouts = (f"row program of {len(spec.instructions) // 5} steps, "
+               f"{len(spec.ext_dtypes)} operands from outside read in place")
     return OpDecision(where=r.where, primitive=family.name,
                       signature=_region_signature(r.match), family=family.name,
                       spec=spec, knobs=r.knobs, knobs_from="heuristic",
-                      flops=family.flops(spec), layouts=f"{steps}, {reads}"), (family, r.source)
+                      flops=family.flops(spec), layouts=layouts), (family, r.source)
 
 
 def _region_group(m, prop, family=None, spec=None, kernel=None):

@@ -33,15 +33,20 @@ _UNARY = {lax.exp_p: OP_EXP, lax.neg_p: OP_NEG, lax.rsqrt_p: OP_RSQRT, lax.sqrt_
 # x * x: jnp.square (a primitive of its own on newer jax) and x ** 2, x ** 3 (integer_pow)
 _SQUARE = getattr(lax, "square_p", None)
 _MAX_POW = 4
+_REDUCE = {lax.reduce_max_p: OP_RMAX, lax.reduce_sum_p: OP_RSUM}
+_RELABEL = (lax.transpose_p, lax.reshape_p, lax.broadcast_in_dim_p, lax.stop_gradient_p,
+            lax.convert_element_type_p, lax.squeeze_p)
 
 
 def elementwise(p) -> bool:
     """Whether a row program takes primitive p as an elementwise step."""
     return p in _BINARY or p in _UNARY or (_SQUARE is not None and p is _SQUARE) or (
         p is lax.integer_pow_p)
-_REDUCE = {lax.reduce_max_p: OP_RMAX, lax.reduce_sum_p: OP_RSUM}
-_RELABEL = (lax.transpose_p, lax.reshape_p, lax.broadcast_in_dim_p, lax.stop_gradient_p,
-            lax.convert_element_type_p, lax.squeeze_p)
+
+
+def reduction(p) -> bool:
+    """Whether a row program takes primitive p as a reduction over the row."""
+    return p in _REDUCE
 
 
 class NoMatch(Exception):
@@ -206,6 +211,13 @@ class Walk:
         for s, f in zip(self.ext_slots, ext_full):
             full[s] = bool(f)
         return tuple(full)
+
+    def snapshot(self) -> dict:
+        """The walk's state, to go back to when a step is refused half-way (restore)."""
+        return {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(self).items()}
+
+    def restore(self, saved: dict) -> None:
+        vars(self).update(saved)
 
     def new_slot(self) -> int:
         self.n_slots += 1

@@ -15,23 +15,22 @@ programs; the kernel runs one equation by equation on each row, as XLA would (to
 its sums run in another order).
 
 Nothing of the region but Y may be needed elsewhere (so no operand from outside is computed
-from the region: the kernel can run where Y stood). X is walked back from the reduction through at most
-a few elementwise steps with one full-size operand (RMSNorm reduces x * x, not x), so the
-kernel reads the earliest such value. Anything the walk does not understand: no match.
+from the region: the kernel can run where Y stood). X is walked back from the reduction
+through at most a few elementwise steps with one full-size operand (RMSNorm reduces x * x,
+not x), so the kernel reads the earliest such value. Anything the walk does not understand:
+no match.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-from jax import lax
 from jax.extend import core as jcore
 
 from alt_jax import row_program
 from alt_jax.row_program import (OP_RMAX, OP_RSUM, External, NoMatch, RowProgram, Uses,
                                  Walk, is_f32, step, strides_for)
 
-_REDUCTIONS = (lax.reduce_sum_p, lax.reduce_max_p)
 _BACK_STEPS = 3      # elementwise steps walked back from a reduction to find X
 _LOOK_AHEAD = 256    # equations scanned past the region's last one before the walk stops
 _KEY = "x"           # the row axis' role
@@ -69,7 +68,7 @@ class RowNormMatch:
 
 def _row_axis(eqn) -> Optional[int]:
     """The one axis of size > 1 a float32 reduction runs over, or None."""
-    if eqn.primitive not in _REDUCTIONS or not is_f32(eqn.outvars[0].aval):
+    if not row_program.reduction(eqn.primitive) or not is_f32(eqn.outvars[0].aval):
         return None
     src = eqn.invars[0]
     if not isinstance(src, jcore.Var):
@@ -89,15 +88,11 @@ def _candidates(uses: Uses, reduction, taken) -> list:
         if p is None or id(p) in taken or len(p.outvars) != 1:
             break
         full = [u for u in p.invars if isinstance(u, jcore.Var) and u.aval.shape == v.aval.shape]
-        if len(full) != 1 or not is_f32(full[0].aval) or not _elementwise(p):
+        if len(full) != 1 or not is_f32(full[0].aval) or not row_program.elementwise(p.primitive):
             break
         v = full[0]
         chain.append(v)
     return chain[::-1]
-
-
-def _elementwise(eqn) -> bool:
-    return row_program.elementwise(eqn.primitive)
 
 
 class _Grow:
@@ -136,24 +131,16 @@ class _Grow:
             reads = [v for v in eqn.invars if isinstance(v, jcore.Var) and v in walk.roles]
             if not reads or id(eqn) in self.taken:
                 continue
-            saved = _save(walk)
+            saved = walk.snapshot()
             try:
                 step(walk, eqn, reads)
             except NoMatch:
-                _restore(walk, saved)
+                walk.restore(saved)
                 continue
             walk.region.append(eqn)
             if position is not None:
                 last = position[id(eqn)]
         return walk
-
-
-def _save(walk: Walk) -> dict:
-    return {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(walk).items()}
-
-
-def _restore(walk: Walk, saved: dict) -> None:
-    vars(walk).update(saved)
 
 
 def _ancestors(uses: Uses, out, region_ids) -> list:

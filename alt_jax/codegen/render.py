@@ -1,12 +1,14 @@
 """Fills kernel templates with validated values: the only way values reach generated source.
 
-Entry points: render(template_text, values), load_template(name), Int/Ident checks.
+Entry points: render(template_text, values), load_template(name), kernel_source(template
+name, symbol prefix, values), Int/Ident checks.
 Template placeholders are written @NAME@; every placeholder must be given and every value
 must be an int (within its declared range), a bool, an identifier from a fixed set, or a
 tuple of ints (rendered as a C++ brace list: a table the kernel reads, e.g. a row program).
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 
@@ -22,6 +24,20 @@ class RenderError(ValueError):
 def load_template(name: str) -> str:
     """Text of a template file next to this module (e.g. "conv2d.cc")."""
     return (_TEMPLATE_DIR / name).read_text()
+
+
+def kernel_source(template_name: str, prefix: str, values: dict):
+    """The runtime.KernelSource of template_name filled with values (which hold
+    WORKSPACE_BYTES). The symbol, prefix + 16 hex digits, hashes exactly what reaches the
+    source (the values and the template), so value sets that render the same kernel (a
+    matmul's kc >= K, say) share one build."""
+    from alt_jax import runtime
+
+    template = load_template(template_name)
+    digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
+    symbol = f"{prefix}_{digest[:16]}"
+    code = render(template, {"SYMBOL": symbol, **values})
+    return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
 
 
 def _source_text(key: str, value) -> str:

@@ -7,7 +7,6 @@ lower), AttentionSpec, AttentionKnobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -134,8 +133,6 @@ class AttentionFamily:
             raise KnobError(f"attention workspace of {ws} bytes exceeds {_MAX_WORKSPACE}")
 
     def render(self, spec: AttentionSpec, knobs: AttentionKnobs, isa):
-        from alt_jax import runtime
-
         self.validate(spec, knobs, isa)
         n = len(spec.batch)
         for name, strides in (("q", spec.q_strides), ("k", spec.k_strides),
@@ -151,11 +148,7 @@ class AttentionFamily:
             "TQ": knobs.tq, "SERIAL": knobs.serial, "PACK_K": knobs.pack_k,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
-        template = rn.load_template("attention.cc")
-        digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
-        symbol = f"alt_attention_{digest[:16]}"
-        code = rn.render(template, {"SYMBOL": symbol, **values})
-        return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
+        return rn.kernel_source("attention.cc", "alt_attention", values)
 
     def lower(self, spec: AttentionSpec, kernel, operands: Sequence) -> list:
         """operands: Q, K, V and the externals, as the match reads them."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 from typing import Sequence
 
@@ -530,8 +529,6 @@ class MatmulFamily:
 
     # ---------------------------------------------------------------- codegen
     def render(self, spec: MatmulSpec, knobs: MatmulKnobs, isa):
-        from alt_jax import runtime
-
         self.validate(spec, knobs, isa)
         if not isinstance(spec.epilogue, Epilogue):
             raise rn.RenderError(f"spec.epilogue={spec.epilogue!r} must be an Epilogue")
@@ -561,15 +558,8 @@ class MatmulFamily:
             "SCALE": epi.scale, "SHIFT": epi.shift, "RESIDUAL": epi.residual,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
-        # The symbol hashes exactly what reaches the source (with the template and the
-        # epilogue), so knob tuples that render the same kernel (e.g. any kc >= K) share one
-        # build.
-        template = rn.load_template("matmul.cc")
-        digest = hashlib.sha256(
-            repr((sorted(values.items()), epi, template)).encode()).hexdigest()
-        symbol = f"alt_matmul_{digest[:16]}"
-        code = rn.render(template, {"SYMBOL": symbol, **values})
-        return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
+        # knob tuples that render the same kernel (any kc >= K) share one build
+        return rn.kernel_source("matmul.cc", "alt_matmul", values)
 
     @staticmethod
     def _check_count(spec: MatmulSpec, operands: Sequence) -> tuple:

@@ -7,7 +7,6 @@ RowNormSpec (from_match), RowNormKnobs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -101,8 +100,6 @@ class RowNormFamily:
             raise KnobError(f"rownorm workspace of {ws} bytes exceeds {_MAX_WORKSPACE}")
 
     def render(self, spec: RowNormSpec, knobs: RowNormKnobs, isa):
-        from alt_jax import runtime
-
         self.validate(spec, knobs, isa)
         nb = len(spec.batch)
         for name, strides in (("x", spec.x_strides), ("out", spec.out_strides)):
@@ -115,11 +112,7 @@ class RowNormFamily:
             "ROWS": knobs.rows, "SERIAL": knobs.serial,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
         }
-        template = rn.load_template("rownorm.cc")
-        digest = hashlib.sha256(repr((sorted(values.items()), template)).encode()).hexdigest()
-        symbol = f"alt_rownorm_{digest[:16]}"
-        code = rn.render(template, {"SYMBOL": symbol, **values})
-        return runtime.KernelSource(symbol, code, values["WORKSPACE_BYTES"])
+        return rn.kernel_source("rownorm.cc", "alt_rownorm", values)
 
     def lower(self, spec: RowNormSpec, kernel, operands: Sequence) -> list:
         """operands: X and the externals, as the match reads them."""

@@ -58,23 +58,15 @@ ALT_INLINE V operand(const Row& r, int64_t j) {
   }
 }
 
-template <int OP>
-ALT_INLINE V binary(V a, V b) {
+// a binary step on VW lanes: a vector of a row (VW = W) or one float per row (VW = 1)
+template <int OP, int VW>
+ALT_INLINE typename altv<VW>::type binary(typename altv<VW>::type a, typename altv<VW>::type b) {
   if constexpr (OP == OP_ADD) return a + b;
   if constexpr (OP == OP_SUB) return a - b;
   if constexpr (OP == OP_MUL) return a * b;
   if constexpr (OP == OP_DIV) return a / b;
-  if constexpr (OP == OP_MAX) return alt_vmax<W>(a, b);
-  if constexpr (OP == OP_MIN) return alt_vmin<W>(a, b);
-}
-template <int OP>
-ALT_INLINE float binary1(float a, float b) {
-  if constexpr (OP == OP_ADD) return a + b;
-  if constexpr (OP == OP_SUB) return a - b;
-  if constexpr (OP == OP_MUL) return a * b;
-  if constexpr (OP == OP_DIV) return a / b;
-  if constexpr (OP == OP_MAX) return alt_vmax<1>(a, b);
-  if constexpr (OP == OP_MIN) return alt_vmin<1>(a, b);
+  if constexpr (OP == OP_MAX) return alt_vmax<VW>(a, b);
+  if constexpr (OP == OP_MIN) return alt_vmin<VW>(a, b);
 }
 
 template <int E>
@@ -156,7 +148,7 @@ ALT_INLINE void step(const Row& r) {
     static_assert(!SLOT_FULL[DST] && !reduction(I), "rows are written in runs (vstep)");
     const float a = r.slot[A][0];
     if constexpr (OP >= OP_ADD && OP <= OP_MIN) {
-      dst[0] = binary1<OP>(a, r.slot[B][0]);
+      dst[0] = binary<OP, 1>(a, r.slot[B][0]);
     } else if constexpr (OP == OP_EXP || OP == OP_NEG || OP == OP_COPY) {
       dst[0] = OP == OP_EXP ? exp_one(a) : OP == OP_NEG ? -a : a;
     } else if constexpr (OP == OP_ABS) {
@@ -195,7 +187,7 @@ ALT_INLINE void vstep_row(const Row& r, int64_t j, V* reg) {
   constexpr int A = CODE[5 * I + 2], B = CODE[5 * I + 3], C = CODE[5 * I + 4];
   V x;
   if constexpr (OP >= OP_ADD && OP <= OP_MIN) {
-    x = binary<OP>(vin<I0, I, A>(r, j, reg), vin<I0, I, B>(r, j, reg));
+    x = binary<OP, W>(vin<I0, I, A>(r, j, reg), vin<I0, I, B>(r, j, reg));
   } else if constexpr (OP == OP_EXP || OP == OP_NEG || OP == OP_COPY) {
     const V a = vin<I0, I, A>(r, j, reg);
     x = OP == OP_EXP ? exp_row(a) : OP == OP_NEG ? -a : a;
