@@ -30,6 +30,7 @@ import dataclasses
 from jax import lax
 from jax.extend import core as jcore
 
+from alt_jax import views
 from alt_jax.row_program import (External, NoMatch, RowProgram, Uses, Walk, is_f32, size_of,
                                  step, strides_for)
 
@@ -56,10 +57,12 @@ class AttentionMatch:
     externals: tuple      # External per OP_LOAD operand index
     program: RowProgram
     tail: tuple = ()      # a transpose of D2's result the kernel writes directly
+    head: tuple = ()      # slices / splits / reshapes making Q, K, V of q, k, v (views.py)
+    offsets: tuple = (0, 0, 0)  # where Q, K and V start in q, k and v (elements)
 
     @property
     def eqns(self) -> tuple:
-        return (self.qk, *self.region, self.pv, *self.tail)
+        return (*self.head, self.qk, *self.region, self.pv, *self.tail)
 
     @property
     def invars(self) -> list:
@@ -67,7 +70,7 @@ class AttentionMatch:
 
     @property
     def operands(self) -> tuple:
-        """What a plan shows it reads: Q, K and V."""
+        """What a plan shows it reads: Q, K and V (or the values they are views of)."""
         return (self.q, self.k, self.v)
 
     @property
@@ -230,14 +233,20 @@ def _match_at(flat, uses: Uses, d1) -> AttentionMatch:
                          walk.slot[p_var])
     d = int(x.aval.shape[lc[0]])
     dv = size_of(v_shape, v_roles, "dv")
+    # Q, K and V read where they are views of (a split of a fused QKV projection): no copies
+    seen, head = views.resolve([q_var, k_var, v_var], uses, (d1, *walk.region, d2, *tail))
+    qv, kv, vv = seen[q_var], seen[k_var], seen[v_var]
+    order = {id(e): i for i, e in enumerate(flat.eqns)}
     return AttentionMatch(
-        qk=d1, region=tuple(walk.region), pv=d2, q=q_var, k=k_var, v=v_var, batch=batch,
-        sq=sq, sk=sk, d=d, dv=dv,
-        q_strides=strides_for(q_var.aval.shape, q_roles, [*batch_roles, "q", "d"]),
-        k_strides=strides_for(k_var.aval.shape, k_roles, [*batch_roles, "k", "d"]),
-        v_strides=strides_for(v_shape, v_roles, [*batch_roles, "k", "dv"]),
+        qk=d1, region=tuple(walk.region), pv=d2, q=qv.base, k=kv.base, v=vv.base,
+        batch=batch, sq=sq, sk=sk, d=d, dv=dv,
+        q_strides=strides_for(q_var.aval.shape, q_roles, [*batch_roles, "q", "d"], qv.strides),
+        k_strides=strides_for(k_var.aval.shape, k_roles, [*batch_roles, "k", "d"], kv.strides),
+        v_strides=strides_for(v_shape, v_roles, [*batch_roles, "k", "dv"], vv.strides),
         out_strides=strides_for(out_shape, out_roles, [*batch_roles, "q", "dv"]),
-        externals=tuple(externals), program=program, tail=tail)
+        externals=tuple(externals), program=program, tail=tail,
+        head=tuple(sorted(head, key=lambda e: order[id(e)])),
+        offsets=(qv.offset, kv.offset, vv.offset))
 
 
 def find_attention(flat) -> list:

@@ -157,8 +157,10 @@ def row_major(shape) -> list:
     return strides[::-1]
 
 
-def strides_for(shape, roles, wanted) -> tuple:
-    strides = row_major(shape)
+def strides_for(shape, roles, wanted, axis_strides=None) -> tuple:
+    """Element strides along the wanted roles (0 for a role no axis has), from the axes'
+    strides (row-major in shape unless given: a view's, views.py)."""
+    strides = row_major(shape) if axis_strides is None else axis_strides
     return tuple(next((strides[a] for a, r in enumerate(roles) if r == w), 0) for w in wanted)
 
 

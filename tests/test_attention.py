@@ -3,6 +3,7 @@ jax.nn.dot_product_attention with masks and causal, Flax's attention module, a d
 against a KV cache) runs on one attention kernel and gives jax.jit's answer, at the head
 sizes and odd sequence lengths transformers have, special values included; regions the
 kernel cannot compute exactly are left alone, and gradients are the original's."""
+import dataclasses
 import math
 import os
 
@@ -401,3 +402,80 @@ def _random_attention(rng):
 def test_random_attention_programs(seed, kernel_cache):
     fn, args = _random_attention(np.random.default_rng(1000 + seed))
     _check(fn, args, kernel_cache)
+
+
+def _fused_qkv_split(x, w):  # GPT-2: one projection split three ways, reshaped into heads
+    b, s, _ = x.shape
+    q, k, v = (t.reshape(b, s, 3, 32) for t in jnp.split(x @ w, 3, axis=-1))
+    return nn_causal(q, k, v)
+
+
+def _fused_qkv_heads_first(x, w):  # slices of the projection, heads moved first
+    b, s, _ = x.shape
+    qkv = x @ w
+    q, k, v = (jnp.transpose(qkv[..., i * 96:(i + 1) * 96].reshape(b, s, 3, 32), (0, 2, 1, 3))
+               for i in range(3))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(32)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _fused_qkv_indexed(x, w):  # (b, s, 3, h, d) and an index per part, as in many ViTs
+    b, s, _ = x.shape
+    qkv = (x @ w).reshape(b, s, 3, 3, 32)
+    return nn_plain(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+
+
+@pytest.mark.parametrize("fn", [_fused_qkv_split, _fused_qkv_heads_first, _fused_qkv_indexed],
+                         ids=lambda f: f.__name__)
+def test_q_k_v_split_from_one_projection_are_read_in_place(fn, kernel_cache):
+    """Q, K and V cut out of one projection (split, slices or indexing, then reshaped into
+    heads, maybe transposed) are read by the kernel from the projection itself at their
+    offsets: the result is jit's and no slice or copy of the projection is left to XLA."""
+    rng = np.random.default_rng(21)
+    x = jnp.asarray(rng.standard_normal((2, 37, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 288)) * 0.1, jnp.float32)
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jax.make_jaxpr(fn)(x, w)))
+    (m,) = attention.find_attention(flat)
+    assert m.q is m.k is m.v and m.q.aval.shape[-1] == 288 and m.head
+    assert sorted(m.offsets) == [0, 96, 192]
+    optimized = _check(fn, (x, w), kernel_cache)
+    hlo = jax.jit(optimized).lower(x, w).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):]
+    assert "slice" not in entry and "copy" not in entry, entry
+
+
+def test_a_q_k_v_piece_also_returned_keeps_its_split(kernel_cache):
+    """A decode step returns the new token's keys: the split stays in XLA for that output
+    and the kernel reads the pieces; both results are jit's."""
+    rng = np.random.default_rng(22)
+    x = jnp.asarray(rng.standard_normal((1, 19, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 288)) * 0.1, jnp.float32)
+
+    def fn(x, w):
+        q, k, v = jnp.split(x @ w, 3, axis=-1)
+        heads = [t.reshape(1, 19, 3, 32) for t in (q, k, v)]
+        return nn_plain(*heads), k
+
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jax.make_jaxpr(fn)(x, w)))
+    (m,) = attention.find_attention(flat)
+    assert m.head and {e.primitive.name for e in m.head} == {"reshape"}  # no split
+    want = jax.jit(fn)(x, w)
+    got = alt_jax.optimize(fn, cache=kernel_cache, fallback="error", min_flops=0)(x, w)
+    for g, wnt in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(wnt), rtol=1e-4, atol=1e-5)
+
+
+def test_a_view_reaching_past_its_buffer_is_refused():
+    """The family checks every element the kernel would read lies in the buffer it gets."""
+    from alt_jax.ops.attention import FAMILY, AttentionSpec
+    from alt_jax.ops.base import KnobError
+
+    q, k, v = _qkv((1, 16, 2, 32))
+    flat = jaxpr_pass.open_jaxpr(jaxpr_pass.inline_calls(jax.make_jaxpr(nn_plain)(q, k, v)))
+    (m,) = attention.find_attention(flat)
+    spec = AttentionSpec.from_match(m)
+    isa = alt_jax.device.detect_isa()
+    knobs = FAMILY.default_knobs(spec, isa)
+    FAMILY.validate(spec, knobs, isa)
+    with pytest.raises(KnobError, match="K read at offset 1"):
+        FAMILY.validate(dataclasses.replace(spec, offsets=(0, 1, 0)), knobs, isa)

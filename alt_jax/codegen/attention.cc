@@ -34,6 +34,7 @@ constexpr int64_t Q_ST[] = @Q_STRIDES@;          // (batch..., q, d)
 constexpr int64_t K_ST[] = @K_STRIDES@;          // (batch..., k, d)
 constexpr int64_t V_ST[] = @V_STRIDES@;          // (batch..., k, dv)
 constexpr int64_t O_ST[] = @OUT_STRIDES@;        // (batch..., q, dv)
+constexpr int64_t OFFSETS[] = @OFFSETS@;         // where Q, K, V start in their buffers
 constexpr int NEXT = @NEXT@;                     // externals
 constexpr int64_t EXT_ST[] = @EXT_STRIDES@;      // NEXT x (batch..., q, k)
 constexpr int EXT_PRED[] = @EXT_PRED@;           // 1: a bool array (one byte per element)
@@ -254,8 +255,10 @@ void run_task(const Buffers& x, int64_t t, float* slot, int64_t* packed) {
 ALT_EXPORT int32_t @SYMBOL@(  // the one exported symbol (kernel_abi.h)
     const alt_runtime* runtime, const void* const* inputs, void* const* outputs) {
   const alt_runtime* rt = SERIAL ? nullptr : runtime;
-  Buffers x{static_cast<const float*>(inputs[0]), static_cast<const float*>(inputs[1]),
-            static_cast<const float*>(inputs[2]), static_cast<float*>(outputs[0]), {},
+  // Q, K and V may be views of one buffer (a split QKV projection): read at an offset
+  Buffers x{static_cast<const float*>(inputs[0]) + OFFSETS[0],
+            static_cast<const float*>(inputs[1]) + OFFSETS[1],
+            static_cast<const float*>(inputs[2]) + OFFSETS[2], static_cast<float*>(outputs[0]), {},
             static_cast<float*>(outputs[1])};
   for (int e = 0; e < NEXT; ++e) x.ext.ptr[e] = inputs[3 + e];
   // one worker per thread, each owning a slot, pulling tasks in order, so that a worker's

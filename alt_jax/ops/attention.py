@@ -25,7 +25,9 @@ class AttentionSpec:
     """An attention as the kernel sees it: sizes, element strides of Q (batch..., q, d),
     K (batch..., k, d), V (batch..., k, dv) and the result (batch..., q, dv), each
     external's dtype and strides (batch..., q, k), and the row program (attention.RowProgram
-    fields: slot kinds, constants, instructions, result). out_shape: the result's shape."""
+    fields: slot kinds, constants, instructions, result). out_shape: the result's shape.
+    offsets: where Q, K and V start in the buffers the kernel is given, in_sizes: those
+    buffers' elements (Q, K and V may be views of one value, as GPT-2's split QKV)."""
 
     batch: tuple
     sq: int
@@ -43,6 +45,8 @@ class AttentionSpec:
     instructions: tuple
     result: int
     out_shape: tuple
+    offsets: tuple = (0, 0, 0)
+    in_sizes: tuple = ()
 
     @classmethod
     def from_match(cls, m) -> "AttentionSpec":
@@ -55,7 +59,9 @@ class AttentionSpec:
                    ext_strides=tuple(pad + e.strides for e in m.externals),
                    slot_full=m.program.full, constants=m.program.constants,
                    instructions=m.program.instructions, result=m.program.result,
-                   out_shape=tuple(m.out_var.aval.shape))
+                   out_shape=tuple(m.out_var.aval.shape), offsets=tuple(m.offsets),
+                   in_sizes=tuple(int(np.prod(v.aval.shape, dtype=np.int64))
+                                  for v in m.operands))
 
     @property
     def n_batch(self) -> int:
@@ -128,9 +134,24 @@ class AttentionFamily:
                             f"does not fit a task's score block")
         if len(spec.instructions) // 5 > _MAX_INSTRUCTIONS:
             raise KnobError("attention: row program too long")
+        self._check_reach(spec)
         ws = self._workspace_bytes(spec, knobs, isa)
         if ws > _MAX_WORKSPACE:
             raise KnobError(f"attention workspace of {ws} bytes exceeds {_MAX_WORKSPACE}")
+
+    @staticmethod
+    def _check_reach(spec) -> None:
+        """Every element the kernel reads of Q, K and V lies in the buffer it is given."""
+        if not spec.in_sizes:
+            return
+        sizes = (*spec.batch, spec.sq, spec.d), (*spec.batch, spec.sk, spec.d), (
+            *spec.batch, spec.sk, spec.dv)
+        for name, off, strides, dims, size in zip("QKV", spec.offsets, (
+                spec.q_strides, spec.k_strides, spec.v_strides), sizes, spec.in_sizes):
+            last = off + sum((n - 1) * abs(s) for n, s in zip(dims, strides))
+            if off < 0 or last >= size:
+                raise KnobError(f"attention: {name} read at offset {off} with strides "
+                                f"{strides} reaches element {last} of a buffer of {size}")
 
     def render(self, spec: AttentionSpec, knobs: AttentionKnobs, isa):
         self.validate(spec, knobs, isa)
@@ -144,6 +165,7 @@ class AttentionFamily:
             "SQ": spec.sq, "SK": spec.sk, "D": spec.d, "DV": spec.dv,
             "Q_STRIDES": spec.q_strides, "K_STRIDES": spec.k_strides,
             "V_STRIDES": spec.v_strides, "OUT_STRIDES": spec.out_strides,
+            "OFFSETS": tuple(spec.offsets),
             **row_program.template_values("attention", spec),
             "TQ": knobs.tq, "SERIAL": knobs.serial, "PACK_K": knobs.pack_k,
             "WORKSPACE_BYTES": self._workspace_bytes(spec, knobs, isa),
@@ -151,7 +173,8 @@ class AttentionFamily:
         return rn.kernel_source("attention.cc", "alt_attention", values)
 
     def lower(self, spec: AttentionSpec, kernel, operands: Sequence) -> list:
-        """operands: Q, K, V and the externals, as the match reads them."""
+        """operands: Q, K, V (or what they are views of) and the externals, as the match
+        reads them."""
         import jax
         import jax.numpy as jnp
 
