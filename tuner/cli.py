@@ -28,6 +28,10 @@ USAGE = """usage:
   alt-tune tune MODULE:FUNCTION --inputs=1x224x224x3[,...] [--dtypes=f32[,...]] [options]
   alt-tune tune --model=NAME [--layout=nhwc|nchw] [--model_batch=1] [options]
   alt-tune ops --suite=NAME [options]
+  alt-tune tune ... --cluster=ray|ray://HOST:PORT|HOST:PORT [--devices=avx512,FINGERPRINT,...]
+      (each device kind tuned on the Ray nodes that carry it; records come back here)
+  alt-tune node [--devices=...]   (the `ray start --resources` a node measuring for these
+      device kinds, default this machine's, joins the cluster with)
   alt-tune layouts --model=NAME [--layout=nhwc|nchw] --records=R   (the graph level: each
       conv's output layout over the whole program; after `tune --layouts=NC8,NC16`, whose
       records give it tuned kernels under each layout)
@@ -45,7 +49,9 @@ TUNING_FLAGS = ("records", "trials", "time_budget", "batch", "mode", "search", "
 # Which flags each command accepts: a flag given to a command that ignores it is an error
 # (`alt-tune show --trials=5` is a mistake worth saying so).
 COMMAND_FLAGS = {
-    "tune": TUNING_FLAGS + ("inputs", "dtypes", "model", "layout", "model_batch", "layouts"),
+    "tune": TUNING_FLAGS + ("inputs", "dtypes", "model", "layout", "model_batch", "layouts",
+                            "cluster", "devices"),
+    "node": ("devices",),
     "ops": TUNING_FLAGS + ("suite",),
     "show": ("device",),
     "plot": ("device", "out"),
@@ -103,6 +109,12 @@ def _define(fv: flags.FlagValues) -> None:
                       "each of these layouts (NHWC, NC8, NC16, logical), for `layouts`", **kw)
     flags.DEFINE_integer("model_batch", 1, "--model's batch size", lower_bound=1, **kw)
     flags.DEFINE_string("suite", None, "op suite of benchmarks/suites.py for `ops`", **kw)
+    flags.DEFINE_string("cluster", None, "tune on a Ray cluster: 'ray' (RAY_ADDRESS, a "
+                        "running local cluster, or a new one), 'ray://HOST:PORT' or "
+                        "'HOST:PORT' (tuner/cluster.py)", **kw)
+    flags.DEFINE_list("devices", [], "--cluster / node: the device kinds to tune for, each an "
+                      "ISA name (this machine's CPU generating it) or a full fingerprint "
+                      "'cpu:MODEL|isa=NAME|cores=N' (default: this machine's)", **kw)
     flags.DEFINE_string("device", None, "show / plot: records of this device fingerprint; "
                         "'all' for every device (default: this machine's)", **kw)
     flags.DEFINE_string("out", None, "plot: the PNG to write (one per model, suffixed with "
@@ -387,8 +399,90 @@ def _tune(fv, options, label: str, workloads: list, argv: list) -> int:
 
 def cmd_tune(fv, args: list, argv: list) -> int:
     options = tune_options(fv)
+    if fv.devices and not fv.cluster:
+        raise UsageError("--devices names the device kinds of a --cluster run")
+    kinds = device_kinds(fv.devices) if fv.cluster else None
     label, workloads = workloads_for(fv, args)
+    if fv.cluster:
+        return _tune_cluster(fv, options, label, workloads, workload_source(fv, args), kinds,
+                             argv)
     return _tune(fv, options, label, workloads, argv)
+
+
+def device_kinds(names: list) -> list:
+    """--devices as tuner.cluster.DeviceKind (default: this machine's)."""
+    from alt_jax import device
+    from tuner.cluster import DeviceKind
+
+    try:
+        return [DeviceKind.parse(n) for n in (names or [device.detect_isa().name])]
+    except ValueError as e:
+        raise UsageError(f"--devices: {e}") from None
+
+
+def workload_source(fv, args: list):
+    """How a cluster node rebuilds the workloads workloads_for traced here."""
+    from tuner.cluster import WorkloadSource
+
+    if fv.model:
+        return WorkloadSource(model=fv.model, layout=fv.layout, batch=fv.model_batch,
+                              layouts=tuple(fv.layouts))
+    shapes = tuple(parse_shape(s) for s in fv.inputs)
+    return WorkloadSource(function=args[0], shapes=shapes,
+                          dtypes=tuple(parse_dtypes(fv.dtypes, len(shapes))))
+
+
+def _tune_cluster(fv, options, label: str, workloads: list, source, kinds: list,
+                  argv: list) -> int:
+    import statistics
+
+    from alt_jax.records import RecordStore
+    from tuner import cluster
+
+    if not workloads:
+        raise UsageError(f"{label}: no conv or matmul of it would run on a kernel: nothing "
+                         f"to tune")
+    options = dataclasses.replace(options, model=label)
+    path = _records_path(fv)
+    before = _count_records(path)
+    print(f"alt-tune: {label}: {len({w.op_key for w in workloads})} ops, {options.mode}/"
+          f"{options.search}, {options.trials} trials per device kind, on the Ray cluster "
+          f"{fv.cluster} for:\n" + "\n".join(f"  {k.fingerprint}  (resource {k.resource})"
+                                             for k in kinds)
+          + f"\nrecords: {path} ({before} already there)", flush=True)
+    try:
+        outcome = cluster.tune_on_cluster(workloads, source, kinds, RecordStore(path), options,
+                                          address=fv.cluster)
+    except cluster.ClusterError as e:
+        print(f"alt-tune: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return _interrupted(path, before, argv)
+    for kind in kinds:
+        summary, measurer = outcome[kind]
+        runs = measurer.placements
+        print(f"\n== {kind.fingerprint}: {len(runs)} batches on "
+              f"{len({b.node for b in runs})} node(s)")
+        print(format_summary(summary))
+        if runs:
+            print("Ray's share per batch (submit to result, less the node's own time): median "
+                  f"{1e3 * statistics.median(b.wall_s - b.node_s for b in runs):.1f} ms")
+    print(f"{_count_records(path) - before} new records in {path}")
+    return 0
+
+
+def cmd_node(fv, args: list, argv: list) -> int:
+    import json
+
+    from tuner.cluster import node_resources
+
+    if args:
+        raise UsageError(f"node takes no arguments; got {args}")
+    kinds = device_kinds(fv.devices)
+    for k in kinds:
+        print(f"# {k.fingerprint}")
+    print(f"ray start --address=HEAD:6379 --resources='{json.dumps(node_resources(kinds))}'")
+    return 0
 
 
 def cmd_ops(fv, args: list, argv: list) -> int:
@@ -490,7 +584,7 @@ def cmd_layouts(fv, args: list, argv: list) -> int:
 
 
 COMMANDS = {"tune": cmd_tune, "ops": cmd_ops, "show": cmd_show, "plot": cmd_plot,
-            "merge": cmd_merge, "layouts": cmd_layouts}
+            "merge": cmd_merge, "layouts": cmd_layouts, "node": cmd_node}
 
 
 def main(argv: list) -> int:

@@ -199,13 +199,16 @@ class _Run:
     """One tune() call's state: tasks, strategies, the shared cost model, the records."""
 
     def __init__(self, workloads, store: RecordStore, options: TuneOptions, cache, families,
-                 listener: Listener):
+                 listener: Listener, device_kind=None):
         from alt_jax import runtime
 
         self.store, self.options, self.listener = store, options, listener
         self.cache = cache or runtime.default_cache()
-        self.isa = self.cache.isa or device.detect_isa()
-        self.device = device.fingerprint(self.isa)
+        if device_kind is None:
+            self.isa = self.cache.isa or device.detect_isa()
+            self.device = device.fingerprint(self.isa)
+        else:  # another machine's (a cluster node's): its ISA and fingerprint as it gave them
+            self.isa, self.device = device.ISAS[device_kind.isa], device_kind.fingerprint
         self.families = families or registry.families_by_name()
         self.run_id = uuid.uuid4().hex[:12]
         self.model = CostModel(seed=options.seed)
@@ -402,15 +405,19 @@ class _Run:
 
 def tune(workloads: Sequence, store: RecordStore, options: TuneOptions = TuneOptions(), *,
          cache=None, listener: Optional[Listener] = None, families: Optional[dict] = None,
-         measurer=None) -> TuneSummary:
+         measurer=None, device_kind=None) -> TuneSummary:
     """Tunes workloads (planner.Workload, e.g. from workloads_of) into store; see the module
     docstring. cache: the KernelCache kernels are built into (its ISA is the one tuned
     for); families: name -> family (default: the registry's); measurer: what measures
-    (default KernelMeasurer). Ctrl-C: the worker is stopped, KeyboardInterrupt propagates,
+    (default KernelMeasurer); device_kind: the device tuned for when it is not this
+    machine (tuner.cluster.DeviceKind: its ISA and fingerprint; a measurer must then be
+    given, one that measures there). Ctrl-C: the worker is stopped, KeyboardInterrupt propagates,
     and every record already written is complete (one atomic append per trial)."""
     listener = listener or Listener()
     start = time.monotonic()
-    run = _Run(workloads, store, options, cache, families, listener)
+    if device_kind is not None and measurer is None:
+        raise ValueError("tune(device_kind=...) measures on that device: pass its measurer")
+    run = _Run(workloads, store, options, cache, families, listener, device_kind)
     listener.on_start(run.tasks, options)
     own = measurer is None
     if own:
