@@ -98,9 +98,9 @@ def test_two_device_kinds_tune_on_their_own_nodes(ray_cluster, tmp_path):
     _, kinds, node_of = ray_cluster
     workloads = _workloads()
     store = RecordStore(tmp_path / "r.jsonl")
-    trials = len(workloads) + 4
+    trials = len(workloads) + 16  # past the cost model's 12 samples: it is fitted and shipped
     outcome = cluster.tune_on_cluster(workloads, SOURCE, kinds, store,
-                                      _options(trials=trials))
+                                      _options(trials=trials, batch=4))
     recs = _records(store.path)
     for kind in kinds:
         summary, measurer = outcome[kind]
@@ -109,6 +109,9 @@ def test_two_device_kinds_tune_on_their_own_nodes(ray_cluster, tmp_path):
         # every workload's heuristic measured for this kind, all of it on the kind's node
         assert {r["op_key"] for r in mine if r["heuristic"]} == {w.op_key for w in workloads}
         assert measurer.placements and {b.node for b in measurer.placements} == {node_of[kind]}
+        # the nodes searched with the driver's model: one copy per fit in the object store
+        assert True in measurer.shipped and len(measurer.shipped) < len(measurer.placements)
+        assert {r["stage"] for r in mine} >= {"heuristic", "explore"}
     # the records are those a local run writes: optimize() can use them
     from alt_jax.records import RecordStore as Store
 
@@ -117,7 +120,7 @@ def test_two_device_kinds_tune_on_their_own_nodes(ray_cluster, tmp_path):
 
 
 def _running_batch_pid(timeout_s=120.0):
-    """The pid of a Ray worker running measure_batch (Ray titles it ray::measure_batch)."""
+    """The pid of a Ray worker running a batch (Ray titles it ray::<function>)."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         for path in glob.glob("/proc/[0-9]*/cmdline"):
@@ -126,7 +129,7 @@ def _running_batch_pid(timeout_s=120.0):
                     cmd = f.read()
             except OSError:
                 continue
-            if cmd.startswith(b"ray::measure_batch"):
+            if cmd.startswith((b"ray::measure_batch", b"ray::search_batch")):
                 return int(path.split("/")[2])
         time.sleep(0.05)
     raise AssertionError("no measure_batch task started")
@@ -208,3 +211,71 @@ def test_alt_tune_node_prints_the_resources_to_start_a_node_with(capsys):
     assert f"# {kind.fingerprint}" in out
     assert f"--resources='{{\"{kind.resource}\": 1}}'" in out
     assert cli.main(["alt-tune", "tune", "--model=tiny_cnn", "--devices=avx2"]) == 2
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _raylet_pid(node) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+# The two tests below change the module's cluster (they remove nodes): they run last.
+def test_a_node_lost_mid_batch_costs_a_retry_on_another_node(ray_cluster, tmp_path):
+    from alt_jax.records import RecordStore
+
+    c, kinds, node_of = ray_cluster
+    kind = kinds[0]
+    spare = c.add_node(num_cpus=1, resources=cluster.node_resources([kind]))
+    c.wait_for_nodes()
+    nodes = [n for n in c.worker_nodes if n.node_id in (node_of[kind], spare.node_id)]
+    workloads = _workloads()
+    store = RecordStore(tmp_path / "r.jsonl")
+    trials = len(workloads) + 4
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(cluster.tune_on_cluster(
+        workloads, SOURCE, [kind], store, _options(trials=trials, seed=2))))
+    run.start()
+    raylet = _parent(_running_batch_pid())
+    (busy,) = [n for n in nodes if _raylet_pid(n) == raylet]
+    c.remove_node(busy)
+    run.join(timeout=600)
+    assert not run.is_alive() and kind in done
+    summary, measurer = done[kind]
+    recs = _records(store.path)
+    assert len(recs) == trials == sum(t.trials for t in summary.tasks)
+    assert {r["op_key"] for r in recs if r["heuristic"]} == {w.op_key for w in workloads}
+    assert busy.node_id not in {b.node for b in measurer.placements}
+
+
+def test_losing_the_last_node_of_a_kind_fails_the_run_at_once(ray_cluster, tmp_path):
+    from alt_jax.records import RecordStore
+
+    c, kinds, node_of = ray_cluster
+    kind = kinds[1]
+    (only,) = [n for n in c.worker_nodes if n.node_id == node_of[kind]]
+    store = RecordStore(tmp_path / "r.jsonl")
+    failed: dict = {}
+
+    def run():
+        try:
+            cluster.tune_on_cluster(_workloads(), SOURCE, [kind], store,
+                                    _options(trials=len(_workloads()) + 20, seed=3))
+        except cluster.ClusterError as e:
+            failed["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    _running_batch_pid()
+    c.remove_node(only)
+    gone = time.monotonic()
+    t.join(timeout=120)
+    assert not t.is_alive() and "left the cluster" in str(failed.get("error"))
+    assert time.monotonic() - gone < 60
+    written = _records(store.path) if os.path.exists(store.path) else []
+    for rec in written:  # what was written before is whole
+        assert rec["device"] == kind.fingerprint

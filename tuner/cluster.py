@@ -9,10 +9,12 @@ Placement: a node that can measure for a device kind is started with one unit of
 resource DeviceKind.resource (`ray start --resources='{"alt_device_<hash>": 1}'`,
 node_resources prints it). Every batch asks for one unit, so a node measures one batch at a
 time (timings stay clean) while the batch's kernels are built in parallel there, and
-batches of different device kinds run on their nodes at once. The search, the cost model and
-the task scheduler stay with the driver, one tune() per device kind (tuner/tune.py: the same
-records, the same resume); what travels is the workload's source (the node rebuilds and
-caches the workloads), the candidates (family, spec, knobs) and the results.
+batches of different device kinds run on their nodes at once. The task scheduler and the
+cost model's training stay with the driver, one tune() per device kind (tuner/tune.py: the
+same records, the same resume); each round's model goes into Ray's object store once and
+the nodes rank their search's proposals with it (search_batch). What travels is the
+workload's source (the node rebuilds and caches the workloads), the search's state (the
+choices measured so far), the model, and the proposed candidates with their results.
 Faults: a node or worker lost mid-batch costs that batch a retry (Ray's task retries; the
 driver writes records only from results, so a retried batch records once); a device kind no
 node carries fails at once, and so does one whose last node is gone while a batch waits.
@@ -106,18 +108,12 @@ _NODE_STATE: dict = {}  # per worker process: (source, isa, config, seed) -> (wo
 _NODE_LOCK = threading.Lock()
 
 
-def measure_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, candidates: list,
-                  best_so_far_s, config, seed: int) -> dict:
-    """Runs on a node (a Ray task): builds and measures candidates [(family name, spec,
-    knobs)] of the workload op_key, as the local tuner would. Returns {"results":
-    [MeasureResult], "node": Ray node id, "pid": this worker's pid, "seconds": time here}."""
-    import ray
-
+def _node(source: WorkloadSource, kind: DeviceKind, config, seed: int) -> tuple:
+    """This worker process's (workloads by op_key, KernelMeasurer) for a source and kind,
+    built once; ClusterError on a node whose own device is not `kind`."""
     from alt_jax import runtime
-    from alt_jax.ops import registry
     from tuner.tune import KernelMeasurer
 
-    start = time.perf_counter()
     here = device.fingerprint(device.ISAS[kind.isa])
     if here != kind.fingerprint:
         raise ClusterError(f"this node is {here!r}, not the {kind.fingerprint!r} its resource "
@@ -132,16 +128,57 @@ def measure_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, candida
                                         isa=device.ISAS[kind.isa])
             state = _NODE_STATE[key] = (workloads, KernelMeasurer(cache, cache.isa, config,
                                                                   seed))
-    workloads, measurer = state
+    return state
+
+
+def _workload(workloads: dict, op_key: str, source: WorkloadSource):
     workload = workloads.get(op_key)
     if workload is None:
         raise ClusterError(f"workload {op_key} is not one of {source}'s on this node: does it "
                            f"run the driver's alt_jax checkout?")
+    return workload
+
+
+def _reply(results, start: float, **extra) -> dict:
+    import ray
+
+    return {"results": results, "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(), "seconds": time.perf_counter() - start, **extra}
+
+
+def measure_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, candidates: list,
+                  best_so_far_s, config, seed: int) -> dict:
+    """Runs on a node (a Ray task): builds and measures candidates [(family name, spec,
+    knobs)] of the workload op_key, as the local tuner would. Returns {"results":
+    [MeasureResult], "node": Ray node id, "pid": this worker's pid, "seconds": time here}."""
+    from alt_jax.ops import registry
+
+    start = time.perf_counter()
+    workloads, measurer = _node(source, kind, config, seed)
+    workload = _workload(workloads, op_key, source)
     families = registry.families_by_name()
     results = measurer(workload, [(families[f], spec, knobs) for f, spec, knobs in candidates],
                        best_so_far_s)
-    return {"results": results, "node": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(), "seconds": time.perf_counter() - start}
+    return _reply(results, start)
+
+
+def search_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, mode: str, state, n: int,
+                 best_so_far_s, model, config, seed: int) -> dict:
+    """Runs on a node (a Ray task): the search (tuner.tune.SearchState) proposes up to n new
+    candidates of op_key, ranked by `model` (the driver's cost model of this round, from
+    Ray's object store), and they are built and measured here. Returns measure_batch's
+    reply with "proposed": [(Choice, stage)] in the order of "results"."""
+    from tuner.space import JointSpace
+
+    start = time.perf_counter()
+    workloads, measurer = _node(source, kind, config, seed)
+    workload = _workload(workloads, op_key, source)
+    space = JointSpace(workload, device.ISAS[kind.isa], mode)
+    proposed = [(c, stage) for c, stage in state.search(space, model).propose(n)
+                if c not in state.measured]
+    results = measurer(workload, [(space.family(c), space.spec(c), c.knobs)
+                                  for c, _ in proposed], best_so_far_s) if proposed else []
+    return _reply(results, start, proposed=proposed)
 
 
 # ---- on the driver -------------------------------------------------------------------------
@@ -211,15 +248,35 @@ class RayMeasurer:
         self.source, self.kind, self.config, self.seed = source, kind, config, seed
         self.stop = stop or threading.Event()
         self.placements: list = []
-        self._remote = ray.remote(measure_batch).options(
-            resources={kind.resource: 1}, num_cpus=1, max_retries=_RETRIES)
+        self.shipped: list = []  # per model version put in the object store: was it fitted
+        self._model_ref, self._model_version = None, None
+        placed = dict(resources={kind.resource: 1}, num_cpus=1, max_retries=_RETRIES)
+        self._measure = ray.remote(measure_batch).options(**placed)
+        self._search = ray.remote(search_batch).options(**placed)
 
     def __call__(self, workload, candidates: list, best_so_far_s) -> list:
-        ray = _ray()
+        """Measures given candidates there (the heuristic's, a confirmation pass)."""
         cands = [(family.name, spec, knobs) for family, spec, knobs in candidates]
+        return self._run(workload, self._measure, cands, best_so_far_s, self.config,
+                         self.seed)["results"]
+
+    def search_and_measure(self, workload, mode: str, state, n: int, best_so_far_s, model,
+                           model_version: int) -> list:
+        """tune()'s search step run there: [(Choice, stage, MeasureResult)]. The model goes
+        into Ray's object store once per version (each round's fit), and every batch of
+        the round reads that one copy."""
+        ray = _ray()
+        if model_version != self._model_version:
+            self._model_ref, self._model_version = ray.put(model), model_version
+            self.shipped.append(model.fitted)
+        out = self._run(workload, self._search, mode, state, n, best_so_far_s,
+                        self._model_ref, self.config, self.seed)
+        return [(c, stage, r) for (c, stage), r in zip(out["proposed"], out["results"])]
+
+    def _run(self, workload, remote, *args) -> dict:
+        ray = _ray()
         start = time.perf_counter()
-        ref = self._remote.remote(self.source, workload.op_key, self.kind, cands,
-                                  best_so_far_s, self.config, self.seed)
+        ref = remote.remote(self.source, workload.op_key, self.kind, *args)
         while True:
             if self.stop.is_set():
                 ray.cancel(ref, force=True)
@@ -234,7 +291,7 @@ class RayMeasurer:
         out = ray.get(ref)
         self.placements.append(BatchRun(workload.op_key, out["node"], out["pid"],
                                         time.perf_counter() - start, out["seconds"]))
-        return out["results"]
+        return out
 
     def close(self) -> None:
         pass

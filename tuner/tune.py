@@ -114,6 +114,24 @@ def workloads_of(fn, *args, **optimize_options) -> list:
     return planner.list_workloads(closed, opt.options)
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchState:
+    """What a search needs to propose where it runs (a cluster node rebuilds it around its
+    own JointSpace): its kind, the choices measured so far with their times, the warm-start
+    choices not yet tried, and the seed of its random draws for this batch."""
+
+    kind: str
+    measured: dict
+    seeds: list
+    rng_seed: list
+
+    def search(self, space: JointSpace, model: CostModel):
+        s = make_search(self.kind, space, model, np.random.default_rng(self.rng_seed),
+                        self.seeds)
+        s.measured = dict(self.measured)
+        return s
+
+
 PARAMETER_OPERANDS = ("rhs", "scale", "shift")
 
 
@@ -212,6 +230,7 @@ class _Run:
         self.families = families or registry.families_by_name()
         self.run_id = uuid.uuid4().hex[:12]
         self.model = CostModel(seed=options.seed)
+        self.model_version = 0  # fits so far: a remote measurer ships each version once
         self.tasks, self.spaces, self.searches = [], {}, {}
         self.measured: set = set()
         prior = self._prior_records()
@@ -294,6 +313,28 @@ class _Run:
         results = measurer(task.workload, cands, task.best_s)
         for (choice, stage, heuristic), result in zip(proposals, results):
             self._record(task, choice, stage, heuristic, result)
+
+    def search_and_measure(self, measurer, task: TaskState, n: int) -> bool:
+        """Up to n new candidates of task proposed and measured, each recorded; False when
+        the search has none left. A measurer that searches where it measures (a cluster
+        node: tuner.cluster) gets the search's state and the current cost model instead."""
+        search = self.searches[task.workload.op_key]
+        remote = getattr(measurer, "search_and_measure", None)
+        if remote is not None:
+            done = remote(task.workload, self.spaces[task.workload.op_key].mode, SearchState(
+                self.options.search, dict(search.measured), list(search.seeds),
+                [self.options.seed, self.tasks.index(task), task.trials]), n, task.best_s,
+                self.model, self.model_version)
+            proposed = {c for c, _, _ in done}
+            search.seeds = [c for c in search.seeds if c not in proposed]
+            for choice, stage, result in done:
+                self._record(task, choice, stage, False, result)
+            return bool(done)
+        proposals = [(c, stage, False) for c, stage in search.propose(n)
+                     if (task.workload.op_key, c.key) not in self.measured]
+        if proposals:
+            self.measure(measurer, task, proposals)
+        return bool(proposals)
 
     # ---- records out ----
     def _record(self, task: TaskState, choice: Choice, stage: str, heuristic: bool,
@@ -401,6 +442,8 @@ class _Run:
                     rows.append((space.features(Choice(t.family, t.knobs)),
                                  relative_log_time(t.median_s, task.untuned_s)))
         self.model.fit(rows)
+        if self.model.fitted:  # a new fit (fit() keeps the old one below min_samples)
+            self.model_version += 1
 
 
 def tune(workloads: Sequence, store: RecordStore, options: TuneOptions = TuneOptions(), *,
@@ -459,12 +502,8 @@ def _loop(run: _Run, measurer, start: float) -> None:
         if task is None:
             return
         n = min(options.batch, options.trials - total())
-        search = run.searches[task.workload.op_key]
-        proposals = [(c, stage, False) for c, stage in search.propose(n)
-                     if (task.workload.op_key, c.key) not in run.measured]
-        if not proposals:
+        if not run.search_and_measure(measurer, task, n):
             task.done = True  # the space (as the search sees it) is exhausted
             continue
-        run.measure(measurer, task, proposals)
         run.scheduler.update(task)
         run.train()
