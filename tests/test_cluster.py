@@ -213,6 +213,35 @@ def test_alt_tune_node_prints_the_resources_to_start_a_node_with(capsys):
     assert cli.main(["alt-tune", "tune", "--model=tiny_cnn", "--devices=avx2"]) == 2
 
 
+def test_ctrl_c_on_the_driver_leaves_whole_records_and_a_rerun_resumes(ray_cluster, tmp_path):
+    import subprocess
+    import sys
+
+    c, kinds, _ = ray_cluster
+    path = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "tuner", "tune", "--model=tiny_cnn", f"--cluster={c.address}",
+           f"--devices={kinds[0].isa}", "--batch=2", f"--records={path}"]
+    proc = subprocess.Popen(cmd + ["--trials=200"], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 300
+    while time.monotonic() < end and (not path.exists() or len(_records(path)) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Resume with the same command" in err
+    trials = [r for r in _records(path) if r["stage"] != "confirm"]  # every line whole
+    assert len(trials) >= 3
+    # the rerun counts what is there toward --trials and measures only the rest
+    done = subprocess.run(cmd + [f"--trials={len(trials) + 2}"], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = [r for r in _records(path) if r["stage"] != "confirm"]
+    assert len(again) == len(trials) + 2
+    keys = [(r["op_key"], json.dumps(r["knobs"], sort_keys=True), r["family"]) for r in again]
+    assert len(set(keys)) == len(keys)
+
+
 def _parent(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -466,7 +466,8 @@ def _tune_cluster(fv, options, label: str, workloads: list, source, kinds: list,
         print(format_summary(summary))
         if runs:
             print("Ray's share per batch (submit to result, less the node's own time): median "
-                  f"{1e3 * statistics.median(b.wall_s - b.node_s for b in runs):.1f} ms")
+                  f"{1e3 * statistics.median(b.wall_s - b.node_s for b in runs):.1f} ms; "
+                  f"the node's own: median {statistics.median(b.node_s for b in runs):.2f} s")
     print(f"{_count_records(path) - before} new records in {path}")
     return 0
 
