@@ -135,6 +135,15 @@ def _running_batch_pid(timeout_s=120.0):
     raise AssertionError("no measure_batch task started")
 
 
+def _tune_in_background(workloads, kind, store, trials: int, seed: int) -> tuple:
+    """tune_on_cluster for one kind in a thread: (the thread, its outcome once done)."""
+    done: dict = {}
+    run = threading.Thread(target=lambda: done.update(cluster.tune_on_cluster(
+        workloads, SOURCE, [kind], store, _options(trials=trials, seed=seed))))
+    run.start()
+    return run, done
+
+
 def test_a_worker_killed_mid_batch_costs_a_retry_not_the_run(ray_cluster, tmp_path):
     from alt_jax.records import RecordStore
 
@@ -143,10 +152,7 @@ def test_a_worker_killed_mid_batch_costs_a_retry_not_the_run(ray_cluster, tmp_pa
     workloads = _workloads()
     store = RecordStore(tmp_path / "r.jsonl")
     trials = len(workloads) + 6
-    done: dict = {}
-    run = threading.Thread(target=lambda: done.update(cluster.tune_on_cluster(
-        workloads, SOURCE, [kind], store, _options(trials=trials, seed=1))))
-    run.start()
+    run, done = _tune_in_background(workloads, kind, store, trials, seed=1)
     pid = _running_batch_pid()
     os.kill(pid, signal.SIGKILL)
     run.join(timeout=600)
@@ -265,10 +271,7 @@ def test_a_node_lost_mid_batch_costs_a_retry_on_another_node(ray_cluster, tmp_pa
     workloads = _workloads()
     store = RecordStore(tmp_path / "r.jsonl")
     trials = len(workloads) + 4
-    done: dict = {}
-    run = threading.Thread(target=lambda: done.update(cluster.tune_on_cluster(
-        workloads, SOURCE, [kind], store, _options(trials=trials, seed=2))))
-    run.start()
+    run, done = _tune_in_background(workloads, kind, store, trials, seed=2)
     raylet = _parent(_running_batch_pid())
     (busy,) = [n for n in nodes if _raylet_pid(n) == raylet]
     c.remove_node(busy)

@@ -363,19 +363,24 @@ def tune_options(fv):
         raise UsageError(str(e)) from None
 
 
+def _run_start(fv, options, label: str, workloads: list) -> tuple:
+    """(options labelled, records path, records already there) for a tuning run; a
+    UsageError when nothing of the program would run on a kernel."""
+    if not workloads:
+        raise UsageError(f"{label}: no conv or matmul of it would run on a kernel (ops below "
+                         f"min_flops, $ALT_JAX_MIN_FLOPS, stay in XLA): nothing to tune")
+    path = _records_path(fv)
+    return dataclasses.replace(options, model=label), path, _count_records(path)
+
+
 def _tune(fv, options, label: str, workloads: list, argv: list) -> int:
     from alt_jax import device
     from alt_jax.records import RecordStore
     from tuner.progress import ProgressBars, bars_wanted
     from tuner.tune import tune
 
-    if not workloads:
-        raise UsageError(f"{label}: no conv or matmul of it would run on a kernel (ops below "
-                         f"min_flops, $ALT_JAX_MIN_FLOPS, stay in XLA): nothing to tune")
-    options = dataclasses.replace(options, model=label)
-    path = _records_path(fv)
+    options, path, before = _run_start(fv, options, label, workloads)
     store = RecordStore(path)
-    before = _count_records(path)
     mults = sum(w.multiplicity for w in workloads)
     budget = f"{options.trials} trials" + (f" or {options.time_budget_s:g} s"
                                            if options.time_budget_s is not None else "")
@@ -439,12 +444,7 @@ def _tune_cluster(fv, options, label: str, workloads: list, source, kinds: list,
     from alt_jax.records import RecordStore
     from tuner import cluster
 
-    if not workloads:
-        raise UsageError(f"{label}: no conv or matmul of it would run on a kernel: nothing "
-                         f"to tune")
-    options = dataclasses.replace(options, model=label)
-    path = _records_path(fv)
-    before = _count_records(path)
+    options, path, before = _run_start(fv, options, label, workloads)
     print(f"alt-tune: {label}: {len({w.op_key for w in workloads})} ops, {options.mode}/"
           f"{options.search}, {options.trials} trials per device kind, on the Ray cluster "
           f"{fv.cluster} for:\n" + "\n".join(f"  {k.fingerprint}  (resource {k.resource})"
