@@ -8,7 +8,7 @@
 // contiguous dim. SPLIT_K > 1: grid z also splits K; each slice writes its partial tile to
 // the workspace and a second kernel sums the slices and applies the epilogue.
 // Out-of-range rows, columns and k are zero-filled in shared memory and never stored.
-#include "alt_jax/cuda_block.h"
+#include "alt_jax/cuda_gemm.h"
 
 namespace {
 
@@ -27,11 +27,8 @@ constexpr int MR = @MR@, NR = @NR@;             // a thread's register tile
 constexpr int WM = @WM@, WN = @WN@;             // a warp's tile
 constexpr int STAGES = @STAGES@, VEC = @VEC@, SPLIT_K = @SPLIT_K@;
 
-constexpr int WARPS_M = MC / WM, WARPS_N = NC / WN;
-constexpr int LANES_N = WN / NR;
-constexpr int THREADS = WARPS_M * WARPS_N * 32;
-static_assert(MC % WM == 0 && NC % WN == 0 && WM % MR == 0 && WN % NR == 0, "tiles");
-static_assert((WM / MR) * (WN / NR) == 32, "a warp is 32 threads");
+typedef GemmTile<MC, NC, KC, MR, NR, WM, WN, STAGES> Tile;
+constexpr int THREADS = Tile::THREADS;
 constexpr int64_t GX = (N + NC - 1) / NC, GY = (M + MC - 1) / MC, GZ = BATCH * SPLIT_K;
 // K per split, whole KC slices
 constexpr int64_t KSPAN = ((K + SPLIT_K - 1) / SPLIT_K + KC - 1) / KC * KC;
@@ -42,14 +39,8 @@ constexpr int FINISH_THREADS = 256;
 constexpr int64_t WORKSPACE_BYTES = @WORKSPACE_BYTES@;  // the split-K partials
 static_assert(WORKSPACE_BYTES == (SPLIT_K > 1 ? 4 * SPLIT_K * OUT_SIZE : 0), "workspace");
 
-struct Shared {
-  float as[STAGES * KC * MC];  // [stage][k][m]
-  float bs[STAGES * KC * NC];  // [stage][k][n]
-};
-
-struct Thread {
-  float acc[MR][NR];
-};
+typedef Tile::Shared Shared;
+typedef Tile::Thread Thread;
 
 struct Buffers {
   const float* a;
@@ -61,87 +52,6 @@ struct Buffers {
   float* ws;  // SPLIT_K partial tiles, [split][batch][m][n]
 };
 
-// VEC consecutive floats of p from element i (all in range: the family checks that a
-// vector never straddles the end of a dim); scalar loads in the emulation.
-template <typename Blk>
-ALT_DEV void load_vec(Blk& blk, const float* p, int64_t i, int64_t n, float* out) {
-#if defined(__CUDACC__)
-  if constexpr (VEC == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(p + i);
-    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-  } else if constexpr (VEC == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p + i);
-    out[0] = v.x; out[1] = v.y;
-  } else {
-    out[0] = p[i];
-  }
-#else
-  for (int v = 0; v < VEC; ++v) out[v] = ALT_GLD(blk, p, i + v, n);
-#endif
-}
-
-// One KC slice [k0, k0 + KC) of A (rows m0..) and B (columns n0..) into stage `stage`,
-// this thread's share of it; elements past M, N or kend are zeros.
-template <typename Blk>
-ALT_DEV void load_slice(Blk& blk, const Buffers& x, int tid, int stage, int64_t bi, int64_t m0,
-                        int64_t n0, int64_t k0, int64_t kend) {
-  for (int e = tid * VEC; e < KC * MC; e += THREADS * VEC) {
-    // e walks the contiguous dim first: VEC floats along k (A row-major) or m
-    const int kk0 = A_K_INNER ? e % KC : e / MC, mm0 = A_K_INNER ? e / KC : e % MC;
-    float v[VEC];
-    const int64_t m = m0 + mm0, k = k0 + kk0;
-    // a vector is in range iff its first float is: the family keeps M, K, KC and MC whole
-    // vectors along the dim the vector runs on
-    const bool in = m < M && k < kend;
-    if (in) {
-      load_vec(blk, x.a, bi * A_SB + m * A_SM + k * A_SK, A_SIZE, v);
-    } else {
-      for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
-    }
-    for (int u = 0; u < VEC; ++u) {
-      const int kk = A_K_INNER ? kk0 + u : kk0, mm = A_K_INNER ? mm0 : mm0 + u;
-      ALT_SH_ST(blk, as, (stage * KC + kk) * MC + mm, v[u]);
-    }
-  }
-  for (int e = tid * VEC; e < KC * NC; e += THREADS * VEC) {
-    const int kk0 = B_N_INNER ? e / NC : e % KC, nn0 = B_N_INNER ? e % NC : e / KC;
-    float v[VEC];
-    const int64_t n = n0 + nn0, k = k0 + kk0;
-    const bool in = n < N && k < kend;
-    if (in) {
-      load_vec(blk, x.b, bi * B_SB + k * B_SK + n * B_SN, B_SIZE, v);
-    } else {
-      for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
-    }
-    for (int u = 0; u < VEC; ++u) {
-      const int kk = B_N_INNER ? kk0 : kk0 + u, nn = B_N_INNER ? nn0 + u : nn0;
-      ALT_SH_ST(blk, bs, (stage * KC + kk) * NC + nn, v[u]);
-    }
-  }
-}
-
-// This thread's MR x NR tile of the block: rows and columns within the block tile.
-ALT_DEV int row0_of(int tid) {
-  const int warp = tid / 32, lane = tid % 32;
-  return (warp / WARPS_N) * WM + (lane / LANES_N) * MR;
-}
-ALT_DEV int col0_of(int tid) {
-  const int warp = tid / 32, lane = tid % 32;
-  return (warp % WARPS_N) * WN + (lane % LANES_N) * NR;
-}
-
-template <typename Blk>
-ALT_DEV void compute_slice(Blk& blk, Thread& t, int tid, int stage) {
-  const int r0 = row0_of(tid), c0 = col0_of(tid);
-  for (int kk = 0; kk < KC; ++kk) {
-    float af[MR], bf[NR];
-    for (int i = 0; i < MR; ++i) af[i] = ALT_SH_LD(blk, as, (stage * KC + kk) * MC + r0 + i);
-    for (int j = 0; j < NR; ++j) bf[j] = ALT_SH_LD(blk, bs, (stage * KC + kk) * NC + c0 + j);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) t.acc[i][j] += af[i] * bf[j];
-  }
-}
-
 template <typename Blk>
 ALT_DEV float epilogue(Blk& blk, const Buffers& x, float y, int64_t bi, int64_t m, int64_t n) {
   if constexpr (SCALE) y = y * ALT_GLD(blk, x.scale, n, N);
@@ -150,55 +60,62 @@ ALT_DEV float epilogue(Blk& blk, const Buffers& x, float y, int64_t bi, int64_t 
   return alt_cuda_activate<ACT>(y);
 }
 
-template <typename Blk>
-ALT_DEV void block_main(Blk& blk, const Buffers& x) {
-  const int64_t z = blk.bz, bi = z / SPLIT_K, split = z % SPLIT_K;
-  const int64_t m0 = blk.by * MC, n0 = blk.bx * NC;
-  const int64_t kbeg = split * KSPAN, kend = kbeg + KSPAN < K ? kbeg + KSPAN : K;
-  const int64_t slices = kbeg < kend ? (kend - kbeg + KC - 1) / KC : 0;
-  blk.each([&](Thread& t, int) {
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) t.acc[i][j] = 0.0f;
-  });
-  if constexpr (STAGES == 1) {
-    for (int64_t s = 0; s < slices; ++s) {
-      blk.each([&](Thread&, int tid) { load_slice(blk, x, tid, 0, bi, m0, n0, kbeg + s * KC, kend); });
-      blk.sync();
-      blk.each([&](Thread& t, int tid) { compute_slice(blk, t, tid, 0); });
-      blk.sync();
+// One block's GEMM (cuda_gemm.h's Problem): batch item bi, K slice `split`.
+struct MatmulBlock {
+  const Buffers& x;
+  int64_t bi, split, k_begin, k_end;
+  static constexpr int64_t m_size = M, n_size = N;
+
+  // A and B of [k0, k0 + KC) into stage `stage`, this thread's share: consecutive threads
+  // walk an operand's contiguous dim, VEC floats at a time (a vector is in range iff its
+  // first float is: the family keeps M, N, K and the block tile whole vectors along it)
+  template <typename Blk>
+  ALT_DEV void load_slice(Blk& blk, int tid, int stage, int64_t m0, int64_t n0,
+                          int64_t k0) const {
+    for (int e = tid * VEC; e < KC * MC; e += THREADS * VEC) {
+      const int kk0 = A_K_INNER ? e % KC : e / MC, mm0 = A_K_INNER ? e / KC : e % MC;
+      const int64_t m = m0 + mm0, k = k0 + kk0;
+      float v[VEC];
+      if (m < M && k < k_end) {
+        alt_load_vec<VEC>(blk, x.a, bi * A_SB + m * A_SM + k * A_SK, A_SIZE, v);
+      } else {
+        for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
+      }
+      for (int u = 0; u < VEC; ++u)
+        ALT_SH_ST(blk, as, Tile::a_index(stage, A_K_INNER ? kk0 + u : kk0,
+                                         A_K_INNER ? mm0 : mm0 + u), v[u]);
     }
-  } else {
-    if (slices > 0) {
-      blk.each([&](Thread&, int tid) { load_slice(blk, x, tid, 0, bi, m0, n0, kbeg, kend); });
-      blk.sync();
-    }
-    for (int64_t s = 0; s < slices; ++s) {
-      // the next slice goes into the other stage while this one is used: one barrier
-      blk.each([&](Thread& t, int tid) {
-        if (s + 1 < slices)
-          load_slice(blk, x, tid, (s + 1) % 2, bi, m0, n0, kbeg + (s + 1) * KC, kend);
-        compute_slice(blk, t, tid, s % 2);
-      });
-      blk.sync();
+    for (int e = tid * VEC; e < KC * NC; e += THREADS * VEC) {
+      const int kk0 = B_N_INNER ? e / NC : e % KC, nn0 = B_N_INNER ? e % NC : e / KC;
+      const int64_t n = n0 + nn0, k = k0 + kk0;
+      float v[VEC];
+      if (n < N && k < k_end) {
+        alt_load_vec<VEC>(blk, x.b, bi * B_SB + k * B_SK + n * B_SN, B_SIZE, v);
+      } else {
+        for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
+      }
+      for (int u = 0; u < VEC; ++u)
+        ALT_SH_ST(blk, bs, Tile::b_index(stage, B_N_INNER ? kk0 : kk0 + u,
+                                         B_N_INNER ? nn0 + u : nn0), v[u]);
     }
   }
-  blk.each([&](Thread& t, int tid) {
-    const int r0 = row0_of(tid), c0 = col0_of(tid);
-    for (int i = 0; i < MR; ++i) {
-      const int64_t m = m0 + r0 + i;
-      if (m >= M) continue;
-      for (int j = 0; j < NR; ++j) {
-        const int64_t n = n0 + c0 + j;
-        if (n >= N) continue;
-        if constexpr (SPLIT_K == 1) {
-          ALT_GST(blk, x.c, (bi * M + m) * N + n, OUT_SIZE, epilogue(blk, x, t.acc[i][j], bi, m, n));
-        } else {
-          ALT_GST(blk, x.ws, (split * BATCH + bi) * M * N + m * N + n, SPLIT_K * OUT_SIZE,
-                  t.acc[i][j]);
-        }
-      }
+
+  template <typename Blk>
+  ALT_DEV void store(Blk& blk, int64_t m, int64_t n, float acc) const {
+    if constexpr (SPLIT_K == 1) {
+      ALT_GST(blk, x.c, (bi * M + m) * N + n, OUT_SIZE, epilogue(blk, x, acc, bi, m, n));
+    } else {
+      ALT_GST(blk, x.ws, (split * BATCH + bi) * M * N + m * N + n, SPLIT_K * OUT_SIZE, acc);
     }
-  });
+  }
+};
+
+template <typename Blk>
+ALT_DEV void block_main(Blk& blk, const Buffers& x) {
+  const int64_t bi = blk.bz / SPLIT_K, split = blk.bz % SPLIT_K;
+  const int64_t kb = split * KSPAN, ke = kb + KSPAN < K ? kb + KSPAN : K;
+  const MatmulBlock p{x, bi, split, kb, ke};
+  gemm_block<Tile>(blk, p, blk.by * MC, blk.bx * NC);
 }
 
 // SPLIT_K > 1: every output element is the sum of its slices' partials, then the epilogue.

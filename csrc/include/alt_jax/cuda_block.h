@@ -19,7 +19,8 @@
 //   ALT_GLD(ptr, i, n): a global read of element i of n; outside [0, n) the kernel returns
 //     ALT_CUDA_OUT_OF_BOUNDS (on the GPU: a plain load).
 //   ALT_GST(ptr, i, n, v): the same for writes.
-// Entry points: alt_block, ALT_DEV, ALT_SH_*, ALT_GLD, ALT_GST, alt_cuda_activate<ACT>,
+// Entry points: alt_block, ALT_DEV, ALT_SH_*, ALT_GLD, ALT_GST, alt_load_vec<VEC>,
+// alt_cuda_activate<ACT>,
 // alt_emulate_grid (emulation only).
 #ifndef ALT_JAX_CUDA_BLOCK_H_
 #define ALT_JAX_CUDA_BLOCK_H_
@@ -198,6 +199,25 @@ int alt_emulate_grid(const alt_runtime* rt, int64_t gx, int64_t gy, int64_t gz, 
 }
 
 #endif  // __CUDACC__
+
+// VEC (1, 2 or 4) consecutive floats of p from element i into out: one vector load on the
+// GPU (the caller keeps p + i aligned to VEC floats), checked scalar loads in emulation.
+template <int VEC, typename Blk>
+ALT_DEV void alt_load_vec(Blk& blk, const float* p, int64_t i, int64_t n, float* out) {
+#if defined(__CUDACC__)
+  if constexpr (VEC == 4) {
+    const float4 v = *reinterpret_cast<const float4*>(p + i);
+    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+  } else if constexpr (VEC == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p + i);
+    out[0] = v.x; out[1] = v.y;
+  } else {
+    out[0] = p[i];
+  }
+#else
+  for (int v = 0; v < VEC; ++v) out[v] = ALT_GLD(blk, p, i + v, n);
+#endif
+}
 
 // The fused epilogue's activation on one float, as XLA computes the unfused jnp program:
 // NaN in -> NaN out, relu(-0) = +0.
