@@ -17,7 +17,8 @@ from jax import lax
 
 from alt_jax import cuda_build, runtime
 from alt_jax.ops.base import KnobError
-from alt_jax.ops.cuda_matmul import FAMILY, CudaMatmulKnobs
+from alt_jax.ops.cuda_common import CudaTileKnobs
+from alt_jax.ops.cuda_matmul import FAMILY
 from alt_jax.ops.epilogue import Epilogue
 from alt_jax.ops.matmul import FAMILY as CPU_MATMUL
 from test_matmul_kernel import PLAIN, _as_read, _eqn, _operands
@@ -69,12 +70,12 @@ SHAPES = [  # (lhs, rhs, dimension numbers): ragged against every tile size used
     ((64, 64), (64, 128), PLAIN),          # whole tiles
 ]
 KNOBS = [
-    CudaMatmulKnobs(),                                                   # 64x64, 2 stages
-    CudaMatmulKnobs(stages=1),
-    CudaMatmulKnobs(mc=16, nc=32, kc=8, mr=2, nr=2, wm=16, wn=8),        # small tiles
-    CudaMatmulKnobs(mc=32, nc=128, kc=32, mr=8, nr=4, wm=32, wn=32),     # 4 warps, 8x4 each
-    CudaMatmulKnobs(split_k=3),
-    CudaMatmulKnobs(mc=16, nc=64, kc=16, mr=2, nr=4, wm=16, wn=16, split_k=4, stages=1),
+    CudaTileKnobs(),                                                   # 64x64, 2 stages
+    CudaTileKnobs(stages=1),
+    CudaTileKnobs(mc=16, nc=32, kc=8, mr=2, nr=2, wm=16, wn=8),        # small tiles
+    CudaTileKnobs(mc=32, nc=128, kc=32, mr=8, nr=4, wm=32, wn=32),     # 4 warps, 8x4 each
+    CudaTileKnobs(split_k=3),
+    CudaTileKnobs(mc=16, nc=64, kc=16, mr=2, nr=4, wm=16, wn=16, split_k=4, stages=1),
 ]
 
 
@@ -98,7 +99,7 @@ def test_emulated_kernels_match_lax(kernel_cache, lshape, rshape, dn, knobs):
                                               ((20, 24), (36, 24), B_TRANSPOSED)])
 def test_vector_loads_match_lax(kernel_cache, lshape, rshape, dn, vec):
     spec = _spec(lshape, rshape, dn)
-    knobs = CudaMatmulKnobs(vec=vec)
+    knobs = CudaTileKnobs(vec=vec)
     FAMILY.validate(spec, knobs)
     a, b = _operands(lshape, rshape)
     out = _emulate(kernel_cache, spec, knobs, a, b, [])
@@ -116,7 +117,7 @@ def test_vector_loads_match_lax(kernel_cache, lshape, rshape, dn, vec):
 def test_fused_epilogues_match_their_reference(kernel_cache, epilogue, split_k):
     lshape, rshape = (2, 21, 30), (2, 30, 27)
     spec = _spec(lshape, rshape, BATCHED, epilogue)
-    knobs = CudaMatmulKnobs(split_k=split_k)
+    knobs = CudaTileKnobs(split_k=split_k)
     a, b = _operands(lshape, rshape)
     extra = _epilogue_operands(spec)
     out = _emulate(kernel_cache, spec, knobs, a, b, extra)
@@ -135,12 +136,12 @@ def test_default_knobs_are_valid_and_split_a_deep_thin_product():
 
 
 @pytest.mark.parametrize("knobs,message", [
-    (CudaMatmulKnobs(wm=32, wn=32), "not 32"),
-    (CudaMatmulKnobs(mc=128, nc=128, kc=32, wm=32, wn=16), "shared memory"),
-    (CudaMatmulKnobs(mc=128, nc=256, wm=32, wn=16), "threads a block"),
-    (CudaMatmulKnobs(vec=4), "unit-stride dim"),
-    (CudaMatmulKnobs(stages=3), "stages=3"),
-    (CudaMatmulKnobs(mc=48, wm=32), "multiple of wm"),
+    (CudaTileKnobs(wm=32, wn=32), "not 32"),
+    (CudaTileKnobs(mc=128, nc=128, kc=32, wm=32, wn=16), "shared memory"),
+    (CudaTileKnobs(mc=128, nc=256, wm=32, wn=16), "threads a block"),
+    (CudaTileKnobs(vec=4), "unit-stride dim"),
+    (CudaTileKnobs(stages=3), "stages=3"),
+    (CudaTileKnobs(mc=48, wm=32), "multiple of wm"),
 ])
 def test_invalid_knobs_are_refused_with_the_reason(knobs, message):
     spec = _spec((37, 29), (29, 45), PLAIN)  # K = 29: no whole vectors of 4
@@ -198,10 +199,10 @@ def test_the_emulation_finds_a_missing_barrier_and_an_out_of_bounds_read(kernel_
 
 # ---- nvcc -------------------------------------------------------------------------------------
 COMPILED = [
-    (((128, 768), (768, 768), PLAIN), CudaMatmulKnobs(vec=4),
+    (((128, 768), (768, 768), PLAIN), CudaTileKnobs(vec=4),
      Epilogue(shift=True, activation="gelu_tanh")),
     (((1, 4096), (4096, 768), PLAIN), None, Epilogue(shift=True)),     # split K
-    (((3, 33, 40), (3, 40, 19), BATCHED), CudaMatmulKnobs(stages=1, mc=32, nc=32, wm=16, wn=16,
+    (((3, 33, 40), (3, 40, 19), BATCHED), CudaTileKnobs(stages=1, mc=32, nc=32, wm=16, wn=16,
                                                           mr=2, nr=4),
      Epilogue(residual=True, activation="relu")),
 ]

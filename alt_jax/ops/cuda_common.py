@@ -1,0 +1,107 @@
+"""What the CUDA GEMM-shaped families share (ops/cuda_matmul.py, ops/cuda_conv2d.py): the
+knobs of the tiled GEMM core (csrc/include/alt_jax/cuda_gemm.h), their hardware limits, their
+search axes and template values.
+
+Entry points: CudaTileKnobs, check_tile(family, knobs), tile_axes(), tile_values(knobs),
+split_for(blocks, depth, knobs).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from alt_jax.ops.base import Axis, KnobError, axis_values
+
+MAX_SHARED = 48 * 1024     # bytes of static shared memory a block may use without opt-in
+MAX_THREADS = 1024
+MAX_GRID_YZ = 65535
+MAX_ACCUMULATORS = 128     # mr x nr floats of registers per thread
+SMS = 132                  # streaming multiprocessors of an H100 / H200: the split-K target
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaTileKnobs:
+    """The tiled GEMM of a CUDA kernel (names as the CPU matmul's where the meaning is the
+    same): mc x nc: a thread block's tile of C (a task's, on the CPU); kc: the depth of A
+    and B staged in shared memory at a time (packed panels, on the CPU); mr x nr: a thread's
+    tile of accumulators in registers; wm x wn: a warp's tile (32 threads of mr x nr:
+    (wm / mr) x (wn / nr) = 32); stages: shared-memory stages (2: the next kc slice loads
+    while this one is used); vec: floats per global load along the operands' contiguous
+    dims (1, 2 or 4); split_k: slices of K computed by separate blocks and summed by a
+    second kernel (for few output tiles and a deep K)."""
+
+    mc: int = 64
+    nc: int = 64
+    kc: int = 16
+    mr: int = 4
+    nr: int = 4
+    wm: int = 32
+    wn: int = 16
+    stages: int = 2
+    vec: int = 1
+    split_k: int = 1
+
+    @property
+    def threads(self) -> int:
+        return (self.mc // self.wm) * (self.nc // self.wn) * 32
+
+    @property
+    def shared_bytes(self) -> int:
+        return 4 * self.stages * self.kc * (self.mc + self.nc)
+
+
+THIN = dict(mc=16, nc=128, mr=2, nr=4, wm=16, wn=16)  # few rows (a decode step, 7x7 maps)
+
+
+def check_tile(family: str, k: CudaTileKnobs) -> None:
+    """KnobError naming the limit a tile breaks (threads, warps, registers, shared memory)."""
+    if not isinstance(k, CudaTileKnobs):
+        raise KnobError(f"{family} knobs must be CudaTileKnobs, got {k!r}")
+    if min(k.mc, k.nc, k.kc, k.mr, k.nr, k.wm, k.wn) < 1:
+        raise KnobError(f"{family}: every tile size must be positive: {k}")
+    if k.mc % k.wm or k.nc % k.wn or k.wm % k.mr or k.wn % k.nr:
+        raise KnobError(f"{family}: mc={k.mc} must be a multiple of wm={k.wm}, nc={k.nc} of "
+                        f"wn={k.wn}, wm of mr={k.mr} and wn of nr={k.nr}")
+    if (k.wm // k.mr) * (k.wn // k.nr) != 32:
+        raise KnobError(f"{family}: a warp tile of {k.wm} x {k.wn} in {k.mr} x {k.nr} thread "
+                        f"tiles is {(k.wm // k.mr) * (k.wn // k.nr)} threads, not 32")
+    if k.threads > MAX_THREADS:
+        raise KnobError(f"{family}: {k.threads} threads a block (limit {MAX_THREADS})")
+    if k.mr * k.nr > MAX_ACCUMULATORS:
+        raise KnobError(f"{family}: {k.mr} x {k.nr} accumulators a thread (limit "
+                        f"{MAX_ACCUMULATORS})")
+    if k.stages not in (1, 2) or k.vec not in (1, 2, 4):
+        raise KnobError(f"{family}: stages={k.stages} must be 1 or 2, vec={k.vec} 1, 2 or 4")
+    if k.shared_bytes > MAX_SHARED:
+        raise KnobError(f"{family}: {k.shared_bytes} bytes of shared memory a block (limit "
+                        f"{MAX_SHARED})")
+    if k.split_k < 1:
+        raise KnobError(f"{family}: split_k={k.split_k} must be at least 1")
+
+
+def tile_axes() -> tuple:
+    return (
+        Axis("mc", axis_values(16, 32, 64, 128), "loop"),
+        Axis("nc", axis_values(32, 64, 128), "loop"),
+        Axis("kc", axis_values(8, 16, 32), "loop"),
+        Axis("mr", axis_values(2, 4, 8), "loop"),
+        Axis("nr", axis_values(2, 4, 8), "loop"),
+        Axis("wm", axis_values(16, 32, 64), "loop"),
+        Axis("wn", axis_values(16, 32, 64), "loop"),
+        Axis("stages", (1, 2), "loop"),
+        Axis("vec", (1, 2, 4), "layout"),
+        Axis("split_k", axis_values(1, 2, 4, 8), "loop"),
+    )
+
+
+def tile_values(k: CudaTileKnobs) -> dict:
+    return {"MC": k.mc, "NC": k.nc, "KC": k.kc, "MR": k.mr, "NR": k.nr, "WM": k.wm,
+            "WN": k.wn, "STAGES": k.stages, "VEC": k.vec, "SPLIT_K": k.split_k}
+
+
+def split_for(blocks: int, depth: int, knobs: CudaTileKnobs) -> int:
+    """Split K in two until the grid fills the GPU's SMs or a slice would get thinner than
+    four kc slices."""
+    split = 1
+    while blocks * split * 2 <= SMS and depth // (split * 2) >= 4 * knobs.kc:
+        split *= 2
+    return split
