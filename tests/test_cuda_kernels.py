@@ -149,6 +149,92 @@ def test_invalid_knobs_are_refused_with_the_reason(knobs, message):
         FAMILY.validate(spec, knobs)
 
 
+# ---- convolutions ----------------------------------------------------------------------------
+from alt_jax.ops import conv2d as cpu_conv2d  # noqa: E402
+from alt_jax.ops.cuda_conv2d import FAMILY as CONV  # noqa: E402
+from blocked_cases import BlockedConv, relerr, run_blocked  # noqa: E402
+
+
+def Conv(*args, **kw) -> BlockedConv:
+    return BlockedConv(cpu_conv2d.FAMILY, *args, **kw)
+
+
+CONVS = {
+    "1x1": Conv(1, 32, 6, 7, 48, 1, 1, rhs_dn="HWIO"),
+    "3x3p1": Conv(2, 16, 7, 9, 24, 3, 3, pad=((1, 1), (1, 1))),
+    "3x3s2": Conv(1, 24, 9, 11, 32, 3, 3, stride=(2, 2), pad=((0, 1), (1, 0))),
+    "g2": Conv(1, 32, 8, 8, 32, 3, 3, groups=2, rhs_dn="HWIO", pad=((1, 1), (1, 1))),
+    "7x7s2": Conv(1, 3, 23, 23, 16, 7, 7, stride=(2, 2), pad=((3, 3), (3, 3)), rhs_dn="HWIO"),
+}
+LAYOUT_PAIRS = [("NCHW", "NHWC"), ("NHWC", "NHWC"), ("8c", "8c"), ("16c", "NHWC"),
+                ("NHWC", "16c")]
+
+
+def _conv_check(kernel_cache, conv, spec, knobs):
+    CONV.validate(spec, knobs)
+    kernel = kernel_cache.build(CONV.render(spec, knobs))
+    out, ref = run_blocked(conv, spec, kernel)
+    err = relerr(out, ref)
+    assert err <= 1e-4, f"{spec.lhs_layout} -> {spec.out_layout} {knobs}: rel err {err}"
+
+
+@pytest.mark.parametrize("lhs,out", LAYOUT_PAIRS, ids=lambda v: v)
+@pytest.mark.parametrize("name", list(CONVS))
+def test_emulated_convs_on_every_layout_match_lax(kernel_cache, name, lhs, out):
+    conv = CONVS[name]
+    if name == "7x7s2" and "c" in lhs + out and lhs not in ("NCHW", "NHWC"):
+        pytest.skip("3 input channels do not fill a channel block")
+    try:
+        spec = conv.spec(lhs, out, epilogue=Epilogue(scale=True, shift=True, activation="relu"))
+    except Exception as e:  # noqa: BLE001 - a layout the spec cannot take (channel blocks)
+        pytest.skip(f"{lhs} -> {out}: {e}")
+    _conv_check(kernel_cache, conv, spec, CONV.default_knobs(spec))
+
+
+CONV_KNOBS = [
+    CudaTileKnobs(stages=1),
+    CudaTileKnobs(mc=16, nc=32, kc=8, mr=2, nr=2, wm=16, wn=8),
+    CudaTileKnobs(mc=32, nc=128, kc=32, mr=8, nr=4, wm=32, wn=32),
+    CudaTileKnobs(split_k=3),
+    CudaTileKnobs(vec=4),
+    CudaTileKnobs(vec=2, split_k=2, stages=1),
+]
+
+
+@pytest.mark.parametrize("knobs", CONV_KNOBS, ids=lambda k: f"{k.mc}x{k.nc}x{k.kc}-s{k.stages}"
+                         f"-v{k.vec}-k{k.split_k}")
+@pytest.mark.parametrize("name", ["3x3p1", "g2"])
+def test_emulated_conv_knob_variants_match_lax(kernel_cache, name, knobs):
+    conv = dataclasses.replace(CONVS[name], rhs_dn="HWIO")
+    spec = conv.spec("NHWC", "NHWC", epilogue=Epilogue(shift=True, residual=True,
+                                                       activation="gelu_tanh"))
+    _conv_check(kernel_cache, conv, spec, knobs)
+
+
+def test_dilated_conv_in_nhwc_matches_lax(kernel_cache):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 13, 12, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 12)).astype(np.float32)
+    f = lambda x, w: lax.conv_general_dilated(x, w, (1, 2), ((2, 2), (1, 3)), rhs_dilation=(2, 3),
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    import jax
+    spec = cpu_conv2d.FAMILY.match(jax.make_jaxpr(f)(x, w).jaxpr.eqns[0])
+    kernel = kernel_cache.build(CONV.render(spec, CONV.default_knobs(spec)))
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel, [x, w], [out])
+    ref = np.asarray(f(x, w))
+    assert relerr(out, ref) <= 1e-4
+
+
+def test_conv_vector_loads_need_contiguous_channels():
+    spec = CONVS["3x3p1"].spec("NCHW", "NHWC")  # channels strided: pixels are contiguous
+    with pytest.raises(KnobError, match="contiguous in whole vectors"):
+        CONV.validate(spec, CudaTileKnobs(vec=4))
+    assert CONV.default_knobs(spec).vec == 1
+    nhwc = dataclasses.replace(CONVS["3x3p1"], rhs_dn="HWIO").spec("NHWC", "NHWC")
+    assert CONV.default_knobs(nhwc).vec == 4
+
+
 # ---- the emulation's own checks: races and bounds -------------------------------------------
 _PROBE = """
 #include "alt_jax/cuda_block.h"
@@ -254,3 +340,50 @@ def test_gpu_kernels_match_lax(case, tmp_path):
     extra = _epilogue_operands(spec)
     out = gpu.run(lib, src, [x, y, *extra], spec.out_shape)
     np.testing.assert_allclose(out, _reference(spec, a, b, dn, extra), rtol=1e-4, atol=1e-4)
+
+
+CONV_COMPILED = [  # (conv, lhs, out, knobs or None for the default, epilogue)
+    ("3x3p1", "NHWC", "NHWC", CudaTileKnobs(vec=4), Epilogue(shift=True, activation="relu")),
+    ("g2", "8c", "8c", None, Epilogue(scale=True, shift=True, residual=True,
+                                      activation="relu")),
+    ("7x7s2", "NCHW", "NHWC", CudaTileKnobs(split_k=2, stages=1), Epilogue()),
+]
+
+
+def _conv_case(case):
+    name, lhs, out, knobs, epilogue = CONV_COMPILED[case]
+    conv = CONVS[name]
+    if knobs is not None and knobs.vec > 1:
+        conv = dataclasses.replace(conv, rhs_dn="HWIO")
+    spec = conv.spec(lhs, out, epilogue=epilogue)
+    return conv, spec, knobs or CONV.default_knobs(spec)
+
+
+@nvcc_needed
+@pytest.mark.parametrize("arch", cuda_build.ARCHES)
+@pytest.mark.parametrize("case", range(len(CONV_COMPILED)))
+def test_nvcc_compiles_conv_settings_without_spills(arch, case, tmp_path):
+    _, spec, knobs = _conv_case(case)
+    src = CONV.render(spec, knobs)
+    lib = cuda_build.compile_cuda(src, arch, tmp_path)
+    assert hasattr(ctypes.CDLL(str(lib)), f"{src.symbol}_launch")
+    usage = cuda_build.resource_usage(src, arch)
+    assert usage and all(u["spill_bytes"] == 0 for u in usage), usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(CONV_COMPILED)))
+def test_gpu_convs_match_lax(case, tmp_path, monkeypatch):
+    import cuda_host
+
+    gpu = cuda_host.gpu_or_skip()
+    conv, spec, knobs = _conv_case(case)
+    src = CONV.render(spec, knobs)
+    lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)
+
+    def on_gpu(kernel, inputs, outputs):  # run_blocked's kernel call, made on the GPU
+        outputs[0][...] = gpu.run(lib, src, inputs, outputs[0].shape)
+
+    monkeypatch.setattr(runtime, "run_numpy", on_gpu)
+    out, ref = run_blocked(conv, spec, kernel=None)
+    assert relerr(out, ref) <= 1e-4
