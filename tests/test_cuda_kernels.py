@@ -235,6 +235,76 @@ def test_conv_vector_loads_need_contiguous_channels():
     assert CONV.default_knobs(nhwc).vec == 4
 
 
+# ---- depthwise ------------------------------------------------------------------------------
+from alt_jax.ops import conv_common, depthwise as cpu_depthwise  # noqa: E402
+from alt_jax.ops.cuda_depthwise import FAMILY as DEPTHWISE, CudaDepthwiseKnobs  # noqa: E402
+
+
+class _DepthwiseOnAnyLayout:
+    """The CPU depthwise family's match, with channel-blocked layouts allowed (the CUDA
+    template addresses them by block strides)."""
+
+    match = staticmethod(cpu_depthwise.FAMILY.match)
+
+    @staticmethod
+    def relayout(spec, lhs, out):
+        return conv_common.relayout(spec, lhs, out, blocked=True)
+
+
+def Depthwise(n, c, h, w, mult=1, **kw) -> BlockedConv:
+    return BlockedConv(_DepthwiseOnAnyLayout, n, c, h, w, c * mult, groups=c, **kw)
+
+
+DEPTHWISE_CASES = {
+    "3x3p1": Depthwise(2, 32, 9, 11, pad=((1, 1), (1, 1)), rhs_dn="HWIO"),
+    "3x3s2": Depthwise(1, 24, 12, 13, stride=(2, 2), pad=((0, 1), (1, 1)), rhs_dn="HWIO"),
+    "5x5m2": Depthwise(1, 8, 10, 9, mult=2, kh=5, kw=5, pad=((2, 2), (2, 2))),
+    "7x7": Depthwise(1, 16, 15, 14, kh=7, kw=7, pad=((3, 3), (3, 3)), rhs_dn="HWIO"),
+}
+DEPTHWISE_KNOBS = [
+    None,                                                        # the default
+    CudaDepthwiseKnobs(c_block=16, ow_threads=4, ow_tile=3, oh_rows=2),
+    CudaDepthwiseKnobs(c_block=32, ow_threads=2, ow_tile=4, oh_rows=3, stage_input=True),
+    CudaDepthwiseKnobs(c_block=64, ow_threads=2, ow_tile=2, oh_rows=1, vec=4, stage_input=True),
+    CudaDepthwiseKnobs(c_block=8, ow_threads=16, ow_tile=1, oh_rows=5, vec=2),
+]
+
+
+@pytest.mark.parametrize("knobs", DEPTHWISE_KNOBS, ids=lambda k: "default" if k is None else
+                         f"c{k.c_block}-t{k.ow_threads}x{k.ow_tile}-r{k.oh_rows}-v{k.vec}"
+                         f"{'-staged' if k.stage_input else ''}")
+@pytest.mark.parametrize("name", list(DEPTHWISE_CASES))
+@pytest.mark.parametrize("lhs,out", [("NHWC", "NHWC"), ("NCHW", "8c"), ("8c", "NHWC")],
+                         ids=lambda v: v)
+def test_emulated_depthwise_matches_lax(kernel_cache, lhs, out, name, knobs):
+    conv = DEPTHWISE_CASES[name]
+    spec = conv.spec(lhs, out, epilogue=Epilogue(scale=True, shift=True, activation="relu6"))
+    if knobs is None:
+        knobs = DEPTHWISE.default_knobs(spec)
+        DEPTHWISE.validate(spec, knobs)  # the default is always valid
+    else:
+        try:
+            DEPTHWISE.validate(spec, knobs)
+        except KnobError as e:  # vectors need contiguous channels; staging needs mult 1
+            assert knobs.vec > 1 or knobs.stage_input, e
+            pytest.skip(str(e))
+    kernel = kernel_cache.build(DEPTHWISE.render(spec, knobs))
+    got, ref = run_blocked(conv, spec, kernel)
+    assert relerr(got, ref) <= 1e-4, f"{lhs} -> {out} {knobs}"
+
+
+def test_depthwise_refusals_name_the_limit():
+    spec = DEPTHWISE_CASES["5x5m2"].spec("NHWC", "NHWC")
+    with pytest.raises(KnobError, match="multiplier"):
+        DEPTHWISE.validate(spec, CudaDepthwiseKnobs(stage_input=True))
+    with pytest.raises(KnobError, match="threads a block"):
+        DEPTHWISE.validate(spec, CudaDepthwiseKnobs(c_block=128, ow_threads=16))
+    big = DEPTHWISE_CASES["7x7"].spec("NHWC", "NHWC")
+    with pytest.raises(KnobError, match="shared memory"):
+        DEPTHWISE.validate(big, CudaDepthwiseKnobs(c_block=64, ow_threads=16, ow_tile=4,
+                                                   stage_input=True))
+
+
 # ---- the emulation's own checks: races and bounds -------------------------------------------
 _PROBE = """
 #include "alt_jax/cuda_block.h"
@@ -385,5 +455,47 @@ def test_gpu_convs_match_lax(case, tmp_path, monkeypatch):
         outputs[0][...] = gpu.run(lib, src, inputs, outputs[0].shape)
 
     monkeypatch.setattr(runtime, "run_numpy", on_gpu)
+    out, ref = run_blocked(conv, spec, kernel=None)
+    assert relerr(out, ref) <= 1e-4
+
+
+DEPTHWISE_COMPILED = [  # (case, lhs, out, knobs or None for the default)
+    ("3x3p1", "NHWC", "NHWC", None),
+    ("3x3s2", "NHWC", "8c", CudaDepthwiseKnobs(c_block=32, ow_threads=4, ow_tile=2, oh_rows=2,
+                                               stage_input=True)),
+    ("5x5m2", "NCHW", "NCHW", None),
+]
+
+
+def _depthwise_case(case):
+    name, lhs, out, knobs = DEPTHWISE_COMPILED[case]
+    conv = DEPTHWISE_CASES[name]
+    spec = conv.spec(lhs, out, epilogue=Epilogue(shift=True, activation="relu"))
+    return conv, spec, knobs or DEPTHWISE.default_knobs(spec)
+
+
+@nvcc_needed
+@pytest.mark.parametrize("arch", cuda_build.ARCHES)
+@pytest.mark.parametrize("case", range(len(DEPTHWISE_COMPILED)))
+def test_nvcc_compiles_depthwise_settings_without_spills(arch, case, tmp_path):
+    _, spec, knobs = _depthwise_case(case)
+    src = DEPTHWISE.render(spec, knobs)
+    assert hasattr(ctypes.CDLL(str(cuda_build.compile_cuda(src, arch, tmp_path))),
+                   f"{src.symbol}_launch")
+    usage = cuda_build.resource_usage(src, arch)
+    assert usage and all(u["spill_bytes"] == 0 for u in usage), usage
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", range(len(DEPTHWISE_COMPILED)))
+def test_gpu_depthwise_matches_lax(case, tmp_path, monkeypatch):
+    import cuda_host
+
+    gpu = cuda_host.gpu_or_skip()
+    conv, spec, knobs = _depthwise_case(case)
+    src = DEPTHWISE.render(spec, knobs)
+    lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)
+    monkeypatch.setattr(runtime, "run_numpy", lambda kernel, inputs, outputs: outputs[0].__setitem__(
+        Ellipsis, gpu.run(lib, src, inputs, outputs[0].shape)))
     out, ref = run_blocked(conv, spec, kernel=None)
     assert relerr(out, ref) <= 1e-4
