@@ -62,6 +62,10 @@ OPTIONS = {
         Option("min_flops", "ALT_JAX_MIN_FLOPS", None, int,
                "ops below this many flops stay in XLA (default: measured rule in planner)"),
         Option("records", "ALT_JAX_RECORDS", None, str, "tuning records file (JSON lines)"),
+        Option("cuda_arch", "ALT_JAX_CUDA_ARCH", "", str,
+               "the GPU architecture optimize(platform='cuda') plans for where no GPU is "
+               "visible (default sm_90)"),
+        Option("nvcc", "ALT_JAX_NVCC", None, str, "nvcc for CUDA kernels (default: on PATH)"),
     )
 }
 

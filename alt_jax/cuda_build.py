@@ -1,16 +1,15 @@
 """Building CUDA kernel sources with nvcc: the GPU half of codegen/cuda_*.cu (the host half,
 the emulation, builds like any CPU kernel through runtime.KernelCache).
 
-Entry points: find_nvcc() -> path or None, compile_cuda(src, arch, cache_dir) -> the .so
-exporting SYMBOL_launch, resource_usage(src, arch) -> ptxas's registers / shared bytes /
-spills per kernel, CudaBuildError, ARCHES.
-A build is content-addressed (source, arch, nvcc's version, flags) and written atomically,
-so concurrent builders and interrupted builds never leave a half-written library.
+Entry points: find_nvcc() -> path or None, CudaKernelCache (a runtime.KernelCache compiling
+with nvcc for one device.CudaTarget), cache_for(target), compile_cuda(src, arch, cache_dir)
+-> the .so exporting SYMBOL_launch, resource_usage(src, arch) -> ptxas's registers / shared
+bytes / spills per kernel, CudaBuildError, ARCHES.
+Builds are the CPU cache's: content-addressed (source, headers, nvcc's identity, flags,
+arch), published atomically with a digest the loader verifies.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import pathlib
 import re
@@ -18,7 +17,7 @@ import shutil
 import subprocess
 import tempfile
 
-from alt_jax import runtime
+from alt_jax import device, runtime
 
 ARCHES = ("sm_80", "sm_90")  # A100 and H100/H200: what the tests compile for
 FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared")
@@ -37,12 +36,6 @@ def find_nvcc():
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _nvcc_version(nvcc: str) -> str:
-    return subprocess.run([nvcc, "--version"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
 def _nvcc() -> str:
     nvcc = find_nvcc()
     if nvcc is None:
@@ -55,31 +48,37 @@ def _check_arch(arch: str) -> None:
         raise CudaBuildError(f"arch={arch!r}: give a GPU architecture like sm_80 or sm_90")
 
 
+class CudaKernelCache(runtime.KernelCache):
+    """The kernel cache for one GPU target (device.CudaTarget): the CPU cache's keys,
+    atomic publication, digests and verified loading, with nvcc as the compiler and
+    SYMBOL_launch as the entry point the CUDA FFI handler calls."""
+
+    SOURCE_SUFFIX = ".cu"
+    ENTRY_SUFFIX = "_launch"
+
+    def __init__(self, cache_dir, target: device.CudaTarget, max_bytes: int | None = None):
+        _check_arch(target.name)
+        super().__init__(cache_dir, compiler=_nvcc(), isa=target, max_bytes=max_bytes)
+
+    def _flags(self) -> tuple[str, ...]:
+        return (*FLAGS, f"-arch={self.isa.name}")
+
+
+def cache_for(target: device.CudaTarget, cache_dir=None) -> CudaKernelCache:
+    """The CUDA kernel cache beside the default CPU one (ALT_JAX_CACHE_DIR/cuda)."""
+    root = pathlib.Path(cache_dir or runtime.default_cache().cache_dir) / "cuda"
+    return CudaKernelCache(root, target)
+
+
 def compile_cuda(src: runtime.KernelSource, arch: str = "sm_90",
                  cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The shared library of src built by nvcc for arch (cached: a second call returns the
-    first's file)."""
+    """The shared library of src built by nvcc for arch (cached, not loaded here)."""
     _check_arch(arch)
-    nvcc = _nvcc()
-    flags = (*FLAGS, f"-arch={arch}", f"-I{runtime.include_dir()}")
-    key = hashlib.sha256(repr((src.code, arch, _nvcc_version(nvcc), flags)).encode()
-                         ).hexdigest()[:16]
-    root = pathlib.Path(cache_dir or runtime.default_cache().cache_dir) / "cuda"
-    root.mkdir(parents=True, exist_ok=True)
-    lib = root / f"{src.symbol}-{arch}-{key}.so"
-    if lib.exists():
-        return lib
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cu = pathlib.Path(tmp) / f"{src.symbol}.cu"
-        cu.write_text(src.code)
-        out = pathlib.Path(tmp) / "lib.so"
-        done = subprocess.run([nvcc, *flags, str(cu), "-o", str(out)], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            raise CudaBuildError(f"nvcc -arch={arch} failed on {src.symbol}:\n"
-                                 f"{done.stderr[-4000:]}")
-        os.replace(out, lib)  # atomic: readers see the whole library or none
-    return lib
+    cache = cache_for(device.CudaTarget.for_arch(arch), cache_dir)
+    try:
+        return pathlib.Path(cache.build(src, load=False).lib)
+    except runtime.BuildError as e:
+        raise CudaBuildError(str(e)) from e
 
 
 def resource_usage(src: runtime.KernelSource, arch: str = "sm_90") -> list:

@@ -79,10 +79,34 @@ def detect_isa() -> Isa:
     return SCALAR
 
 
+@dataclasses.dataclass(frozen=True)
+class CudaTarget(Isa):
+    """An NVIDIA GPU kernels are generated for: name is its architecture (sm_90), model and
+    sms what it is (records are keyed by them: fingerprint). The Isa fields keep the
+    planner's bookkeeping uniform; CUDA families read only the architecture."""
+
+    model: str = "NVIDIA GPU"
+    sms: int = 0
+
+    @classmethod
+    def for_arch(cls, arch: str, model: str = "NVIDIA GPU", sms: int = 0) -> "CudaTarget":
+        return cls(arch, 4, 255, (), model, sms)
+
+    @classmethod
+    def of_jax_device(cls, dev) -> "CudaTarget":
+        """The target of a jax GPU device (device_kind, compute_capability, core_count)."""
+        cc = str(getattr(dev, "compute_capability", "9.0")).replace(".", "")
+        return cls.for_arch(f"sm_{cc}", str(getattr(dev, "device_kind", "NVIDIA GPU")),
+                            int(getattr(dev, "core_count", 0) or 0))
+
+
 @functools.lru_cache(maxsize=None)
 def fingerprint(isa: Isa | None = None) -> str:
     """Names this device for tuning records: CPU model, the ISA kernels are generated for
-    (this host's, detect_isa(), unless given) and core count."""
+    (this host's, detect_isa(), unless given) and core count; for a GPU (CudaTarget) its
+    model, architecture and SM count."""
+    if isinstance(isa, CudaTarget):
+        return f"cuda:{isa.model}|arch={isa.name}|sms={isa.sms}"
     return f"cpu:{_cpu_model()}|isa={(isa or detect_isa()).name}|cores={os.cpu_count()}"
 
 

@@ -360,7 +360,7 @@ class KernelCache:
         """Verifies and dlopens lib (csrc/core/kernel_registry.cc); RuntimeError if rejected."""
         from alt_jax import _core
 
-        _core.load(str(lib), src.symbol)
+        _core.load(str(lib), src.symbol + self.ENTRY_SUFFIX)
         _note_loaded(lib)
 
     def _load_cached(self, src: KernelSource, lib: pathlib.Path,
@@ -407,13 +407,16 @@ class KernelCache:
         self._evict_over_bound()
         return Kernel(str(lib), src.symbol, src.workspace_bytes)
 
+    SOURCE_SUFFIX = ".cc"  # what the compiler reads (cuda_build.CudaKernelCache: .cu)
+    ENTRY_SUFFIX = ""      # appended to the symbol to find the library's entry point
+
     def _compile(self, src: KernelSource, lib: pathlib.Path) -> None:
         argv = compiler_argv(self.compiler or find_compiler())
         # Build in a private temp dir (mkdtemp: 0700), then rename into place: a reader never
         # sees a partial file, and two processes building the same kernel both succeed (last
         # rename wins, both files are identical).
         with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
-            cc = pathlib.Path(tmp) / f"{src.symbol}.cc"
+            cc = pathlib.Path(tmp) / f"{src.symbol}{self.SOURCE_SUFFIX}"
             so = pathlib.Path(tmp) / f"{src.symbol}.so"
             cc.write_text(src.code)
             cmd = [*argv, *self._flags(), f"-I{include_dir()}", str(cc), "-o", str(so)]
@@ -521,6 +524,43 @@ def register_ffi_target() -> None:
         jax.devices()  # a rejected registration before backend start breaks the backend
         jax.ffi.register_ffi_target(FFI_TARGET, _core.ffi_handler(), platform="cpu")
         _registered = True
+
+
+CUDA_FFI_TARGET = "alt_jax_cuda_kernel"
+_cuda_registered = False
+
+
+def register_cuda_ffi_target() -> None:
+    """Registers the CUDA handler (platform "CUDA") once per process; BuildError when this
+    alt_jax was built without nvcc (no handler to register)."""
+    global _cuda_registered
+    with _register_lock:
+        if _cuda_registered:
+            return
+        import jax
+
+        from alt_jax import _core
+
+        if not hasattr(_core, "cuda_ffi_handler"):
+            raise BuildError("alt_jax was built without nvcc: no CUDA FFI handler; install the "
+                             "CUDA toolkit and reinstall alt_jax to run kernels on a GPU")
+        jax.ffi.register_ffi_target(CUDA_FFI_TARGET, _core.cuda_ffi_handler(), platform="CUDA")
+        _cuda_registered = True
+
+
+def cuda_ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence) -> list:
+    """An nvcc-built kernel (cuda_build.CudaKernelCache) as a jax op on the GPU: operands in,
+    one value per out_aval out. The workspace is one more result, a device buffer XLA
+    allocates (and frees) with the call."""
+    import jax
+
+    register_cuda_ffi_target()
+    result_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in out_avals]
+    if kernel.workspace_bytes:
+        result_shapes.append(jax.ShapeDtypeStruct((kernel.workspace_bytes,), np.uint8))
+    call = jax.ffi.ffi_call(CUDA_FFI_TARGET, result_shapes, vmap_method="sequential")
+    outs = call(*operands, lib=kernel.lib, sym=kernel.symbol)
+    return list(outs)[:len(out_avals)]
 
 
 def ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence,

@@ -200,11 +200,13 @@ def conv_kernel_inputs(family, spec, knobs, operands, isa) -> list:
     return [lhs, rhs, *extra]
 
 
-def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False) -> list:
+def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False,
+               check_only: bool = False) -> list:
     """The kernel's FFI call on [lhs, rhs (whatever the kernel reads when spec.prepacked),
     *spec.epilogue.inputs()], each checked for the shape and dtype the kernel reads (a
     mismatch is a ValueError naming the family and operand); reuse_residual writes the result
-    into the residual's buffer."""
+    into the residual's buffer. check_only: the checks alone (a CUDA family calls its own
+    kernel)."""
     import jax
 
     from alt_jax import runtime
@@ -219,6 +221,8 @@ def lower_conv(family: str, spec, kernel, operands, reuse_residual: bool = False
                              f"reads {tuple(want)}")
         if np.dtype(x.dtype) != np.float32:
             raise ValueError(f"{family} operand {name} has dtype {x.dtype}, needs float32")
+    if check_only:
+        return []
     out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
     return runtime.ffi_call(kernel, list(operands), [out],
                             spec.epilogue.output_aliases(reuse_residual))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from alt_jax.codegen import render as rn
 from alt_jax.ops import cuda_common as cc
 from alt_jax.ops.base import KnobError, Space, Unsupported
+from alt_jax.ops import conv2d as cpu_conv2d
 from alt_jax.ops.conv2d import Conv2dSpec
-from alt_jax.ops.conv_common import channel_blocks
+from alt_jax.ops.conv_common import channel_blocks, lower_conv, relayout
 from alt_jax.ops.cuda_common import CudaTileKnobs
 
 
@@ -35,6 +38,37 @@ def _blocks(spec: Conv2dSpec) -> tuple:
 class CudaConv2dFamily:
     name = "cuda_conv2d"
     knobs_type = CudaTileKnobs
+    residual_in_place = False
+
+    def match(self, eqn) -> Conv2dSpec:
+        """The CPU family's spec of a conv (its layouts the equation's own)."""
+        return cpu_conv2d.FAMILY.match(eqn)
+
+    def prefers(self, spec: Conv2dSpec) -> bool:
+        return True
+
+    def relayout(self, spec: Conv2dSpec, lhs=None, out=None) -> Conv2dSpec:
+        """spec reading `lhs` and writing `out` (Layouts over N C H W; None keeps the
+        spec's): any the template addresses by block strides (permutations, NCHW[x]c)."""
+        new = relayout(spec, lhs, out, blocked=True)
+        try:
+            _blocks(new)
+        except KnobError as e:
+            raise Unsupported(str(e)) from None
+        return new
+
+    def lower(self, spec: Conv2dSpec, kernel, operands, reuse_residual: bool = False) -> list:
+        """operands [lhs, rhs, *epilogue inputs] in the spec's layouts, checked as the CPU
+        families check them, then the kernel on the GPU."""
+        import jax
+
+        from alt_jax import runtime
+
+        if reuse_residual:
+            raise ValueError("cuda_conv2d kernels write a fresh output")
+        lower_conv(self.name, spec, None, operands, check_only=True)
+        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+        return runtime.cuda_ffi_call(kernel, list(operands), [out])
 
     def flops(self, spec: Conv2dSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw
@@ -44,7 +78,7 @@ class CudaConv2dFamily:
         """(M pixels, N output channels per group, K reduction) of the implicit GEMM."""
         return spec.n * spec.oh * spec.ow, spec.kg, spec.kh * spec.kw * spec.cg
 
-    def default_knobs(self, spec: Conv2dSpec) -> CudaTileKnobs:
+    def default_knobs(self, spec: Conv2dSpec, target=None) -> CudaTileKnobs:
         """As the matmul's: 64 x 64 tiles, thin ones for few pixels, 4-float loads where the
         channels allow, split K when the grid is smaller than the GPU."""
         m, n, k = self._gemm(spec)
@@ -79,7 +113,7 @@ class CudaConv2dFamily:
                     f"{spec.rhs_layout}, {spec.cg} / {spec.kg} channels a group)")
         return None
 
-    def validate(self, spec: Conv2dSpec, knobs: CudaTileKnobs) -> None:
+    def validate(self, spec: Conv2dSpec, knobs: CudaTileKnobs, target=None) -> None:
         k = knobs
         cc.check_tile(self.name, k)
         if spec.prepacked:
@@ -97,10 +131,10 @@ class CudaConv2dFamily:
         if problem:
             raise KnobError(f"cuda_conv2d: {problem}")
 
-    def space(self, spec: Conv2dSpec) -> Space:
+    def space(self, spec: Conv2dSpec, target=None) -> Space:
         return Space(self.name, CudaTileKnobs, cc.tile_axes())
 
-    def render(self, spec: Conv2dSpec, knobs: CudaTileKnobs):
+    def render(self, spec: Conv2dSpec, knobs: CudaTileKnobs, target=None):
         """runtime.KernelSource: the emulation for the host compiler, SYMBOL_launch for nvcc;
         inputs [lhs, rhs, *epilogue inputs], workspace the split-K partials."""
         self.validate(spec, knobs)

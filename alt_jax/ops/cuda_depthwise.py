@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from alt_jax.codegen import render as rn
 from alt_jax.ops import cuda_common as cc
 from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
-from alt_jax.ops.conv_common import channel_blocks
+from alt_jax.ops import depthwise as cpu_depthwise
+from alt_jax.ops.conv_common import channel_blocks, lower_conv, relayout
 from alt_jax.ops.depthwise import DepthwiseSpec
 
 _MAX_REGISTER_FLOATS = 160  # weights + accumulators a thread keeps
@@ -51,6 +54,35 @@ def _blocks(spec: DepthwiseSpec) -> tuple:
 class CudaDepthwiseFamily:
     name = "cuda_depthwise"
     knobs_type = CudaDepthwiseKnobs
+    residual_in_place = False
+
+    def match(self, eqn) -> DepthwiseSpec:
+        """The CPU family's spec (Unsupported unless one group per input channel)."""
+        return cpu_depthwise.FAMILY.match(eqn)
+
+    def prefers(self, spec: DepthwiseSpec) -> bool:
+        return True
+
+    def relayout(self, spec: DepthwiseSpec, lhs=None, out=None) -> DepthwiseSpec:
+        """spec reading `lhs` and writing `out` (Layouts over N C H W; None keeps the
+        spec's): any the template addresses by block strides (permutations, NCHW[x]c)."""
+        new = relayout(spec, lhs, out, blocked=True)
+        try:
+            _blocks(new)
+        except KnobError as e:
+            raise Unsupported(str(e)) from None
+        return new
+
+    def lower(self, spec: DepthwiseSpec, kernel, operands, reuse_residual: bool = False) -> list:
+        import jax
+
+        from alt_jax import runtime
+
+        if reuse_residual:
+            raise ValueError("cuda_depthwise kernels write a fresh output")
+        lower_conv(self.name, spec, None, operands, check_only=True)
+        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+        return runtime.cuda_ffi_call(kernel, list(operands), [out])
 
     def flops(self, spec: DepthwiseSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw
@@ -78,7 +110,7 @@ class CudaDepthwiseFamily:
                     f"{spec.rhs_layout}, {spec.c} channels)")
         return None
 
-    def default_knobs(self, spec: DepthwiseSpec) -> CudaDepthwiseKnobs:
+    def default_knobs(self, spec: DepthwiseSpec, target=None) -> CudaDepthwiseKnobs:
         """32 threads along the channels (vec of 4 where they are contiguous), 8 along the
         columns, 2 columns and 4 rows each; no staging (L1 catches the window's reuse)."""
         for vec in (4, 2):
@@ -90,7 +122,7 @@ class CudaDepthwiseFamily:
                 continue
         return CudaDepthwiseKnobs()
 
-    def validate(self, spec: DepthwiseSpec, knobs: CudaDepthwiseKnobs) -> None:
+    def validate(self, spec: DepthwiseSpec, knobs: CudaDepthwiseKnobs, target=None) -> None:
         k = knobs
         if not isinstance(k, CudaDepthwiseKnobs):
             raise KnobError(f"cuda_depthwise knobs must be CudaDepthwiseKnobs, got {k!r}")
@@ -128,7 +160,7 @@ class CudaDepthwiseFamily:
         if problem:
             raise KnobError(f"cuda_depthwise: {problem}")
 
-    def space(self, spec: DepthwiseSpec) -> Space:
+    def space(self, spec: DepthwiseSpec, target=None) -> Space:
         return Space(self.name, CudaDepthwiseKnobs, (
             Axis("c_block", axis_values(16, 32, 64, 128), "loop"),
             Axis("ow_threads", axis_values(1, 2, 4, 8, 16), "loop"),
@@ -138,7 +170,7 @@ class CudaDepthwiseFamily:
             Axis("stage_input", (False, True), "layout"),
         ))
 
-    def render(self, spec: DepthwiseSpec, knobs: CudaDepthwiseKnobs):
+    def render(self, spec: DepthwiseSpec, knobs: CudaDepthwiseKnobs, target=None):
         """runtime.KernelSource: the emulation for the host compiler, SYMBOL_launch for nvcc;
         inputs [lhs, rhs, *epilogue inputs]."""
         self.validate(spec, knobs)

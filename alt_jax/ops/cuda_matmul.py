@@ -15,6 +15,7 @@ from alt_jax.codegen import render as rn
 from alt_jax.ops import cuda_common as cc
 from alt_jax.ops.base import KnobError, Space
 from alt_jax.ops.cuda_common import CudaTileKnobs
+from alt_jax.ops import matmul as cpu_matmul
 from alt_jax.ops.matmul import MatmulSpec
 
 
@@ -25,11 +26,35 @@ def _buffer_elements(layout) -> int:
 class CudaMatmulFamily:
     name = "cuda_matmul"
     knobs_type = CudaTileKnobs
+    residual_in_place = False
+
+    def match(self, eqn) -> MatmulSpec:
+        """The CPU family's spec of a dot_general (Unsupported for what neither takes)."""
+        return cpu_matmul.FAMILY.match(eqn)
+
+    def prefers(self, spec: MatmulSpec) -> bool:
+        return True
+
+    def lower(self, spec: MatmulSpec, kernel, operands, reuse_residual: bool = False) -> list:
+        """operands [lhs, rhs, *epilogue inputs] as the equation has them: A and B
+        rearranged as the spec reads them (a transpose only where one stride per dim cannot
+        address the operand), then the kernel on the GPU."""
+        import jax
+        import jax.numpy as jnp
+
+        from alt_jax import runtime
+
+        if reuse_residual:
+            raise ValueError("cuda_matmul kernels write a fresh output (residual_in_place is "
+                             "False)")
+        ops = cpu_matmul.MatmulFamily._ffi_operands(spec, operands)
+        out = jax.ShapeDtypeStruct(spec.out_shape, jnp.float32)
+        return runtime.cuda_ffi_call(kernel, ops, [out])
 
     def flops(self, spec: MatmulSpec) -> int:
         return 2 * spec.batch * spec.m * spec.n * spec.k
 
-    def default_knobs(self, spec: MatmulSpec) -> CudaTileKnobs:
+    def default_knobs(self, spec: MatmulSpec, target=None) -> CudaTileKnobs:
         """64 x 64 block tiles of 4 x 4 per thread (256 threads), double-buffered; thin
         tiles for a few rows; 4-float loads where the operands allow them; split K when the
         grid has fewer blocks than the GPU has SMs and K is deep."""
@@ -71,7 +96,7 @@ class CudaMatmulFamily:
                     f"K={spec.k})")
         return None
 
-    def validate(self, spec: MatmulSpec, knobs: CudaTileKnobs) -> None:
+    def validate(self, spec: MatmulSpec, knobs: CudaTileKnobs, target=None) -> None:
         k = knobs
         cc.check_tile(self.name, k)
         if spec.prepacked:
@@ -86,10 +111,10 @@ class CudaMatmulFamily:
         if problem:
             raise KnobError(f"cuda_matmul: {problem}")
 
-    def space(self, spec: MatmulSpec) -> Space:
+    def space(self, spec: MatmulSpec, target=None) -> Space:
         return Space(self.name, CudaTileKnobs, cc.tile_axes())
 
-    def render(self, spec: MatmulSpec, knobs: CudaTileKnobs):
+    def render(self, spec: MatmulSpec, knobs: CudaTileKnobs, target=None):
         """The kernel's source (runtime.KernelSource): built by the host compiler it is the
         emulation, exporting the symbol with the alt_runtime ABI; built by nvcc it exports
         SYMBOL_launch(stream, inputs, outputs). Workspace: the split-K partials."""

@@ -1,6 +1,7 @@
 """Which operator families may rewrite which primitive, in the order they are tried.
 
-Entry points: families_for(primitive), family_table(exclude), families_by_name().
+Entry points: families_for(primitive), family_table(exclude), cuda_family_table(),
+families_by_name().
 A more specialised family comes first (depthwise, then Winograd for 3x3 stride-1 convs,
 before the general direct conv, which comes last and names the op in records:
 planner.op_key). Untuned, a family that cannot run the op
@@ -27,6 +28,19 @@ def families_for(primitive) -> tuple:
     return tuple(importlib.import_module(m).FAMILY for m in _FAMILY_MODULES.get(primitive, ()))
 
 
+_CUDA_FAMILY_MODULES = {
+    lax.conv_general_dilated_p: ("alt_jax.ops.cuda_depthwise", "alt_jax.ops.cuda_conv2d"),
+    lax.dot_general_p: ("alt_jax.ops.cuda_matmul",),
+}
+
+
+def cuda_family_table() -> dict:
+    """primitive -> the CUDA families, in the order tried: what optimize() plans with when
+    the function's inputs live on a GPU."""
+    return {prim: tuple(importlib.import_module(m).FAMILY for m in mods)
+            for prim, mods in _CUDA_FAMILY_MODULES.items()}
+
+
 def family_table(exclude=()) -> dict:
     """primitive -> families in the order tried, without the families named in exclude: the
     `families=` option of alt_jax.optimize (benchmark ablations, e.g. no Winograd)."""
@@ -35,5 +49,8 @@ def family_table(exclude=()) -> dict:
 
 
 def families_by_name() -> dict:
-    """Every registered family by name (the names workloads and tuning records use)."""
-    return {family.name: family for prim in _FAMILY_MODULES for family in families_for(prim)}
+    """Every registered family by name (the names workloads and tuning records use), the
+    CUDA ones included."""
+    out = {family.name: family for prim in _FAMILY_MODULES for family in families_for(prim)}
+    out.update({f.name: f for fams in cuda_family_table().values() for f in fams})
+    return out

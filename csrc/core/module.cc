@@ -23,6 +23,9 @@
 namespace py = pybind11;
 
 extern "C" XLA_FFI_Error* AltJaxKernel(XLA_FFI_CallFrame* call_frame);
+#ifdef ALT_JAX_WITH_CUDA
+extern "C" XLA_FFI_Error* AltJaxCudaKernel(XLA_FFI_CallFrame* call_frame);  // ffi_cuda.cc
+#endif
 
 namespace alt_jax {
 
@@ -134,6 +137,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("ffi_handler", [] {
     return py::capsule(reinterpret_cast<void*>(&AltJaxKernel));
   }, "PyCapsule of the XLA FFI handler for target 'alt_jax_kernel'.");
+#ifdef ALT_JAX_WITH_CUDA
+  m.def("cuda_ffi_handler", [] {
+    return py::capsule(reinterpret_cast<void*>(&AltJaxCudaKernel));
+  }, "PyCapsule of the XLA FFI handler for target 'alt_jax_cuda_kernel' (platform CUDA).");
+#endif
   m.def("load", [](const std::string& lib, const std::string& sym) {
     Lookup(lib, sym);
   }, py::arg("lib"), py::arg("sym"), "dlopen lib and resolve sym; raises on failure.");

@@ -1,0 +1,105 @@
+"""optimize() on a GPU: CUDA kernels where the inputs live on a GPU, CPU kernels otherwise
+(alt_jax/api.py, ops/registry.cuda_family_table, runtime.cuda_ffi_call, the CUDA FFI handler
+csrc/core/ffi_cuda.cc). Without a GPU, optimize(platform="cuda") plans and builds for sm_90
+and lowers the program for CUDA: the tests read that StableHLO. `gpu` tests run it.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import alt_jax
+from alt_jax import cuda_build, device
+
+pytestmark = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
+
+
+def _net(x, w1, dw, w2, b2):
+    """A conv with a fused epilogue, a depthwise conv, and a dense layer with a bias."""
+    y = lax.conv_general_dilated(x, w1, (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.nn.relu(y)
+    y = lax.conv_general_dilated(y, dw, (2, 2), ((1, 1), (1, 1)), feature_group_count=16,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(y.shape[0], -1) @ w2 + b2
+
+
+def _args(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(2, 16, 16, 8), (3, 3, 8, 16), (3, 3, 1, 16), (8 * 8 * 16, 32), (32,)]
+    return [jnp.asarray(rng.standard_normal(s) * 0.2, jnp.float32) for s in shapes]
+
+
+def test_a_cuda_plan_puts_every_op_on_cuda_kernels(kernel_cache):
+    args = _args()
+    opt = alt_jax.optimize(_net, platform="cuda", fallback="error", min_flops=0,
+                           cache=kernel_cache)
+    plan = opt.plan_for(*args)
+    families = sorted(d.family for d in plan.decisions if d.on_kernel)
+    assert families == ["cuda_conv2d", "cuda_depthwise", "cuda_matmul"], str(plan)
+    conv = next(d for d in plan.decisions if d.family == "cuda_conv2d")
+    assert conv.spec.epilogue.activation == "relu"  # fused, as on the CPU
+    dense = next(d for d in plan.decisions if d.family == "cuda_matmul")
+    assert dense.spec.epilogue.shift  # the bias
+    hlo = opt.lower(*args).as_text()
+    calls = [line for line in hlo.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 3 and all("@alt_jax_cuda_kernel" in c for c in calls), calls
+    for lib in re.findall(r'lib = "([^"]+)"', hlo):
+        # built by nvcc into the CUDA cache beside the CPU one
+        assert os.path.exists(lib) and lib.startswith(str(kernel_cache.cache_dir / "cuda"))
+    assert "alt_jax_kernel" not in hlo.replace("alt_jax_cuda_kernel", "")
+
+
+def test_a_split_k_kernel_gets_its_workspace_from_xla(kernel_cache):
+    x = jnp.ones((1, 4096), jnp.float32)
+    w = jnp.ones((4096, 256), jnp.float32)
+    opt = alt_jax.optimize(lambda x, w: x @ w, platform="cuda", fallback="error", min_flops=0,
+                           cache=kernel_cache)
+    (d,) = [d for d in opt.plan_for(x, w).decisions if d.on_kernel]
+    assert d.knobs.split_k > 1
+    hlo = opt.lower(x, w).as_text()
+    # the result and a uint8 workspace of split_k partial products
+    ws = 4 * d.knobs.split_k * 256
+    assert f"tensor<{ws}xui8>" in hlo, hlo
+
+
+def test_cpu_arrays_keep_cpu_kernels(kernel_cache):
+    args = _args()
+    opt = alt_jax.optimize(_net, fallback="error", min_flops=0, cache=kernel_cache)
+    np.testing.assert_allclose(np.asarray(opt(*args)), np.asarray(jax.jit(_net)(*args)),
+                               rtol=1e-4, atol=1e-4)
+    plan = opt.plan_for(*args)
+    assert all(not d.family.startswith("cuda_") for d in plan.decisions if d.on_kernel)
+    with pytest.raises(ValueError, match="platform="):
+        alt_jax.optimize(_net, platform="tpu")
+
+
+def test_a_gpu_is_named_by_model_architecture_and_sms():
+    class FakeDevice:
+        platform, device_kind, compute_capability, core_count = "gpu", "NVIDIA H200", "9.0", 132
+
+    target = device.CudaTarget.of_jax_device(FakeDevice())
+    assert target.name == "sm_90" and target.sms == 132
+    assert device.fingerprint(target) == "cuda:NVIDIA H200|arch=sm_90|sms=132"
+
+
+@pytest.mark.gpu
+def test_optimize_on_gpu_arrays_runs_cuda_kernels_and_matches_jit():
+    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" \
+        else []
+    if not gpus:
+        pytest.skip("no GPU visible to jax")
+    args = [jax.device_put(a, gpus[0]) for a in _args()]
+    opt = alt_jax.optimize(_net, fallback="error", min_flops=0)
+    got = opt(*args)
+    want = jax.jit(_net)(*args)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    plan = opt.plan_for(*args)
+    assert sorted(d.family for d in plan.decisions if d.on_kernel) == [
+        "cuda_conv2d", "cuda_depthwise", "cuda_matmul"]
