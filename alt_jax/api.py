@@ -111,6 +111,11 @@ class Optimized:
             return device.CudaTarget.for_arch(config.get("cuda_arch") or "sm_90")
         return "cpu"
 
+    def plan_options(self, *args, **kwargs) -> planner.PlanOptions:
+        """The PlanOptions a call with these arguments plans with (the CPU's, or a GPU's)."""
+        target = self._target(args, kwargs)
+        return self.options if target == "cpu" else self._gpu(target)[0]
+
     def _jitted_for(self, args, kwargs):
         target = self._target(args, kwargs)
         return target, self._jitted if target == "cpu" else self._gpu(target)[1]

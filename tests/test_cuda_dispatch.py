@@ -103,3 +103,83 @@ def test_optimize_on_gpu_arrays_runs_cuda_kernels_and_matches_jit():
     plan = opt.plan_for(*args)
     assert sorted(d.family for d in plan.decisions if d.on_kernel) == [
         "cuda_conv2d", "cuda_depthwise", "cuda_matmul"]
+
+
+def test_tuning_cuda_workloads_writes_gpu_records_optimize_takes(kernel_cache, tmp_path):
+    """The GPU tuning pipeline end to end, with the host emulation standing in for the GPU
+    (tuner/measure_cuda.EmulationRunner): the program's CUDA workloads are tuned into
+    records keyed by the GPU's fingerprint, every candidate checked against lax, and
+    optimize(platform="cuda") then takes its knobs from them."""
+    from alt_jax.records import RecordStore
+    from tuner import measure_cuda
+    from tuner.tune import TuneOptions, tune, workloads_of
+
+    args = _args()
+    workloads = workloads_of(_net, *args, platform="cuda", min_flops=0)
+    assert sorted({name for w in workloads for name, _ in w.candidates}) == [
+        "cuda_conv2d", "cuda_depthwise", "cuda_matmul"]
+    target = device.CudaTarget.for_arch("sm_90")
+    kind = measure_cuda.GpuKind(target)
+    measurer = measure_cuda.CudaMeasurer(target, measure_cuda.EmulationRunner(kernel_cache))
+    store = RecordStore(tmp_path / "gpu.jsonl")
+    summary = tune(workloads, store, TuneOptions(trials=len(workloads) + 6, batch=2, confirm=0),
+                   measurer=measurer, device_kind=kind)
+    recs = store.records()
+    assert recs and {r["device"] for r in recs} == {"cuda:NVIDIA GPU|arch=sm_90|sms=0"}
+    assert {r["status"] for r in recs} <= {"ok", "invalid"}  # none computes something else
+    assert sum(r["status"] == "ok" for r in recs) >= len(workloads)
+    assert all(t.untuned_s for t in summary.tasks)
+    plan = alt_jax.optimize(_net, platform="cuda", min_flops=0, cache=kernel_cache,
+                            records=str(store.path)).plan_for(*args)
+    assert {d.knobs_from for d in plan.decisions if d.on_kernel} == {"tuned"}, str(plan)
+
+
+def test_a_wrong_cuda_candidate_costs_its_trial(kernel_cache):
+    """A candidate whose kernel computes something else is wrong_result, not a record of
+    its speed."""
+    from tuner import measure_cuda
+    from tuner.tune import workloads_of
+
+    x, w = jnp.ones((4, 64), jnp.float32), jnp.ones((64, 32), jnp.float32)
+    (wl,) = workloads_of(lambda x, w: x @ w, x, w, platform="cuda", min_flops=0)
+    target = device.CudaTarget.for_arch("sm_90")
+    runner = measure_cuda.EmulationRunner(kernel_cache)
+    real_output = runner.output
+    runner.output = lambda src, inputs, shape: real_output(src, inputs, shape) + 1.0
+    family_name, spec = wl.candidates[0]
+    from alt_jax.ops import registry
+
+    family = registry.families_by_name()[family_name]
+    (result,) = measure_cuda.CudaMeasurer(target, runner)(
+        wl, [(family, spec, family.default_knobs(spec))], None)
+    assert result.status == "wrong_result" and "max |out - ref|" in result.error
+
+
+def test_alt_tune_gpu_needs_a_gpu(capsys):
+    from tuner import cli
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is here")
+    assert cli.main(["alt-tune", "tune", "--model=tiny_cnn", "--gpu"]) == 2
+    assert "no GPU visible to jax" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_tuning_on_the_gpu_times_with_cuda_events(kernel_cache, tmp_path):
+    from alt_jax.records import RecordStore
+    from tuner import measure_cuda
+    from tuner.tune import TuneOptions, tune, workloads_of
+
+    kind = measure_cuda.local_gpu_kind()
+    if kind is None:
+        pytest.skip("no GPU visible to jax")
+    args = _args()
+    workloads = workloads_of(_net, *args, platform="cuda", min_flops=0)
+    measurer = measure_cuda.CudaMeasurer(
+        kind.target, measure_cuda.GpuRunner(kind.target, kernel_cache.cache_dir))
+    store = RecordStore(tmp_path / "gpu.jsonl")
+    tune(workloads, store, TuneOptions(trials=len(workloads) + 4, batch=2, confirm=0),
+         measurer=measurer, device_kind=kind)
+    recs = store.records()
+    assert {r["device"] for r in recs} == {kind.fingerprint}
+    assert all(r["status"] == "ok" for r in recs if r["heuristic"])

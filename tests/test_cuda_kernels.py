@@ -30,6 +30,15 @@ A_TRANSPOSED = (((0,), (0,)), ((), ()))       # (k, m) x (k, n): A contiguous al
 nvcc_needed = pytest.mark.skipif(cuda_build.find_nvcc() is None, reason="nvcc not found")
 
 
+def _gpu_or_skip():
+    from alt_jax import cuda_run
+
+    gpu = cuda_run.gpu()
+    if gpu is None:
+        pytest.skip("no CUDA GPU here (the `gpu` tests need one)")
+    return gpu
+
+
 def _spec(lshape, rshape, dn, epilogue=Epilogue()):
     return dataclasses.replace(CPU_MATMUL.match(_eqn(lshape, rshape, dn)), epilogue=epilogue)
 
@@ -397,9 +406,7 @@ def test_nvcc_errors_are_reported_with_the_kernel(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(COMPILED)))
 def test_gpu_kernels_match_lax(case, tmp_path):
-    import cuda_host
-
-    gpu = cuda_host.gpu_or_skip()
+    gpu = _gpu_or_skip()
     (lshape, rshape, dn), knobs, epilogue = COMPILED[case]
     spec = _spec(lshape, rshape, dn, epilogue)
     knobs = knobs or FAMILY.default_knobs(spec)
@@ -444,9 +451,7 @@ def test_nvcc_compiles_conv_settings_without_spills(arch, case, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(CONV_COMPILED)))
 def test_gpu_convs_match_lax(case, tmp_path, monkeypatch):
-    import cuda_host
-
-    gpu = cuda_host.gpu_or_skip()
+    gpu = _gpu_or_skip()
     conv, spec, knobs = _conv_case(case)
     src = CONV.render(spec, knobs)
     lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)
@@ -489,9 +494,7 @@ def test_nvcc_compiles_depthwise_settings_without_spills(arch, case, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(DEPTHWISE_COMPILED)))
 def test_gpu_depthwise_matches_lax(case, tmp_path, monkeypatch):
-    import cuda_host
-
-    gpu = cuda_host.gpu_or_skip()
+    gpu = _gpu_or_skip()
     conv, spec, knobs = _depthwise_case(case)
     src = DEPTHWISE.render(spec, knobs)
     lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)

@@ -30,6 +30,7 @@ USAGE = """usage:
   alt-tune ops --suite=NAME [options]
   alt-tune tune ... --cluster=ray|ray://HOST:PORT|HOST:PORT [--devices=avx512,FINGERPRINT,...]
       (each device kind tuned on the Ray nodes that carry it; records come back here)
+  alt-tune tune ... --gpu   (the CUDA kernels, on this machine's GPU)
   alt-tune node [--devices=...]   (the `ray start --resources` a node measuring for these
       device kinds, default this machine's, joins the cluster with)
   alt-tune layouts --model=NAME [--layout=nhwc|nchw] --records=R   (the graph level: each
@@ -50,7 +51,7 @@ TUNING_FLAGS = ("records", "trials", "time_budget", "batch", "mode", "search", "
 # (`alt-tune show --trials=5` is a mistake worth saying so).
 COMMAND_FLAGS = {
     "tune": TUNING_FLAGS + ("inputs", "dtypes", "model", "layout", "model_batch", "layouts",
-                            "cluster", "devices"),
+                            "cluster", "devices", "gpu"),
     "node": ("devices",),
     "ops": TUNING_FLAGS + ("suite",),
     "show": ("device",),
@@ -112,6 +113,8 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("cluster", None, "tune on a Ray cluster: 'ray' (RAY_ADDRESS, a "
                         "running local cluster, or a new one), 'ray://HOST:PORT' or "
                         "'HOST:PORT' (tuner/cluster.py)", **kw)
+    flags.DEFINE_bool("gpu", False, "tune: the program's CUDA kernels on this machine's GPU "
+                      "(nvcc builds, CUDA-event timings; records keyed by the GPU)", **kw)
     flags.DEFINE_list("devices", [], "--cluster / node: the device kinds to tune for, each an "
                       "ISA name (this machine's CPU generating it) or a full fingerprint "
                       "'cpu:MODEL|isa=NAME|cores=N' (default: this machine's)", **kw)
@@ -234,7 +237,7 @@ def _zoo_model(fv):
         raise UsageError(f"--model={fv.model}: {e}") from None
 
 
-def bound_workloads(model, layouts=()) -> list:
+def bound_workloads(model, layouts=(), platform=None) -> list:
     """A zoo/suite Model's workloads as benchmarks.run's alt_jax runs it: optimize(jit(apply))
     .prepare(params), i.e. the params closed over as constants (weights packed once), so
     the records' specs are the ones that run's optimize() looks up. layouts: also the
@@ -246,14 +249,15 @@ def bound_workloads(model, layouts=()) -> list:
     from tuner.tune import workloads_of
 
     fn = functools.partial(jax.jit(model.apply), model.params)
-    found = workloads_of(fn, *model.inputs)
+    found = workloads_of(fn, *model.inputs, platform=platform)
     for choice in layouts:
-        found += workloads_of(fn, *model.inputs, layout_plan=choice)
+        found += workloads_of(fn, *model.inputs, layout_plan=choice, platform=platform)
     return planner.merge_workloads(found)
 
 
-def workloads_for(fv, args: list) -> tuple:
-    """(label written into the records, [Workload]) for `tune`."""
+def workloads_for(fv, args: list, platform=None) -> tuple:
+    """(label written into the records, [Workload]) for `tune` (platform="cuda": the
+    workloads of the GPU plan)."""
     if fv.model and args:
         raise UsageError("give either MODULE:FUNCTION or --model, not both")
     if fv.layouts:
@@ -268,7 +272,7 @@ def workloads_for(fv, args: list) -> tuple:
             raise UsageError("--inputs is for MODULE:FUNCTION; a --model has its own inputs")
         model = _zoo_model(fv)
         label = model.name + (f"-b{fv.model_batch}" if fv.model_batch != 1 else "")
-        return label, bound_workloads(model, fv.layouts)
+        return label, bound_workloads(model, fv.layouts, platform)
     if len(args) != 1:
         raise UsageError("tune needs one MODULE:FUNCTION (or --model=NAME)"
                          + (f"; got {args}" if args else ""))
@@ -281,7 +285,7 @@ def workloads_for(fv, args: list) -> tuple:
     from tuner.tune import workloads_of
 
     try:
-        return args[0], workloads_of(fn, *inputs)
+        return args[0], workloads_of(fn, *inputs, platform=platform)
     except Exception as e:  # noqa: BLE001 - most likely inputs that do not fit the function
         shown = ", ".join("x".join(map(str, s)) for s in shapes)
         raise UsageError(f"tracing {args[0]} on inputs [{shown}] failed: "
@@ -373,7 +377,7 @@ def _run_start(fv, options, label: str, workloads: list) -> tuple:
     return dataclasses.replace(options, model=label), path, _count_records(path)
 
 
-def _tune(fv, options, label: str, workloads: list, argv: list) -> int:
+def _tune(fv, options, label: str, workloads: list, argv: list, **tune_kwargs) -> int:
     from alt_jax import device
     from alt_jax.records import RecordStore
     from tuner.progress import ProgressBars, bars_wanted
@@ -385,12 +389,14 @@ def _tune(fv, options, label: str, workloads: list, argv: list) -> int:
     budget = f"{options.trials} trials" + (f" or {options.time_budget_s:g} s"
                                            if options.time_budget_s is not None else "")
     ops = len({w.op_key for w in workloads})
+    kind = tune_kwargs.get("device_kind")
+    where = kind.fingerprint if kind is not None else device.fingerprint()
     print(f"alt-tune: {label}: {ops} ops ({mults} with repeats), {options.mode}/"
-          f"{options.search}, {budget}, on {device.fingerprint()}\n"
+          f"{options.search}, {budget}, on {where}\n"
           f"records: {path} ({before} already there)", flush=True)
     bars = ProgressBars(bars_wanted(fv.progress))
     try:
-        summary = tune(workloads, store, options, listener=bars)
+        summary = tune(workloads, store, options, listener=bars, **tune_kwargs)
     except KeyboardInterrupt:
         bars.close()
         return _interrupted(path, before, argv)
@@ -407,11 +413,31 @@ def cmd_tune(fv, args: list, argv: list) -> int:
     if fv.devices and not fv.cluster:
         raise UsageError("--devices names the device kinds of a --cluster run")
     kinds = device_kinds(fv.devices) if fv.cluster else None
+    if fv.gpu:
+        if fv.cluster:
+            raise UsageError("--gpu tunes this machine's GPU; a --cluster run names its "
+                             "kinds with --devices")
+        return _tune_gpu(fv, options, args, argv)
     label, workloads = workloads_for(fv, args)
     if fv.cluster:
         return _tune_cluster(fv, options, label, workloads, workload_source(fv, args), kinds,
                              argv)
     return _tune(fv, options, label, workloads, argv)
+
+
+def _tune_gpu(fv, options, args: list, argv: list) -> int:
+    """Tunes the program's CUDA workloads on this machine's GPU (tuner/measure_cuda.py:
+    nvcc builds, a check against lax, CUDA-event timings); records keyed by the GPU."""
+    from tuner import measure_cuda
+
+    kind = measure_cuda.local_gpu_kind()
+    if kind is None:
+        raise UsageError("--gpu: no GPU visible to jax here (install a CUDA jax, or tune "
+                         "the CPU without --gpu)")
+    label, workloads = workloads_for(fv, args, platform="cuda")
+    measurer = measure_cuda.CudaMeasurer(kind.target, measure_cuda.GpuRunner(kind.target),
+                                         options.measure, options.seed)
+    return _tune(fv, options, label, workloads, argv, measurer=measurer, device_kind=kind)
 
 
 def device_kinds(names: list) -> list:

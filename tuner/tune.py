@@ -100,7 +100,8 @@ class TuneSummary:
 def workloads_of(fn, *args, **optimize_options) -> list:
     """The workloads alt_jax.optimize(fn, **optimize_options) would put on kernels for these
     arguments (arrays or ShapeDtypeStructs), traced as it traces them; builds nothing.
-    fn may be an Optimized (its own options are used then)."""
+    fn may be an Optimized (its own options are used then); platform="cuda" gives the
+    workloads of its GPU plan (CUDA families)."""
     import jax
 
     import alt_jax
@@ -111,7 +112,7 @@ def workloads_of(fn, *args, **optimize_options) -> list:
     specs = jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.typeof(x).dtype), args)
     closed = jax.make_jaxpr(opt.fn)(*specs)
-    return planner.list_workloads(closed, opt.options)
+    return planner.list_workloads(closed, opt.plan_options(*specs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +226,10 @@ class _Run:
         if device_kind is None:
             self.isa = self.cache.isa or device.detect_isa()
             self.device = device.fingerprint(self.isa)
-        else:  # another machine's (a cluster node's): its ISA and fingerprint as it gave them
-            self.isa, self.device = device.ISAS[device_kind.isa], device_kind.fingerprint
+        else:  # another machine's (a cluster node's), or a GPU's (measure_cuda.GpuKind)
+            target = getattr(device_kind, "target", None)
+            self.isa = target if target is not None else device.ISAS[device_kind.isa]
+            self.device = device_kind.fingerprint
         self.families = families or registry.families_by_name()
         self.run_id = uuid.uuid4().hex[:12]
         self.model = CostModel(seed=options.seed)

@@ -78,18 +78,20 @@ def check_tile(family: str, k: CudaTileKnobs) -> None:
         raise KnobError(f"{family}: split_k={k.split_k} must be at least 1")
 
 
-def tile_axes() -> tuple:
+def tile_axes(default: CudaTileKnobs) -> tuple:
+    """The search axes, each holding the heuristic's value (so it is a point of the space)."""
+    d = default
     return (
-        Axis("mc", axis_values(16, 32, 64, 128), "loop"),
-        Axis("nc", axis_values(32, 64, 128), "loop"),
-        Axis("kc", axis_values(8, 16, 32), "loop"),
-        Axis("mr", axis_values(2, 4, 8), "loop"),
-        Axis("nr", axis_values(2, 4, 8), "loop"),
-        Axis("wm", axis_values(16, 32, 64), "loop"),
-        Axis("wn", axis_values(16, 32, 64), "loop"),
-        Axis("stages", (1, 2), "loop"),
-        Axis("vec", (1, 2, 4), "layout"),
-        Axis("split_k", axis_values(1, 2, 4, 8), "loop"),
+        Axis("mc", axis_values((16, 32, 64, 128), d.mc), "loop"),
+        Axis("nc", axis_values((32, 64, 128), d.nc), "loop"),
+        Axis("kc", axis_values((8, 16, 32), d.kc), "loop"),
+        Axis("mr", axis_values((2, 4, 8), d.mr), "loop"),
+        Axis("nr", axis_values((2, 4, 8), d.nr), "loop"),
+        Axis("wm", axis_values((16, 32, 64), d.wm), "loop"),
+        Axis("wn", axis_values((16, 32, 64), d.wn), "loop"),
+        Axis("stages", axis_values((1, 2), d.stages), "loop"),
+        Axis("vec", axis_values((1, 2, 4), d.vec), "layout"),
+        Axis("split_k", axis_values((1, 2, 4, 8), d.split_k), "loop"),
     )
 
 

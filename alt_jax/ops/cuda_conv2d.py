@@ -57,6 +57,10 @@ class CudaConv2dFamily:
             raise Unsupported(str(e)) from None
         return new
 
+    def kernel_inputs(self, spec: Conv2dSpec, knobs, operands, target=None) -> list:
+        """What the kernel reads: the equation's operands as they are (the spec's layouts)."""
+        return list(operands)
+
     def lower(self, spec: Conv2dSpec, kernel, operands, reuse_residual: bool = False) -> list:
         """operands [lhs, rhs, *epilogue inputs] in the spec's layouts, checked as the CPU
         families check them, then the kernel on the GPU."""
@@ -132,7 +136,7 @@ class CudaConv2dFamily:
             raise KnobError(f"cuda_conv2d: {problem}")
 
     def space(self, spec: Conv2dSpec, target=None) -> Space:
-        return Space(self.name, CudaTileKnobs, cc.tile_axes())
+        return Space(self.name, CudaTileKnobs, cc.tile_axes(self.default_knobs(spec)))
 
     def render(self, spec: Conv2dSpec, knobs: CudaTileKnobs, target=None):
         """runtime.KernelSource: the emulation for the host compiler, SYMBOL_launch for nvcc;

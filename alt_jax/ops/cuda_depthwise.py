@@ -73,6 +73,10 @@ class CudaDepthwiseFamily:
             raise Unsupported(str(e)) from None
         return new
 
+    def kernel_inputs(self, spec: DepthwiseSpec, knobs, operands, target=None) -> list:
+        """What the kernel reads: the equation's operands as they are (the spec's layouts)."""
+        return list(operands)
+
     def lower(self, spec: DepthwiseSpec, kernel, operands, reuse_residual: bool = False) -> list:
         import jax
 
@@ -161,12 +165,13 @@ class CudaDepthwiseFamily:
             raise KnobError(f"cuda_depthwise: {problem}")
 
     def space(self, spec: DepthwiseSpec, target=None) -> Space:
+        d = self.default_knobs(spec)
         return Space(self.name, CudaDepthwiseKnobs, (
-            Axis("c_block", axis_values(16, 32, 64, 128), "loop"),
-            Axis("ow_threads", axis_values(1, 2, 4, 8, 16), "loop"),
-            Axis("ow_tile", axis_values(1, 2, 4), "loop"),
-            Axis("oh_rows", axis_values(1, 2, 4, 8), "loop"),
-            Axis("vec", (1, 2, 4), "layout"),
+            Axis("c_block", axis_values((16, 32, 64, 128), d.c_block), "loop"),
+            Axis("ow_threads", axis_values((1, 2, 4, 8, 16), d.ow_threads), "loop"),
+            Axis("ow_tile", axis_values((1, 2, 4), d.ow_tile), "loop"),
+            Axis("oh_rows", axis_values((1, 2, 4, 8), d.oh_rows), "loop"),
+            Axis("vec", axis_values((1, 2, 4), d.vec), "layout"),
             Axis("stage_input", (False, True), "layout"),
         ))
 

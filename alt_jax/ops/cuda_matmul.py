@@ -35,6 +35,11 @@ class CudaMatmulFamily:
     def prefers(self, spec: MatmulSpec) -> bool:
         return True
 
+    def kernel_inputs(self, spec: MatmulSpec, knobs, operands, target=None) -> list:
+        """What the kernel reads, from the equation's operands [lhs, rhs, *epilogue inputs]
+        (the tuner's example inputs): what lower() passes it."""
+        return list(cpu_matmul.MatmulFamily._ffi_operands(spec, operands))
+
     def lower(self, spec: MatmulSpec, kernel, operands, reuse_residual: bool = False) -> list:
         """operands [lhs, rhs, *epilogue inputs] as the equation has them: A and B
         rearranged as the spec reads them (a transpose only where one stride per dim cannot
@@ -112,7 +117,7 @@ class CudaMatmulFamily:
             raise KnobError(f"cuda_matmul: {problem}")
 
     def space(self, spec: MatmulSpec, target=None) -> Space:
-        return Space(self.name, CudaTileKnobs, cc.tile_axes())
+        return Space(self.name, CudaTileKnobs, cc.tile_axes(self.default_knobs(spec)))
 
     def render(self, spec: MatmulSpec, knobs: CudaTileKnobs, target=None):
         """The kernel's source (runtime.KernelSource): built by the host compiler it is the
