@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import hashlib
 
+import jax
 import numpy as np
 import pytest
 from jax import lax
@@ -502,3 +503,54 @@ def test_gpu_depthwise_matches_lax(case, tmp_path, monkeypatch):
         Ellipsis, gpu.run(lib, src, inputs, outputs[0].shape)))
     out, ref = run_blocked(conv, spec, kernel=None)
     assert relerr(out, ref) <= 1e-4
+
+
+# ---- the CPU kernels' own grids -------------------------------------------------------------
+import test_conv2d_kernel as cpu_conv_tests  # noqa: E402
+import test_depthwise_kernel as cpu_depthwise_tests  # noqa: E402
+import test_matmul_kernel as cpu_matmul_tests  # noqa: E402
+
+THIN = CudaTileKnobs(mc=16, nc=32, kc=8, mr=2, nr=2, wm=16, wn=8, stages=1, split_k=2)
+
+
+@pytest.mark.parametrize("knobs", [None, THIN], ids=["default", "thin-split"])
+@pytest.mark.parametrize("lshape,rshape,dn", cpu_matmul_tests.GRID)
+def test_cuda_matmul_on_the_cpu_matmul_grid(kernel_cache, lshape, rshape, dn, knobs):
+    """Every dimension structure the CPU matmul's grid covers (transposed operands, batch
+    dims, several contracting dims, size-1 dims), emulated."""
+    spec = _spec(lshape, rshape, dn)
+    knobs = (dataclasses.replace(knobs, split_k=min(knobs.split_k, spec.k)) if knobs
+             else FAMILY.default_knobs(spec))  # K = 1 has one slice to split
+    FAMILY.validate(spec, knobs)
+    a, b = _operands(lshape, rshape)
+    out = _emulate(kernel_cache, spec, knobs, a, b, [])
+    ref = _reference(spec, a, b, dn, [])
+    assert np.abs(out - ref).max() / max(1.0, np.abs(ref).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("knobs", [None, THIN], ids=["default", "thin-split"])
+@pytest.mark.parametrize("case", cpu_conv_tests.GRID, ids=str)
+def test_cuda_conv_on_the_cpu_conv_grid(kernel_cache, case, knobs):
+    """Every case of the CPU conv's grid (any dimension numbers, strides, padding beyond
+    the kernel, dilation, groups, H or W of 1), emulated; depthwise cases included."""
+    spec = cpu_conv2d.FAMILY.match(case.eqn())
+    depth = spec.kh * spec.kw * spec.cg
+    knobs = (dataclasses.replace(knobs, split_k=min(knobs.split_k, depth)) if knobs
+             else CONV.default_knobs(spec))
+    CONV.validate(spec, knobs)
+    x, w = case.operands()
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel_cache.build(CONV.render(spec, knobs)), [x, w], [out])
+    ref = np.asarray(lax.conv_general_dilated(
+        x, w, case.stride, case.pad, rhs_dilation=case.dil, dimension_numbers=case.dn,
+        feature_group_count=case.groups, precision=lax.Precision.HIGHEST))
+    assert relerr(out, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("case", cpu_depthwise_tests.GRID, ids=cpu_depthwise_tests._grid_id)
+def test_cuda_depthwise_on_the_cpu_depthwise_grid(kernel_cache, case):
+    spec, f, x, w = cpu_depthwise_tests._spec_case(case)
+    knobs = DEPTHWISE.default_knobs(spec)
+    out = np.full(spec.out_shape, np.nan, np.float32)
+    runtime.run_numpy(kernel_cache.build(DEPTHWISE.render(spec, knobs)), [x, w], [out])
+    assert relerr(out, np.asarray(jax.jit(f)(x, w))) <= 1e-4
