@@ -437,34 +437,6 @@ def _conv_case(case):
     return conv, spec, knobs or CONV.default_knobs(spec)
 
 
-@nvcc_needed
-@pytest.mark.parametrize("arch", cuda_build.ARCHES)
-@pytest.mark.parametrize("case", range(len(CONV_COMPILED)))
-def test_nvcc_compiles_conv_settings_without_spills(arch, case, tmp_path):
-    _, spec, knobs = _conv_case(case)
-    src = CONV.render(spec, knobs)
-    lib = cuda_build.compile_cuda(src, arch, tmp_path)
-    assert hasattr(ctypes.CDLL(str(lib)), f"{src.symbol}_launch")
-    usage = cuda_build.resource_usage(src, arch)
-    assert usage and all(u["spill_bytes"] == 0 for u in usage), usage
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", range(len(CONV_COMPILED)))
-def test_gpu_convs_match_lax(case, tmp_path, monkeypatch):
-    gpu = _gpu_or_skip()
-    conv, spec, knobs = _conv_case(case)
-    src = CONV.render(spec, knobs)
-    lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)
-
-    def on_gpu(kernel, inputs, outputs):  # run_blocked's kernel call, made on the GPU
-        outputs[0][...] = gpu.run(lib, src, inputs, outputs[0].shape)
-
-    monkeypatch.setattr(runtime, "run_numpy", on_gpu)
-    out, ref = run_blocked(conv, spec, kernel=None)
-    assert relerr(out, ref) <= 1e-4
-
-
 DEPTHWISE_COMPILED = [  # (case, lhs, out, knobs or None for the default)
     ("3x3p1", "NHWC", "NHWC", None),
     ("3x3s2", "NHWC", "8c", CudaDepthwiseKnobs(c_block=32, ow_threads=4, ow_tile=2, oh_rows=2,
@@ -480,12 +452,23 @@ def _depthwise_case(case):
     return conv, spec, knobs or DEPTHWISE.default_knobs(spec)
 
 
+CONV_LIKE_COMPILED = ([("conv", i) for i in range(len(CONV_COMPILED))]
+                      + [("depthwise", i) for i in range(len(DEPTHWISE_COMPILED))])
+
+
+def _conv_like_case(kind, i):
+    """(family, conv, spec, knobs) of a conv or depthwise setting compiled for the GPU."""
+    if kind == "conv":
+        return (CONV, *_conv_case(i))
+    return (DEPTHWISE, *_depthwise_case(i))
+
+
 @nvcc_needed
 @pytest.mark.parametrize("arch", cuda_build.ARCHES)
-@pytest.mark.parametrize("case", range(len(DEPTHWISE_COMPILED)))
-def test_nvcc_compiles_depthwise_settings_without_spills(arch, case, tmp_path):
-    _, spec, knobs = _depthwise_case(case)
-    src = DEPTHWISE.render(spec, knobs)
+@pytest.mark.parametrize("case", CONV_LIKE_COMPILED, ids=lambda c: f"{c[0]}{c[1]}")
+def test_nvcc_compiles_conv_and_depthwise_settings_without_spills(arch, case, tmp_path):
+    family, _, spec, knobs = _conv_like_case(*case)
+    src = family.render(spec, knobs)
     assert hasattr(ctypes.CDLL(str(cuda_build.compile_cuda(src, arch, tmp_path))),
                    f"{src.symbol}_launch")
     usage = cuda_build.resource_usage(src, arch)
@@ -493,14 +476,17 @@ def test_nvcc_compiles_depthwise_settings_without_spills(arch, case, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", range(len(DEPTHWISE_COMPILED)))
-def test_gpu_depthwise_matches_lax(case, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", CONV_LIKE_COMPILED, ids=lambda c: f"{c[0]}{c[1]}")
+def test_gpu_convs_and_depthwise_match_lax(case, tmp_path, monkeypatch):
     gpu = _gpu_or_skip()
-    conv, spec, knobs = _depthwise_case(case)
-    src = DEPTHWISE.render(spec, knobs)
+    family, conv, spec, knobs = _conv_like_case(*case)
+    src = family.render(spec, knobs)
     lib = cuda_build.compile_cuda(src, gpu.arch, tmp_path)
-    monkeypatch.setattr(runtime, "run_numpy", lambda kernel, inputs, outputs: outputs[0].__setitem__(
-        Ellipsis, gpu.run(lib, src, inputs, outputs[0].shape)))
+
+    def on_gpu(kernel, inputs, outputs):  # run_blocked's kernel call, made on the GPU
+        outputs[0][...] = gpu.run(lib, src, inputs, outputs[0].shape)
+
+    monkeypatch.setattr(runtime, "run_numpy", on_gpu)
     out, ref = run_blocked(conv, spec, kernel=None)
     assert relerr(out, ref) <= 1e-4
 

@@ -10,7 +10,7 @@
 // is first staged in shared memory by the whole block, then read from there.
 // Input and output are addressed by (block, outer, inner) strides per dim (NHWC, NCHW,
 // NCHW[x]c); the weights (O, 1, KH, KW) by one stride per dim.
-#include "alt_jax/cuda_block.h"
+#include "alt_jax/cuda_entry.h"
 
 namespace {
 
@@ -49,14 +49,7 @@ struct Thread {
   float wt[KH * KW][VEC];  // this thread's weights, for its whole life
 };
 
-struct Buffers {
-  const float* in;
-  const float* w;
-  const float* scale;
-  const float* shift;
-  const float* res;
-  float* out;
-};
+typedef AltCudaBuffers Buffers;
 
 ALT_DEV int64_t in_offset(int64_t n, int64_t c, int64_t ih, int64_t iw) {
   return n * L_N + (c / L_CB) * L_CBS + (c % L_CB) * L_C + ih * L_H + iw * L_W;
@@ -67,10 +60,7 @@ ALT_DEV int64_t out_offset(int64_t n, int64_t k, int64_t oh, int64_t ow) {
 
 template <typename Blk>
 ALT_DEV float epilogue(Blk& blk, const Buffers& x, float y, int64_t k, int64_t at) {
-  if constexpr (SCALE) y = y * ALT_GLD(blk, x.scale, k, KOUT);
-  if constexpr (SHIFT) y = y + ALT_GLD(blk, x.shift, k, KOUT);
-  if constexpr (RESIDUAL) y = y + ALT_GLD(blk, x.res, at, OUT_SIZE);
-  return alt_cuda_activate<ACT>(y);
+  return alt_cuda_epilogue<ACT, SCALE, SHIFT, RESIDUAL>(blk, x, y, k, KOUT, at, OUT_SIZE);
 }
 
 // The input at (n, channel c, ih, iw) for VEC consecutive channels, zeros outside the image.
@@ -147,40 +137,13 @@ ALT_DEV void block_main(Blk& blk, const Buffers& x) {
   }
 }
 
-constexpr int I_SCALE = 2, I_SHIFT = I_SCALE + SCALE, I_RES = I_SHIFT + SHIFT;
+template <typename Blk>
+ALT_DEV void finish_main(Blk&, const Buffers&) {}  // no split K: nothing to finish
 
 Buffers buffers(const void* const* inputs, void* const* outputs) {
-  return Buffers{static_cast<const float*>(inputs[0]), static_cast<const float*>(inputs[1]),
-                 SCALE ? static_cast<const float*>(inputs[I_SCALE]) : nullptr,
-                 SHIFT ? static_cast<const float*>(inputs[I_SHIFT]) : nullptr,
-                 RESIDUAL ? static_cast<const float*>(inputs[I_RES]) : nullptr,
-                 static_cast<float*>(outputs[0])};
+  return alt_cuda_buffers<SCALE, SHIFT, RESIDUAL, false>(inputs, outputs);
 }
-
-#if defined(__CUDACC__)
-__global__ void __launch_bounds__(THREADS) main_kernel(Buffers x) {
-  __shared__ Shared sh;
-  alt_block<Thread, Shared, THREADS> blk(sh);
-  block_main(blk, x);
-}
-#endif
 
 }  // namespace
 
-#if defined(__CUDACC__)
-// inputs: the input, the weights, then the epilogue's; outputs: the result. Returns the
-// launch's cudaError_t (0: success).
-extern "C" __attribute__((visibility("default"))) int32_t @SYMBOL@_launch(
-    void* stream, const void* const* inputs, void* const* outputs) {
-  main_kernel<<<dim3(GX, GY, GZ), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-      buffers(inputs, outputs));
-  return static_cast<int32_t>(cudaGetLastError());
-}
-#else
-ALT_EXPORT int32_t @SYMBOL@(const alt_runtime* rt, const void* const* inputs,
-                           void* const* outputs) {
-  const Buffers x = buffers(inputs, outputs);
-  return alt_emulate_grid<Thread, Shared, THREADS>(
-      rt, GX, GY, GZ, [&](alt_block<Thread, Shared, THREADS>& blk) { block_main(blk, x); });
-}
-#endif
+ALT_CUDA_ENTRY(@SYMBOL@, Thread, Shared, THREADS, GX, GY, GZ, 0)

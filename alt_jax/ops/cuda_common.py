@@ -3,13 +3,16 @@ knobs of the tiled GEMM core (csrc/include/alt_jax/cuda_gemm.h), their hardware 
 search axes and template values.
 
 Entry points: CudaTileKnobs, check_tile(family, knobs), tile_axes(), tile_values(knobs),
-split_for(blocks, depth, knobs).
+split_for(blocks, depth, knobs), CudaConvFamily (what the CUDA conv families share).
 """
 from __future__ import annotations
 
 import dataclasses
 
-from alt_jax.ops.base import Axis, KnobError, axis_values
+import numpy as np
+
+from alt_jax.ops.base import Axis, KnobError, Unsupported, axis_values
+from alt_jax.ops.conv_common import channel_blocks, lower_conv, relayout
 
 MAX_SHARED = 48 * 1024     # bytes of static shared memory a block may use without opt-in
 MAX_THREADS = 1024
@@ -107,3 +110,60 @@ def split_for(blocks: int, depth: int, knobs: CudaTileKnobs) -> int:
     while blocks * split * 2 <= SMS and depth // (split * 2) >= 4 * knobs.kc:
         split *= 2
     return split
+
+
+class CudaConvFamily:
+    """What the CUDA conv families (ops/cuda_conv2d.py, ops/cuda_depthwise.py) share: the
+    CPU family's spec, input and output addressed by (block, outer, inner) strides per dim
+    (so any permutation or NCHW[x]c layout), the operands passed as they are."""
+
+    name = ""
+    cpu_family = None        # whose match() gives the spec
+    residual_in_place = False
+
+    def match(self, eqn):
+        return self.cpu_family.match(eqn)
+
+    def prefers(self, spec) -> bool:
+        return True
+
+    def channel_args(self, spec) -> tuple:
+        """channel_blocks' (channels, per_group, groups) of the input and of the output."""
+        raise NotImplementedError
+
+    def blocks(self, spec) -> tuple:
+        """(lhs, out) {dim: (block, outer, inner)}; KnobError when a layout is not
+        addressable by a block and two strides."""
+        (c, cg, g), (k, kg, gk) = self.channel_args(spec)
+        try:
+            return (channel_blocks(self.name, spec.lhs_layout, "lhs", c, cg, g),
+                    channel_blocks(self.name, spec.out_layout, "output", k, kg, gk))
+        except Unsupported as e:
+            raise KnobError(str(e)) from None
+
+    def relayout(self, spec, lhs=None, out=None):
+        """spec reading `lhs` and writing `out` (Layouts over N C H W; None keeps the
+        spec's): any the template addresses by block strides (permutations, NCHW[x]c)."""
+        new = relayout(spec, lhs, out, blocked=True)
+        try:
+            self.blocks(new)
+        except KnobError as e:
+            raise Unsupported(str(e)) from None
+        return new
+
+    def kernel_inputs(self, spec, knobs, operands, target=None) -> list:
+        """What the kernel reads: the equation's operands as they are (the spec's layouts)."""
+        return list(operands)
+
+    def lower(self, spec, kernel, operands, reuse_residual: bool = False) -> list:
+        """operands [lhs, rhs, *epilogue inputs] in the spec's layouts, checked as the CPU
+        families check them, then the kernel on the GPU."""
+        import jax
+
+        from alt_jax import runtime
+
+        if reuse_residual:
+            raise ValueError(f"{self.name} kernels write a fresh output")
+        lower_conv(self.name, spec, None, operands, check_only=True)
+        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
+        return runtime.cuda_ffi_call(kernel, list(operands), [out])

@@ -12,67 +12,22 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 
 from alt_jax.codegen import render as rn
 from alt_jax.ops import cuda_common as cc
-from alt_jax.ops.base import KnobError, Space, Unsupported
 from alt_jax.ops import conv2d as cpu_conv2d
+from alt_jax.ops.base import KnobError, Space
 from alt_jax.ops.conv2d import Conv2dSpec
-from alt_jax.ops.conv_common import channel_blocks, lower_conv, relayout
 from alt_jax.ops.cuda_common import CudaTileKnobs
 
 
-def _blocks(spec: Conv2dSpec) -> tuple:
-    """(lhs, out) {dim: (block, outer, inner)}; KnobError when a layout is not addressable
-    by a block and two strides."""
-    try:
-        return (channel_blocks("cuda_conv2d", spec.lhs_layout, "lhs", spec.c, spec.cg,
-                               spec.groups),
-                channel_blocks("cuda_conv2d", spec.out_layout, "output", spec.k, spec.kg,
-                               spec.groups))
-    except Unsupported as e:
-        raise KnobError(str(e)) from None
-
-
-class CudaConv2dFamily:
+class CudaConv2dFamily(cc.CudaConvFamily):
     name = "cuda_conv2d"
     knobs_type = CudaTileKnobs
-    residual_in_place = False
+    cpu_family = cpu_conv2d.FAMILY
 
-    def match(self, eqn) -> Conv2dSpec:
-        """The CPU family's spec of a conv (its layouts the equation's own)."""
-        return cpu_conv2d.FAMILY.match(eqn)
-
-    def prefers(self, spec: Conv2dSpec) -> bool:
-        return True
-
-    def relayout(self, spec: Conv2dSpec, lhs=None, out=None) -> Conv2dSpec:
-        """spec reading `lhs` and writing `out` (Layouts over N C H W; None keeps the
-        spec's): any the template addresses by block strides (permutations, NCHW[x]c)."""
-        new = relayout(spec, lhs, out, blocked=True)
-        try:
-            _blocks(new)
-        except KnobError as e:
-            raise Unsupported(str(e)) from None
-        return new
-
-    def kernel_inputs(self, spec: Conv2dSpec, knobs, operands, target=None) -> list:
-        """What the kernel reads: the equation's operands as they are (the spec's layouts)."""
-        return list(operands)
-
-    def lower(self, spec: Conv2dSpec, kernel, operands, reuse_residual: bool = False) -> list:
-        """operands [lhs, rhs, *epilogue inputs] in the spec's layouts, checked as the CPU
-        families check them, then the kernel on the GPU."""
-        import jax
-
-        from alt_jax import runtime
-
-        if reuse_residual:
-            raise ValueError("cuda_conv2d kernels write a fresh output")
-        lower_conv(self.name, spec, None, operands, check_only=True)
-        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.cuda_ffi_call(kernel, list(operands), [out])
+    def channel_args(self, spec: Conv2dSpec) -> tuple:
+        return (spec.c, spec.cg, spec.groups), (spec.k, spec.kg, spec.groups)
 
     def flops(self, spec: Conv2dSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.cg * spec.kh * spec.kw
@@ -95,15 +50,14 @@ class CudaConv2dFamily:
         blocks = spec.groups * -(-m // base.mc) * -(-n // base.nc)
         return dataclasses.replace(base, split_k=cc.split_for(blocks, k, base))
 
-    @staticmethod
-    def _vec_problem(spec: Conv2dSpec, k: CudaTileKnobs):
+    def _vec_problem(self, spec: Conv2dSpec, k: CudaTileKnobs):
         """Why vec-float loads cannot be used, or None: a vector runs along the input's
         channels (contiguous, in whole vectors of a group and of a channel block, other
         strides aligned) and along the weights' output channels (likewise)."""
         if k.vec == 1:
             return None
         v = k.vec
-        lhs, _ = _blocks(spec)
+        lhs, _ = self.blocks(spec)
         cb, cbs, cs = lhs["C"]
         others = [lhs[d][2] for d in "NHW"] + ([cbs] if cb < spec.c else [])
         a_ok = (cs == 1 and spec.cg % v == 0 and cb % v == 0 and k.kc % v == 0
@@ -124,7 +78,7 @@ class CudaConv2dFamily:
             raise KnobError("cuda_conv2d reads the weights as the program has them: "
                             "prepacked specs are the CPU family's")
         spec.rhs_strides  # KnobError unless the weights have one stride per dim
-        _blocks(spec)
+        self.blocks(spec)
         m, _, depth = self._gemm(spec)
         if not 1 <= k.split_k <= depth:
             raise KnobError(f"cuda_conv2d: split_k={k.split_k} must be in [1, {depth}]")
@@ -142,7 +96,7 @@ class CudaConv2dFamily:
         """runtime.KernelSource: the emulation for the host compiler, SYMBOL_launch for nvcc;
         inputs [lhs, rhs, *epilogue inputs], workspace the split-K partials."""
         self.validate(spec, knobs)
-        lhs, out = _blocks(spec)
+        lhs, out = self.blocks(spec)
         ro, ri, rh, rw = spec.rhs_strides
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
         epi = spec.epilogue

@@ -11,13 +11,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import numpy as np
 
 from alt_jax.codegen import render as rn
 from alt_jax.ops import cuda_common as cc
-from alt_jax.ops.base import Axis, KnobError, Space, Unsupported, axis_values
 from alt_jax.ops import depthwise as cpu_depthwise
-from alt_jax.ops.conv_common import channel_blocks, lower_conv, relayout
+from alt_jax.ops.base import Axis, KnobError, Space, axis_values
 from alt_jax.ops.depthwise import DepthwiseSpec
 
 _MAX_REGISTER_FLOATS = 160  # weights + accumulators a thread keeps
@@ -43,50 +41,13 @@ class CudaDepthwiseKnobs:
         return self.c_block // self.vec * self.ow_threads
 
 
-def _blocks(spec: DepthwiseSpec) -> tuple:
-    try:
-        return (channel_blocks("cuda_depthwise", spec.lhs_layout, "lhs", spec.c),
-                channel_blocks("cuda_depthwise", spec.out_layout, "output", spec.k))
-    except Unsupported as e:
-        raise KnobError(str(e)) from None
-
-
-class CudaDepthwiseFamily:
+class CudaDepthwiseFamily(cc.CudaConvFamily):
     name = "cuda_depthwise"
     knobs_type = CudaDepthwiseKnobs
-    residual_in_place = False
+    cpu_family = cpu_depthwise.FAMILY
 
-    def match(self, eqn) -> DepthwiseSpec:
-        """The CPU family's spec (Unsupported unless one group per input channel)."""
-        return cpu_depthwise.FAMILY.match(eqn)
-
-    def prefers(self, spec: DepthwiseSpec) -> bool:
-        return True
-
-    def relayout(self, spec: DepthwiseSpec, lhs=None, out=None) -> DepthwiseSpec:
-        """spec reading `lhs` and writing `out` (Layouts over N C H W; None keeps the
-        spec's): any the template addresses by block strides (permutations, NCHW[x]c)."""
-        new = relayout(spec, lhs, out, blocked=True)
-        try:
-            _blocks(new)
-        except KnobError as e:
-            raise Unsupported(str(e)) from None
-        return new
-
-    def kernel_inputs(self, spec: DepthwiseSpec, knobs, operands, target=None) -> list:
-        """What the kernel reads: the equation's operands as they are (the spec's layouts)."""
-        return list(operands)
-
-    def lower(self, spec: DepthwiseSpec, kernel, operands, reuse_residual: bool = False) -> list:
-        import jax
-
-        from alt_jax import runtime
-
-        if reuse_residual:
-            raise ValueError("cuda_depthwise kernels write a fresh output")
-        lower_conv(self.name, spec, None, operands, check_only=True)
-        out = jax.ShapeDtypeStruct(spec.out_shape, np.float32)
-        return runtime.cuda_ffi_call(kernel, list(operands), [out])
+    def channel_args(self, spec: DepthwiseSpec) -> tuple:
+        return (spec.c, None, 1), (spec.k, None, 1)  # no group blocks to keep whole
 
     def flops(self, spec: DepthwiseSpec) -> int:
         return 2 * spec.n * spec.k * spec.oh * spec.ow * spec.kh * spec.kw
@@ -102,7 +63,7 @@ class CudaDepthwiseFamily:
         if k.vec == 1:
             return None
         v = k.vec
-        lhs, _ = _blocks(spec)
+        lhs, _ = self.blocks(spec)
         cb, cbs, cs = lhs["C"]
         ro, _, rh, rw = spec.rhs_strides
         others = [lhs[d][2] for d in "NHW"] + ([cbs] if cb < spec.c else [])
@@ -146,7 +107,7 @@ class CudaDepthwiseFamily:
                             f"columns of {k.vec} channels are {regs} registers a thread "
                             f"(limit {_MAX_REGISTER_FLOATS})")
         spec.rhs_strides  # KnobError unless the weights have one stride per dim
-        _blocks(spec)
+        self.blocks(spec)
         if k.stage_input:
             if spec.mult != 1:
                 raise KnobError("cuda_depthwise: stage_input needs a channel multiplier of 1")
@@ -179,7 +140,7 @@ class CudaDepthwiseFamily:
         """runtime.KernelSource: the emulation for the host compiler, SYMBOL_launch for nvcc;
         inputs [lhs, rhs, *epilogue inputs]."""
         self.validate(spec, knobs)
-        lhs, out = _blocks(spec)
+        lhs, out = self.blocks(spec)
         ro, _, rh, rw = spec.rhs_strides
         (sh, sw), (dh, dw) = spec.stride, spec.dilation
         epi, k = spec.epilogue, knobs

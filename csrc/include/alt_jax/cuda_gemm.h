@@ -11,7 +11,8 @@
 //       gemm_a(blk.sh, stage, kk, mm) = A[m0 + mm][k0 + kk], gemm_b(...) = B[k0 + kk][n0 + nn],
 //       zeros past m_size, n_size and k_end
 //   store(blk, m, n, acc)                            one finished element of C
-// Entry points: GemmTile<...> (Shared, Thread), gemm_block(blk, problem, m0, n0).
+// Entry points: GemmTile<...> (Shared, Thread), gemm_block(blk, problem, m0, n0),
+// gemm_stage_a / gemm_stage_b (a problem's load_slice from an address function).
 #ifndef ALT_JAX_CUDA_GEMM_H_
 #define ALT_JAX_CUDA_GEMM_H_
 
@@ -41,6 +42,49 @@ struct GemmTile {
   static ALT_DEV int64_t a_index(int stage, int kk, int mm) { return (stage * KC + kk) * MC + mm; }
   static ALT_DEV int64_t b_index(int stage, int kk, int nn) { return (stage * KC + kk) * NC + nn; }
 };
+
+// This thread's share of staging A (MC x KC from (m0, k0)) into stage `stage`: consecutive
+// threads walk k (K_INNER: k is A's contiguous dim) or m, VEC floats at a time. at(m, k) is
+// where A[m][k] is in p, or -1 outside the operand (it then reads as zero); a vector is
+// inside iff its first float is (the family keeps dims whole vectors).
+template <typename Tile, int VEC, bool K_INNER, typename Blk, typename At>
+ALT_DEV void gemm_stage_a(Blk& blk, int tid, int stage, int64_t m0, int64_t k0, const float* p,
+                          int64_t p_size, At&& at) {
+  for (int e = tid * VEC; e < Tile::KC * Tile::MC; e += Tile::THREADS * VEC) {
+    const int kk0 = K_INNER ? e % Tile::KC : e / Tile::MC;
+    const int mm0 = K_INNER ? e / Tile::KC : e % Tile::MC;
+    float v[VEC];
+    const int64_t offset = at(m0 + mm0, k0 + kk0);
+    if (offset >= 0) {
+      alt_load_vec<VEC>(blk, p, offset, p_size, v);
+    } else {
+      for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
+    }
+    for (int u = 0; u < VEC; ++u)
+      ALT_SH_ST(blk, as, Tile::a_index(stage, K_INNER ? kk0 + u : kk0, K_INNER ? mm0 : mm0 + u),
+                v[u]);
+  }
+}
+
+// The same for B (KC x NC from (k0, n0)); N_INNER: consecutive threads walk n.
+template <typename Tile, int VEC, bool N_INNER, typename Blk, typename At>
+ALT_DEV void gemm_stage_b(Blk& blk, int tid, int stage, int64_t k0, int64_t n0, const float* p,
+                          int64_t p_size, At&& at) {
+  for (int e = tid * VEC; e < Tile::KC * Tile::NC; e += Tile::THREADS * VEC) {
+    const int kk0 = N_INNER ? e / Tile::NC : e % Tile::KC;
+    const int nn0 = N_INNER ? e % Tile::NC : e / Tile::KC;
+    float v[VEC];
+    const int64_t offset = at(k0 + kk0, n0 + nn0);
+    if (offset >= 0) {
+      alt_load_vec<VEC>(blk, p, offset, p_size, v);
+    } else {
+      for (int u = 0; u < VEC; ++u) v[u] = 0.0f;
+    }
+    for (int u = 0; u < VEC; ++u)
+      ALT_SH_ST(blk, bs, Tile::b_index(stage, N_INNER ? kk0 : kk0 + u, N_INNER ? nn0 + u : nn0),
+                v[u]);
+  }
+}
 
 template <typename Tile, typename Blk>
 ALT_DEV void gemm_compute_slice(Blk& blk, typename Tile::Thread& t, int tid, int stage) {
