@@ -8,6 +8,7 @@
 #include <string>
 #include <string_view>
 
+#include "ffi_buffers.h"
 #include "kernel_registry.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,20 +28,10 @@ ffi::Error DispatchCuda(void* stream, ffi::RemainingArgs args, ffi::RemainingRet
   alt_kernel_fn fn = KernelRegistry::Instance().Get(lib, launch_sym, &error);
   if (fn == nullptr) return ffi::Error(ffi::ErrorCode::kNotFound, error);
   auto launch = reinterpret_cast<alt_cuda_launch_fn>(reinterpret_cast<void*>(fn));
-  if (args.size() > kMaxBuffers || rets.size() > kMaxBuffers) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "alt_jax: too many buffers");
-  }
   const void* inputs[kMaxBuffers];
-  void* outputs[kMaxBuffers];
-  for (size_t i = 0; i < args.size(); ++i) {
-    auto buf = args.get<ffi::AnyBuffer>(i);
-    if (!buf.has_value()) return buf.error();
-    inputs[i] = buf->untyped_data();
-  }
-  for (size_t i = 0; i < rets.size(); ++i) {
-    auto buf = rets.get<ffi::AnyBuffer>(i);
-    if (!buf.has_value()) return buf.error();
-    outputs[i] = (*buf)->untyped_data();
+  void* outputs[kMaxBuffers];  // the results, a workspace among them (an XLA buffer here)
+  if (ffi::Error e = CollectBuffers(args, rets, kMaxBuffers, 0, inputs, outputs); e.failure()) {
+    return e;
   }
   const int32_t status = launch(stream, inputs, outputs);
   if (status != 0) {

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "alt_jax/kernel_abi.h"
+#include "ffi_buffers.h"
 #include "kernel_registry.h"
 #include "parallel.h"
 #include "workspace.h"
@@ -147,20 +148,11 @@ ffi::Error Dispatch(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::Remainin
   std::string error;
   alt_kernel_fn kernel = KernelRegistry::Instance().Get(lib, sym, &error);
   if (kernel == nullptr) return ffi::Error(ffi::ErrorCode::kNotFound, error);
-  if (args.size() > kMaxBuffers || rets.size() + 1 > kMaxBuffers) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "alt_jax: too many buffers");
-  }
   const void* inputs[kMaxBuffers];
   void* outputs[kMaxBuffers];
-  for (size_t i = 0; i < args.size(); ++i) {
-    auto buf = args.get<ffi::AnyBuffer>(i);
-    if (!buf.has_value()) return buf.error();
-    inputs[i] = buf->untyped_data();
-  }
-  for (size_t i = 0; i < rets.size(); ++i) {
-    auto buf = rets.get<ffi::AnyBuffer>(i);
-    if (!buf.has_value()) return buf.error();
-    outputs[i] = (*buf)->untyped_data();
+  // one output slot past the results for the workspace
+  if (ffi::Error e = CollectBuffers(args, rets, kMaxBuffers, 1, inputs, outputs); e.failure()) {
+    return e;
   }
   std::optional<WorkspaceLease> workspace;  // returned to the pool when the call ends
   if (workspace_bytes > 0) {
