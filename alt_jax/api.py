@@ -18,6 +18,15 @@ from alt_jax.records import RecordStore
 PLATFORMS = (None, "cpu", "cuda")  # None: where the arguments live
 
 
+@functools.lru_cache(maxsize=None)
+def _gpus_present() -> bool:
+    """Whether jax has a GPU backend in this process (it cannot gain one later)."""
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
 def _leaf_signature(x) -> tuple:
     aval = jax.typeof(x)
     return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
@@ -97,8 +106,8 @@ class Optimized:
         plan, for $ALT_JAX_CUDA_ARCH, default sm_90, when no GPU is here)."""
         from alt_jax import device
 
-        if self.platform == "cpu":
-            return "cpu"
+        if self.platform == "cpu" or (self.platform is None and not _gpus_present()):
+            return "cpu"  # (no per-call look at the arguments where no GPU exists)
         dev = None
         for x in jax.tree_util.tree_leaves((args, kwargs)):
             if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
@@ -155,6 +164,8 @@ class Optimized:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        if self.platform is None and not _gpus_present():
+            return self._jitted(*args, **kwargs)  # the CPU's: nothing to decide per call
         return self._jitted_for(args, kwargs)[1](*args, **kwargs)
 
     def prepare(self, *leading_args) -> "Optimized":
