@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 ACTIVATIONS = ("none", "relu", "relu6", "gelu_tanh", "gelu_erf", "silu")
-# The template's integer codes (csrc/include/alt_jax/epilogue.h: ALT_ACT_*).
+# The templates' integer codes (csrc/include/alt_jax/activation_codes.h: ALT_ACT_*).
 ACTIVATION_CODES = {name: i for i, name in enumerate(ACTIVATIONS)}
 
 

@@ -28,12 +28,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#define ALT_ACT_NONE 0  // the codes of alt_jax/ops/epilogue.py ACTIVATIONS, as epilogue.h
-#define ALT_ACT_RELU 1
-#define ALT_ACT_RELU6 2
-#define ALT_ACT_GELU_TANH 3
-#define ALT_ACT_GELU_ERF 4
-#define ALT_ACT_SILU 5
+#include "alt_jax/activation_codes.h"
 
 #define ALT_CUDA_OK 0
 #define ALT_CUDA_RACE 101

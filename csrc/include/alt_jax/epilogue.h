@@ -11,18 +11,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "alt_jax/activation_codes.h"
 #include "alt_jax/simd.h"
 
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
-
-#define ALT_ACT_NONE 0
-#define ALT_ACT_RELU 1
-#define ALT_ACT_RELU6 2
-#define ALT_ACT_GELU_TANH 3
-#define ALT_ACT_GELU_ERF 4
-#define ALT_ACT_SILU 5
 
 template <int W>
 struct alt_vi {
