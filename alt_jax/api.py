@@ -11,20 +11,11 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from alt_jax import config, jaxpr_pass, planner, runtime
+from alt_jax import config, device, jaxpr_pass, planner, runtime
 from alt_jax.records import RecordStore
 
 
 PLATFORMS = (None, "cpu", "cuda")  # None: where the arguments live
-
-
-@functools.lru_cache(maxsize=None)
-def _gpus_present() -> bool:
-    """Whether jax has a GPU backend in this process (it cannot gain one later)."""
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
 
 
 def _leaf_signature(x) -> tuple:
@@ -104,9 +95,7 @@ class Optimized:
         """"cpu", or the device.CudaTarget of the GPU the arguments live on (the default
         device's when none is committed to one; optimize(platform="cuda") forces a GPU
         plan, for $ALT_JAX_CUDA_ARCH, default sm_90, when no GPU is here)."""
-        from alt_jax import device
-
-        if self.platform == "cpu" or (self.platform is None and not _gpus_present()):
+        if self.platform == "cpu" or (self.platform is None and device.jax_gpu() is None):
             return "cpu"  # (no per-call look at the arguments where no GPU exists)
         dev = None
         for x in jax.tree_util.tree_leaves((args, kwargs)):
@@ -164,8 +153,6 @@ class Optimized:
 
     # -- public ----------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        if self.platform is None and not _gpus_present():
-            return self._jitted(*args, **kwargs)  # the CPU's: nothing to decide per call
         return self._jitted_for(args, kwargs)[1](*args, **kwargs)
 
     def prepare(self, *leading_args) -> "Optimized":

@@ -20,7 +20,8 @@ import tempfile
 from alt_jax import device, runtime
 
 ARCHES = ("sm_80", "sm_90")  # A100 and H100/H200: what the tests compile for
-FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-shared")
+COMPILE_FLAGS = ("-std=c++17", "-O3")
+FLAGS = (*COMPILE_FLAGS, "-Xcompiler", "-fPIC", "-shared")  # a shared library
 
 
 class CudaBuildError(RuntimeError):
@@ -29,7 +30,9 @@ class CudaBuildError(RuntimeError):
 
 def find_nvcc():
     """ALT_JAX_NVCC, else nvcc on PATH, else /usr/local/cuda/bin/nvcc; None if none."""
-    for cand in (os.environ.get("ALT_JAX_NVCC"), shutil.which("nvcc"),
+    from alt_jax import config
+
+    for cand in (config.get("nvcc"), shutil.which("nvcc"),
                  "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
@@ -89,7 +92,7 @@ def resource_usage(src: runtime.KernelSource, arch: str = "sm_90") -> list:
     with tempfile.TemporaryDirectory() as tmp:
         cu = pathlib.Path(tmp) / "k.cu"
         cu.write_text(src.code)
-        done = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v",
+        done = subprocess.run([nvcc, *COMPILE_FLAGS, f"-arch={arch}", "-Xptxas", "-v",
                                f"-I{runtime.include_dir()}", "-c", str(cu), "-o",
                                str(pathlib.Path(tmp) / "k.o")], capture_output=True, text=True)
     if done.returncode != 0:

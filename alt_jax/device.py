@@ -101,6 +101,18 @@ class CudaTarget(Isa):
 
 
 @functools.lru_cache(maxsize=None)
+def jax_gpu():
+    """The first GPU jax has in this process, or None (a process cannot gain one later)."""
+    import jax
+
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend
+        return None
+    return gpus[0] if gpus else None
+
+
+@functools.lru_cache(maxsize=None)
 def fingerprint(isa: Isa | None = None) -> str:
     """Names this device for tuning records: CPU model, the ISA kernels are generated for
     (this host's, detect_isa(), unless given) and core count; for a GPU (CudaTarget) its

@@ -507,45 +507,42 @@ def default_cache() -> KernelCache:
     return KernelCache(config.get("cache_dir"))
 
 
-_registered = False
+_registered: set = set()  # FFI targets registered in this process
 _register_lock = threading.Lock()
 
 
-def register_ffi_target() -> None:
-    """Registers the static handler once per process (after the CPU backend is up)."""
-    global _registered
+def _register(target: str, handler, platform: str) -> None:
+    """Registers handler() for target on platform once per process, after the backends are
+    up (a rejected registration before backend start breaks the backend)."""
     with _register_lock:
-        if _registered:
+        if target in _registered:
             return
         import jax
 
-        from alt_jax import _core
+        jax.devices()
+        jax.ffi.register_ffi_target(target, handler(), platform=platform)
+        _registered.add(target)
 
-        jax.devices()  # a rejected registration before backend start breaks the backend
-        jax.ffi.register_ffi_target(FFI_TARGET, _core.ffi_handler(), platform="cpu")
-        _registered = True
+
+def register_ffi_target() -> None:
+    """Registers the static CPU handler once per process."""
+    from alt_jax import _core
+
+    _register(FFI_TARGET, _core.ffi_handler, "cpu")
 
 
 CUDA_FFI_TARGET = "alt_jax_cuda_kernel"
-_cuda_registered = False
 
 
 def register_cuda_ffi_target() -> None:
     """Registers the CUDA handler (platform "CUDA") once per process; BuildError when this
     alt_jax was built without nvcc (no handler to register)."""
-    global _cuda_registered
-    with _register_lock:
-        if _cuda_registered:
-            return
-        import jax
+    from alt_jax import _core
 
-        from alt_jax import _core
-
-        if not hasattr(_core, "cuda_ffi_handler"):
-            raise BuildError("alt_jax was built without nvcc: no CUDA FFI handler; install the "
-                             "CUDA toolkit and reinstall alt_jax to run kernels on a GPU")
-        jax.ffi.register_ffi_target(CUDA_FFI_TARGET, _core.cuda_ffi_handler(), platform="CUDA")
-        _cuda_registered = True
+    if not hasattr(_core, "cuda_ffi_handler"):
+        raise BuildError("alt_jax was built without nvcc: no CUDA FFI handler; install the "
+                         "CUDA toolkit and reinstall alt_jax to run kernels on a GPU")
+    _register(CUDA_FFI_TARGET, _core.cuda_ffi_handler, "CUDA")
 
 
 def cuda_ffi_call(kernel: Kernel, operands: Sequence, out_avals: Sequence) -> list:

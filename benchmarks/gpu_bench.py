@@ -25,15 +25,6 @@ flags.DEFINE_integer("repeat", 10, "interleaved rounds")
 flags.DEFINE_float("rtol", 2e-2, "relative tolerance of alt_jax's output against jax.jit's")
 
 
-def _gpu():
-    import jax
-
-    try:
-        return [d for d in jax.devices() if d.platform == "gpu"][0]
-    except (IndexError, RuntimeError):
-        return None
-
-
 def run_one(name: str, batch: int, gpu, repeat: int, rtol: float) -> dict:
     import jax
 
@@ -60,14 +51,14 @@ def run_one(name: str, batch: int, gpu, repeat: int, rtol: float) -> dict:
 
 def main(argv):
     del argv
-    gpu = _gpu()
+    from alt_jax import device
+
+    gpu = device.jax_gpu()
     if gpu is None:
         print("gpu_bench: no GPU visible to jax: nothing to measure", file=sys.stderr)
         with open(FLAGS.out, "w") as f:
             json.dump({"gpu": None}, f)
         return 0
-    from alt_jax import device
-
     target = device.CudaTarget.of_jax_device(gpu)
     rows = []
     for name in FLAGS.models:
