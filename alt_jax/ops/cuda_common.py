@@ -112,6 +112,34 @@ def split_for(blocks: int, depth: int, knobs: CudaTileKnobs) -> int:
     return split
 
 
+def default_tile(rows: int, cols: int, depth: int, batch: int, vec_problem) -> CudaTileKnobs:
+    """The heuristic tile of a GEMM of batch x (rows x depth) @ (depth x cols): 64 x 64
+    blocks of 4 x 4 per thread (256 threads), double-buffered; thin tiles for a few rows;
+    the widest loads vec_problem(knobs) allows (None: allowed); split K when the grid has
+    fewer blocks than the GPU has SMs and K is deep."""
+    base = CudaTileKnobs(**(THIN if rows <= 16 else {}))
+    base = next(k for k in (dataclasses.replace(base, vec=v) for v in (4, 2, 1))
+                if vec_problem(k) is None)
+    blocks = batch * -(-rows // base.mc) * -(-cols // base.nc)
+    return dataclasses.replace(base, split_k=split_for(blocks, depth, base))
+
+
+def check_gemm(family: str, k: CudaTileKnobs, rows: int, depth: int, batch: int,
+               vec_problem) -> None:
+    """check_tile, then what the GEMM's sizes allow: split_k within its depth, a grid within
+    CUDA's y and z limits, the loads vec_problem(k) allows."""
+    check_tile(family, k)
+    if not 1 <= k.split_k <= max(1, depth):
+        raise KnobError(f"{family}: split_k={k.split_k} must be in [1, {depth}] (the GEMM's "
+                        f"K)")
+    if -(-rows // k.mc) > MAX_GRID_YZ or batch * k.split_k > MAX_GRID_YZ:
+        raise KnobError(f"{family}: grid of {-(-rows // k.mc)} row blocks x "
+                        f"{batch * k.split_k} batch slices exceeds {MAX_GRID_YZ}")
+    problem = vec_problem(k)
+    if problem:
+        raise KnobError(f"{family}: {problem}")
+
+
 class CudaConvFamily:
     """What the CUDA conv families (ops/cuda_conv2d.py, ops/cuda_depthwise.py) share: the
     CPU family's spec, input and output addressed by (block, outer, inner) strides per dim

@@ -9,7 +9,6 @@ K = KH*KW*CG.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 
@@ -38,17 +37,9 @@ class CudaConv2dFamily(cc.CudaConvFamily):
         return spec.n * spec.oh * spec.ow, spec.kg, spec.kh * spec.kw * spec.cg
 
     def default_knobs(self, spec: Conv2dSpec, target=None) -> CudaTileKnobs:
-        """As the matmul's: 64 x 64 tiles, thin ones for few pixels, 4-float loads where the
-        channels allow, split K when the grid is smaller than the GPU."""
-        m, n, k = self._gemm(spec)
-        base = CudaTileKnobs(**(cc.THIN if m <= 16 else {}))
-        for vec in (4, 2, 1):
-            cand = dataclasses.replace(base, vec=vec)
-            if self._vec_problem(spec, cand) is None:
-                base = cand
-                break
-        blocks = spec.groups * -(-m // base.mc) * -(-n // base.nc)
-        return dataclasses.replace(base, split_k=cc.split_for(blocks, k, base))
+        """As the matmul's, on the implicit GEMM (loads along the channels)."""
+        m, n, depth = self._gemm(spec)
+        return cc.default_tile(m, n, depth, spec.groups, lambda k: self._vec_problem(spec, k))
 
     def _vec_problem(self, spec: Conv2dSpec, k: CudaTileKnobs):
         """Why vec-float loads cannot be used, or None: a vector runs along the input's
@@ -72,22 +63,14 @@ class CudaConv2dFamily(cc.CudaConvFamily):
         return None
 
     def validate(self, spec: Conv2dSpec, knobs: CudaTileKnobs, target=None) -> None:
-        k = knobs
-        cc.check_tile(self.name, k)
         if spec.prepacked:
             raise KnobError("cuda_conv2d reads the weights as the program has them: "
                             "prepacked specs are the CPU family's")
         spec.rhs_strides  # KnobError unless the weights have one stride per dim
         self.blocks(spec)
         m, _, depth = self._gemm(spec)
-        if not 1 <= k.split_k <= depth:
-            raise KnobError(f"cuda_conv2d: split_k={k.split_k} must be in [1, {depth}]")
-        if -(-m // k.mc) > cc.MAX_GRID_YZ or spec.groups * k.split_k > cc.MAX_GRID_YZ:
-            raise KnobError(f"cuda_conv2d: grid of {-(-m // k.mc)} pixel blocks x "
-                            f"{spec.groups * k.split_k} group slices exceeds {cc.MAX_GRID_YZ}")
-        problem = self._vec_problem(spec, k)
-        if problem:
-            raise KnobError(f"cuda_conv2d: {problem}")
+        cc.check_gemm(self.name, knobs, m, depth, spec.groups,
+                      lambda k: self._vec_problem(spec, k))
 
     def space(self, spec: Conv2dSpec, target=None) -> Space:
         return Space(self.name, CudaTileKnobs, cc.tile_axes(self.default_knobs(spec)))

@@ -8,7 +8,6 @@ knobs are cuda_common.CudaTileKnobs (named as the CPU matmul's where the meaning
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from alt_jax.codegen import render as rn
@@ -52,25 +51,15 @@ class CudaMatmulFamily:
         if reuse_residual:
             raise ValueError("cuda_matmul kernels write a fresh output (residual_in_place is "
                              "False)")
-        ops = cpu_matmul.MatmulFamily._ffi_operands(spec, operands)
         out = jax.ShapeDtypeStruct(spec.out_shape, jnp.float32)
-        return runtime.cuda_ffi_call(kernel, ops, [out])
+        return runtime.cuda_ffi_call(kernel, self.kernel_inputs(spec, None, operands), [out])
 
     def flops(self, spec: MatmulSpec) -> int:
         return 2 * spec.batch * spec.m * spec.n * spec.k
 
     def default_knobs(self, spec: MatmulSpec, target=None) -> CudaTileKnobs:
-        """64 x 64 block tiles of 4 x 4 per thread (256 threads), double-buffered; thin
-        tiles for a few rows; 4-float loads where the operands allow them; split K when the
-        grid has fewer blocks than the GPU has SMs and K is deep."""
-        base = CudaTileKnobs(**(cc.THIN if spec.m <= 16 else {}))
-        for vec in (4, 2, 1):
-            k = dataclasses.replace(base, vec=vec)
-            if self._vec_problem(spec, k) is None:
-                base = k
-                break
-        blocks = spec.batch * -(-spec.m // base.mc) * -(-spec.n // base.nc)
-        return dataclasses.replace(base, split_k=cc.split_for(blocks, spec.k, base))
+        return cc.default_tile(spec.m, spec.n, spec.k, spec.batch,
+                               lambda k: self._vec_problem(spec, k))
 
     @staticmethod
     def _vec_problem(spec: MatmulSpec, k: CudaTileKnobs):
@@ -102,19 +91,11 @@ class CudaMatmulFamily:
         return None
 
     def validate(self, spec: MatmulSpec, knobs: CudaTileKnobs, target=None) -> None:
-        k = knobs
-        cc.check_tile(self.name, k)
         if spec.prepacked:
             raise KnobError("cuda_matmul reads B as the program has it: prepacked specs are "
                             "the CPU family's")
-        if not 1 <= k.split_k <= max(1, spec.k):
-            raise KnobError(f"cuda_matmul: split_k={k.split_k} must be in [1, K={spec.k}]")
-        if -(-spec.m // k.mc) > cc.MAX_GRID_YZ or spec.batch * k.split_k > cc.MAX_GRID_YZ:
-            raise KnobError(f"cuda_matmul: grid of {-(-spec.m // k.mc)} row blocks x "
-                            f"{spec.batch * k.split_k} batch slices exceeds {cc.MAX_GRID_YZ}")
-        problem = self._vec_problem(spec, k)
-        if problem:
-            raise KnobError(f"cuda_matmul: {problem}")
+        cc.check_gemm(self.name, knobs, spec.m, spec.k, spec.batch,
+                      lambda k: self._vec_problem(spec, k))
 
     def space(self, spec: MatmulSpec, target=None) -> Space:
         return Space(self.name, CudaTileKnobs, cc.tile_axes(self.default_knobs(spec)))
