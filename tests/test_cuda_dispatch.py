@@ -91,11 +91,10 @@ def test_a_gpu_is_named_by_model_architecture_and_sms():
 
 @pytest.mark.gpu
 def test_optimize_on_gpu_arrays_runs_cuda_kernels_and_matches_jit():
-    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" \
-        else []
-    if not gpus:
+    gpu = device.jax_gpu()
+    if gpu is None:
         pytest.skip("no GPU visible to jax")
-    args = [jax.device_put(a, gpus[0]) for a in _args()]
+    args = [jax.device_put(a, gpu) for a in _args()]
     opt = alt_jax.optimize(_net, fallback="error", min_flops=0)
     got = opt(*args)
     want = jax.jit(_net)(*args)
@@ -145,7 +144,7 @@ def test_a_wrong_cuda_candidate_costs_its_trial(kernel_cache):
     target = device.CudaTarget.for_arch("sm_90")
     runner = measure_cuda.EmulationRunner(kernel_cache)
     real_output = runner.output
-    runner.output = lambda src, inputs, shape: real_output(src, inputs, shape) + 1.0
+    runner.output = lambda built, inputs, shape: real_output(built, inputs, shape) + 1.0
     family_name, spec = wl.candidates[0]
     from alt_jax.ops import registry
 
@@ -158,7 +157,7 @@ def test_a_wrong_cuda_candidate_costs_its_trial(kernel_cache):
 def test_alt_tune_gpu_needs_a_gpu(capsys):
     from tuner import cli
 
-    if jax.default_backend() == "gpu":
+    if device.jax_gpu() is not None:
         pytest.skip("a GPU is here")
     assert cli.main(["alt-tune", "tune", "--model=tiny_cnn", "--gpu"]) == 2
     assert "no GPU visible to jax" in capsys.readouterr().err

@@ -53,6 +53,11 @@ class DeviceKind:
                              f"(one of {', '.join(device.ISAS)})")
 
     @property
+    def target(self) -> device.Isa:
+        """What kernels are generated for (tune()'s device_kind reads it)."""
+        return device.ISAS[self.isa]
+
+    @property
     def resource(self) -> str:
         """The Ray resource a node carries to measure for this kind."""
         digest = hashlib.sha256(self.fingerprint.encode()).hexdigest()[:16]
@@ -108,13 +113,14 @@ _NODE_STATE: dict = {}  # per worker process: (source, isa, config, seed) -> (wo
 _NODE_LOCK = threading.Lock()
 
 
-def _node(source: WorkloadSource, kind: DeviceKind, config, seed: int) -> tuple:
-    """This worker process's (workloads by op_key, KernelMeasurer) for a source and kind,
-    built once; ClusterError on a node whose own device is not `kind`."""
+def _node(source: WorkloadSource, op_key: str, kind: DeviceKind, config, seed: int) -> tuple:
+    """(the workload op_key, this worker process's KernelMeasurer) for a source and kind, the
+    workloads and measurer built once per process; ClusterError on a node whose own device
+    is not `kind`, or whose checkout does not have the workload."""
     from alt_jax import runtime
     from tuner.tune import KernelMeasurer
 
-    here = device.fingerprint(device.ISAS[kind.isa])
+    here = device.fingerprint(kind.target)
     if here != kind.fingerprint:
         raise ClusterError(f"this node is {here!r}, not the {kind.fingerprint!r} its resource "
                            f"{kind.resource} says: start it with the resources of its own "
@@ -124,19 +130,14 @@ def _node(source: WorkloadSource, kind: DeviceKind, config, seed: int) -> tuple:
         state = _NODE_STATE.get(key)
         if state is None:
             workloads = {w.op_key: w for w in source.workloads()}
-            cache = runtime.KernelCache(runtime.default_cache().cache_dir,
-                                        isa=device.ISAS[kind.isa])
+            cache = runtime.KernelCache(runtime.default_cache().cache_dir, isa=kind.target)
             state = _NODE_STATE[key] = (workloads, KernelMeasurer(cache, cache.isa, config,
                                                                   seed))
-    return state
-
-
-def _workload(workloads: dict, op_key: str, source: WorkloadSource):
-    workload = workloads.get(op_key)
-    if workload is None:
+    workloads, measurer = state
+    if op_key not in workloads:
         raise ClusterError(f"workload {op_key} is not one of {source}'s on this node: does it "
                            f"run the driver's alt_jax checkout?")
-    return workload
+    return workloads[op_key], measurer
 
 
 def _reply(results, start: float, **extra) -> dict:
@@ -154,8 +155,7 @@ def measure_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, candida
     from alt_jax.ops import registry
 
     start = time.perf_counter()
-    workloads, measurer = _node(source, kind, config, seed)
-    workload = _workload(workloads, op_key, source)
+    workload, measurer = _node(source, op_key, kind, config, seed)
     families = registry.families_by_name()
     results = measurer(workload, [(families[f], spec, knobs) for f, spec, knobs in candidates],
                        best_so_far_s)
@@ -171,9 +171,8 @@ def search_batch(source: WorkloadSource, op_key: str, kind: DeviceKind, mode: st
     from tuner.space import JointSpace
 
     start = time.perf_counter()
-    workloads, measurer = _node(source, kind, config, seed)
-    workload = _workload(workloads, op_key, source)
-    space = JointSpace(workload, device.ISAS[kind.isa], mode)
+    workload, measurer = _node(source, op_key, kind, config, seed)
+    space = JointSpace(workload, kind.target, mode)
     proposed = [(c, stage) for c, stage in state.search(space, model).propose(n)
                 if c not in state.measured]
     results = measurer(workload, [(space.family(c), space.spec(c), c.knobs)

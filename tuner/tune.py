@@ -172,6 +172,21 @@ class Harness:
         return tuple(np.ascontiguousarray(np.asarray(a), np.float32) for a in arrays)
 
 
+class Harnesses:
+    """Each workload's Harness, built on first use (its example operands and lax reference
+    cost a trace and a run): what a measurer keeps across its batches."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._by_op: dict = {}
+
+    def of(self, workload) -> Harness:
+        h = self._by_op.get(workload.op_key)
+        if h is None:
+            h = self._by_op[workload.op_key] = Harness(workload, self.seed)
+        return h
+
+
 class KernelMeasurer:
     """Measures candidates of a workload for real: render, build the batch in parallel, then
     run each in the worker process against the workload's lax reference. Callable as
@@ -182,16 +197,10 @@ class KernelMeasurer:
         self.cache, self.isa, self.seed = cache, isa, seed
         self.builder = measure_mod.Builder(cache)
         self.runner = measure_mod.Runner(config)
-        self.harnesses: dict = {}
-
-    def _harness(self, w) -> Harness:
-        h = self.harnesses.get(w.op_key)
-        if h is None:
-            h = self.harnesses[w.op_key] = Harness(w, self.seed)
-        return h
+        self.harnesses = Harnesses(seed)
 
     def __call__(self, workload, candidates: list, best_so_far_s) -> list:
-        harness = self._harness(workload)
+        harness = self.harnesses.of(workload)
         results: list = [None] * len(candidates)
         inputs, where = [], []
         for i, (family, spec, knobs) in enumerate(candidates):
@@ -227,9 +236,7 @@ class _Run:
             self.isa = self.cache.isa or device.detect_isa()
             self.device = device.fingerprint(self.isa)
         else:  # another machine's (a cluster node's), or a GPU's (measure_cuda.GpuKind)
-            target = getattr(device_kind, "target", None)
-            self.isa = target if target is not None else device.ISAS[device_kind.isa]
-            self.device = device_kind.fingerprint
+            self.isa, self.device = device_kind.target, device_kind.fingerprint
         self.families = families or registry.families_by_name()
         self.run_id = uuid.uuid4().hex[:12]
         self.model = CostModel(seed=options.seed)
@@ -456,8 +463,9 @@ def tune(workloads: Sequence, store: RecordStore, options: TuneOptions = TuneOpt
     docstring. cache: the KernelCache kernels are built into (its ISA is the one tuned
     for); families: name -> family (default: the registry's); measurer: what measures
     (default KernelMeasurer); device_kind: the device tuned for when it is not this
-    machine (tuner.cluster.DeviceKind: its ISA and fingerprint; a measurer must then be
-    given, one that measures there). Ctrl-C: the worker is stopped, KeyboardInterrupt propagates,
+    machine (its .target, what kernels are generated for, and .fingerprint:
+    tuner.cluster.DeviceKind, tuner.measure_cuda.GpuKind; a measurer must then be given, one
+    that measures there). Ctrl-C: the worker is stopped, KeyboardInterrupt propagates,
     and every record already written is complete (one atomic append per trial)."""
     listener = listener or Listener()
     start = time.monotonic()
